@@ -1,0 +1,38 @@
+// Op schemas of the vqfast:: namespace and their CPU registrations.
+//
+// One schema per op; each device registers its kernel under its dispatch key (CPU here, CUDA in
+// csrc/cuda/binding.cpp). Fake (meta) implementations and autograd live in vqfast/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/nearest_codeword.h"
+
+extern "C" {
+// Importing vqfast._C loads this library, which runs the TORCH_LIBRARY registrations below.
+// The module itself has no Python functions (the ops are reached through torch.ops.vqfast).
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "vqfast C++/CUDA kernels (ops under torch.ops.vqfast)", -1, nullptr,
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(vqfast, m) {
+  // z [N, D], codebook [K, D] -> indices int64 [N], codewords [N, D] (z's dtype), distances fp32 [N].
+  m.def(
+      "nearest_codeword(Tensor z, Tensor codebook, str metric=\"l2\", str precision=\"exact\") "
+      "-> (Tensor indices, Tensor codewords, Tensor distances)");
+  // True when the CUDA kernels were compiled into this library.
+  m.def("cuda_built() -> bool", []() -> bool {
+#ifdef VQFAST_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
+}
+
+TORCH_LIBRARY_IMPL(vqfast, CPU, m) {
+  m.impl("nearest_codeword", &vqfast::cpu::nearest_codeword);
+}

@@ -1,0 +1,96 @@
+"""Build vqfast and its extension ``vqfast._C``.
+
+The C++ CPU kernels are always built. The CUDA kernels are built when the installed torch is a
+CUDA build and nvcc is found (a visible GPU is not required), unless VQFAST_SKIP_CUDA_BUILD=1.
+VQFAST_CUDA_ARCHS (e.g. "80;90") picks the GPU architectures; MAX_JOBS bounds parallel compiles.
+
+    pip install --no-build-isolation -e .
+"""
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _rel(paths):
+    return sorted(os.path.relpath(p, HERE) for p in paths)
+
+
+def _nvcc():
+    if CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        return os.path.join(CUDA_HOME, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def build_cuda() -> bool:
+    if os.environ.get("VQFAST_SKIP_CUDA_BUILD", "0") == "1":
+        return False
+    # Gate on the toolkit (a CUDA torch + nvcc), never on torch.cuda.is_available().
+    return torch.version.cuda is not None and _nvcc() is not None
+
+
+def cuda_arch_flags():
+    archs = os.environ.get("VQFAST_CUDA_ARCHS", "80;90").replace(",", ";")
+    flags = []
+    for arch in filter(None, (a.strip() for a in archs.split(";"))):
+        num = arch.replace(".", "")
+        flags += [f"-gencode=arch=compute_{num},code=sm_{num}"]
+    return flags
+
+
+def extensions():
+    cxx_flags = ["-O3", "-fopenmp"]
+    sources = _rel([os.path.join(HERE, "csrc", "vqfast.cpp")] + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
+    define_macros = []
+    if build_cuda():
+        sources += _rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cpp")))
+        define_macros.append(("VQFAST_WITH_CUDA", None))
+        return [
+            CUDAExtension(
+                "vqfast._C",
+                sources,
+                define_macros=define_macros,
+                extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"] + cuda_arch_flags()},
+                extra_link_args=["-fopenmp"],
+                py_limited_api=True,
+            )
+        ]
+    return [
+        CppExtension(
+            "vqfast._C",
+            sources,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
+            py_limited_api=True,
+        )
+    ]
+
+
+setup(
+    name="vqfast",
+    version="0.1.0",
+    description="Fast fused nearest-codeword search and drop-in vector quantizers for PyTorch",
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["vqfast", "vqfast.*"]),
+    python_requires=">=3.10",
+    # torch is deliberately not listed: an unpinned requirement would let pip replace a CPU or
+    # CUDA build the user already has. scripts/install.py installs torch when none is present.
+    install_requires=["numpy"],
+    extras_require={
+        "test": ["pytest", "hypothesis", "faiss-cpu", "scipy"],
+        "bench": ["pytest-benchmark", "faiss-cpu", "vector-quantize-pytorch", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["vqfast=vqfast.cli:main"]},
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+    zip_safe=False,
+)

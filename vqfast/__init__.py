@@ -1,0 +1,17 @@
+"""vqfast: fast fused nearest-codeword search and drop-in vector quantizers for PyTorch."""
+from vqfast._ext import has_cuda_ext, has_ext
+from vqfast.backends import available_backends
+from vqfast.modules import ResidualVectorQuantizer, VectorQuantizer, VectorQuantizer2
+from vqfast.ops import nearest_codeword
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "nearest_codeword",
+    "available_backends",
+    "has_ext",
+    "has_cuda_ext",
+    "VectorQuantizer",
+    "VectorQuantizer2",
+    "ResidualVectorQuantizer",
+]

@@ -1,0 +1,146 @@
+"""The backend registry: which implementations of nearest_codeword exist and which one runs.
+
+    auto    the fastest available backend for the tensors' device (VQFAST_BACKEND overrides it)
+    torch   pure PyTorch (vqfast/reference.py): every device, always available
+    cpu     the C++ CPU kernel in vqfast._C
+    cuda    the CUDA C++ kernel in vqfast._C (built with a CUDA torch + nvcc)
+    triton  the Triton kernel (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1)
+
+"auto" falls back quietly to the next backend in its preference list; a backend requested by name
+(argument or VQFAST_BACKEND) that cannot run the given tensors raises a ValueError saying why.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import os
+from typing import Callable
+
+import torch
+
+from vqfast import _ext
+
+BACKEND_NAMES = ("torch", "cpu", "cuda", "triton")
+ENV_VAR = "VQFAST_BACKEND"
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    name: str
+    # Why this backend cannot run at all in this process, or None when it can.
+    unavailable_reason: Callable[[], str | None]
+    # Why it cannot run tensors on this device type, or None when it can.
+    device_reason: Callable[[str], str | None]
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _triton_import_reason() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    try:
+        import vqfast.triton  # noqa: F401
+    except ImportError as exc:
+        return f"vqfast.triton could not be imported ({exc})"
+    return None
+
+
+def _cpu_reason() -> str | None:
+    if not _ext.has_ext():
+        return f"the compiled extension vqfast._C is not built (run: {_ext.REBUILD_COMMAND})"
+    return None
+
+
+def _cuda_reason() -> str | None:
+    if not _ext.has_ext():
+        return f"the compiled extension vqfast._C is not built (run: {_ext.REBUILD_COMMAND})"
+    if not _ext.has_cuda_ext():
+        return "vqfast._C was built without CUDA kernels (needs a CUDA build of torch and nvcc at build time)"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    return None
+
+
+def _triton_reason() -> str | None:
+    reason = _triton_import_reason()
+    if reason is not None:
+        return reason
+    if not torch.cuda.is_available() and not _triton_interpret():
+        return "no CUDA device is available (set TRITON_INTERPRET=1 to run Triton kernels on CPU tensors)"
+    return None
+
+
+def _only(*device_types: str, hint: str = "") -> Callable[[str], str | None]:
+    def reason(device_type: str) -> str | None:
+        if device_type in device_types:
+            return None
+        return f"it runs only on {'/'.join(device_types)} tensors, got {device_type} tensors{hint}"
+
+    return reason
+
+
+def _triton_device_reason(device_type: str) -> str | None:
+    if device_type == "cuda":
+        return None
+    if device_type == "cpu" and _triton_interpret():
+        return None
+    return f"it runs on cuda tensors (cpu tensors only under TRITON_INTERPRET=1), got {device_type} tensors"
+
+
+REGISTRY: dict[str, Backend] = {
+    "torch": Backend("torch", lambda: None, lambda device_type: None),
+    "cpu": Backend("cpu", _cpu_reason, _only("cpu")),
+    "cuda": Backend("cuda", _cuda_reason, _only("cuda")),
+    "triton": Backend("triton", _triton_reason, _triton_device_reason),
+}
+
+# "auto" tries these in order and takes the first that can run the tensors.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "cpu": ("cpu", "torch"),
+    "cuda": ("cuda", "triton", "torch"),
+}
+
+
+def available_backends(device: str | torch.device | None = None) -> list[str]:
+    """The backends usable in this process (for tensors on ``device``'s type, when given)."""
+    device_type = None if device is None else torch.device(device).type
+    out = []
+    for name in BACKEND_NAMES:
+        b = REGISTRY[name]
+        if b.unavailable_reason() is not None:
+            continue
+        if device_type is not None and b.device_reason(device_type) is not None:
+            continue
+        out.append(name)
+    return out
+
+
+def resolve_backend(backend: str, device_type: str) -> str:
+    """Turn a requested backend name ("auto" included) into the one that will run."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, one of {('auto',) + BACKEND_NAMES}, got {type(backend).__name__}")
+    source = "backend"
+    if backend == "auto":
+        env = os.environ.get(ENV_VAR, "").strip()
+        if env and env != "auto":
+            backend, source = env, f"the environment variable {ENV_VAR}"
+        else:
+            for name in AUTO_ORDER.get(device_type, ("torch",)):
+                b = REGISTRY[name]
+                if b.unavailable_reason() is None and b.device_reason(device_type) is None:
+                    return name
+            return "torch"
+    if backend not in REGISTRY:
+        raise ValueError(f"{source}={backend!r} is not a vqfast backend; choose one of {('auto',) + BACKEND_NAMES}")
+    b = REGISTRY[backend]
+    reason = b.unavailable_reason() or b.device_reason(device_type)
+    if reason is not None:
+        raise ValueError(
+            f"{source}={backend!r} was requested but cannot run here: {reason}. "
+            f"Available for {device_type} tensors: {available_backends(device_type)}; backend='auto' picks one."
+        )
+    return backend

@@ -1,0 +1,106 @@
+"""The vqfast:: ops: schemas, fake (meta) implementations, autograd, and backend dispatch.
+
+    vqfast::nearest_codeword         C++ kernels in vqfast._C (CPU; CUDA when built with it)
+    vqfast::nearest_codeword_torch   pure PyTorch (vqfast/reference.py), every device
+    vqfast::nearest_codeword_triton  Triton kernel (vqfast/triton), registered there
+
+All three share one signature, one fake implementation and one backward
+(reference.nearest_codeword_backward), so torch.compile(fullgraph=True) traces any of them.
+"""
+from __future__ import annotations
+
+import torch
+
+from vqfast import _ext, reference
+from vqfast._validation import check_nearest_codeword_inputs
+from vqfast.backends import resolve_backend
+
+Tensor = torch.Tensor
+
+
+def _fake_nearest_codeword(z: Tensor, codebook: Tensor, metric: str = "l2", precision: str = "exact"):
+    n = z.shape[0]
+    return (
+        z.new_empty((n,), dtype=torch.int64),
+        z.new_empty((n, z.shape[1])),
+        z.new_empty((n,), dtype=torch.float32),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    z, codebook, metric = inputs[0], inputs[1], inputs[2] if len(inputs) > 2 else "l2"
+    ctx.save_for_backward(z, codebook, output[0])
+    ctx.metric = metric
+
+
+def _backward(ctx, grad_indices, grad_codewords, grad_distances):
+    z, codebook, indices = ctx.saved_tensors
+    grad_z, grad_cb = reference.nearest_codeword_backward(grad_codewords, grad_distances, z, codebook, indices, ctx.metric)
+    return (
+        grad_z if ctx.needs_input_grad[0] else None,
+        grad_cb if ctx.needs_input_grad[1] else None,
+        None,
+        None,
+    )
+
+
+def register_nearest_codeword_op(qualname: str) -> None:
+    """Attach the shared fake implementation and backward to an op with the nearest_codeword schema."""
+    torch.library.register_fake(qualname)(_fake_nearest_codeword)
+    torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("vqfast::nearest_codeword_torch", mutates_args=())
+def nearest_codeword_torch(
+    z: Tensor, codebook: Tensor, metric: str = "l2", precision: str = "exact"
+) -> tuple[Tensor, Tensor, Tensor]:
+    indices, codewords, distances = reference.nearest_codeword_torch(z, codebook, metric, precision)
+    return indices, codewords.clone() if codewords is z else codewords, distances
+
+
+register_nearest_codeword_op("vqfast::nearest_codeword_torch")
+if _ext.has_ext():
+    register_nearest_codeword_op("vqfast::nearest_codeword")
+
+
+def _op_for(backend: str):
+    if backend == "torch":
+        return torch.ops.vqfast.nearest_codeword_torch.default
+    if backend in ("cpu", "cuda"):
+        return torch.ops.vqfast.nearest_codeword.default
+    if backend == "triton":
+        import vqfast.triton  # noqa: F401  (registers the op)
+
+        return torch.ops.vqfast.nearest_codeword_triton.default
+    raise AssertionError(backend)
+
+
+def nearest_codeword(
+    z: Tensor,
+    codebook: Tensor,
+    *,
+    metric: str = "l2",
+    precision: str = "exact",
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Nearest codeword of every row of z: fused distance + argmin + gather.
+
+    Args:
+        z: [N, D] vectors to quantise (float32, float16, bfloat16 or float64).
+        codebook: [K, D] codewords, on z's device. Its dtype may differ from z's: the search runs in
+            float32 (float64 if either is float64) and the codewords come back in z's dtype.
+        metric: "l2" (squared Euclidean) or "cosine" (squared L2 between L2-normalised vectors).
+        precision: "exact" (the chosen codeword's true distance is the minimum) or "fast"
+            (tf32/bf16 matrix units where the backend has them; rare near-ties may differ).
+        backend: "auto", "torch", "cpu", "cuda" or "triton" (see vqfast.available_backends()).
+
+    Returns:
+        indices [N] int64 (lowest index on ties), codewords [N, D] (= codebook[indices], z's dtype),
+        distances [N] float32. Gradients flow from codewords to the codebook and from distances to
+        both inputs (straight-through users take codewords).
+    """
+    check_nearest_codeword_inputs(z, codebook, metric, precision)
+    name = resolve_backend(backend, z.device.type)
+    if z.shape[0] == 0:
+        return _fake_nearest_codeword(z, codebook)
+    return _op_for(name)(z, codebook, metric, precision)

@@ -1,0 +1,186 @@
+"""Pure-PyTorch twins of vqfast's ops: the fallback backend ("torch") and the test oracle.
+
+Contract of ``nearest_codeword`` (every backend honours it):
+
+    z        [N, D] floating point     codebook [K, D] floating point, K >= 1
+    indices  [N]    int64              argmin_k dist(z_i, codebook_k), the lowest k on ties
+    codewords[N, D] z.dtype            codebook[indices]
+    distances[N]    float32            dist(z_i, codebook[indices_i])
+
+with dist the squared L2 distance, or for metric="cosine" the squared L2 distance between the
+L2-normalised vectors (2 - 2 cos). Memory beyond inputs and outputs is O(chunk x K), never N x K.
+
+Exactness. Computing ||z||^2 + ||c||^2 - 2 z.c in floating point loses digits to cancellation, so a
+plain `argmin` can pick a codeword whose true distance is not the minimum. For any summation order
+the error of that expression is at most gamma_{D+3} * (||z|| + ||c||)^2 with
+gamma_n = n u / (1 - n u) and u the unit roundoff (Higham, "Accuracy and Stability of Numerical
+Algorithms", 3.1). "exact" precision therefore keeps, per row, every codeword whose computed
+distance lies within twice that bound of the row minimum, and re-ranks those candidates by the
+directly computed sum((z - c)^2) in float64; ties in that exact ranking go to the lowest index.
+"fast" precision takes the argmin of the matrix-unit product as it is (tf32/bf16 on CUDA).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Rows x codewords held at once by one chunk of the distance block: 2^22 elements (16 MiB in fp32).
+CHUNK_ELEMENTS = 1 << 22
+
+_UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
+
+
+def chunk_rows(num_codes: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
+    """Rows per chunk so that a [rows, K] block stays under ``chunk_elements``."""
+    return max(1, chunk_elements // max(1, num_codes))
+
+
+def normalize_for_metric(x: torch.Tensor, metric: str) -> torch.Tensor:
+    """Cosine works on L2-normalised vectors (a zero vector stays zero); L2 uses x as it is."""
+    return F.normalize(x, dim=-1, eps=1e-12) if metric == "cosine" else x
+
+
+def _expansion_error_bound(dim: int, dtype: torch.dtype) -> float:
+    n = dim + 3
+    u = _UNIT_ROUNDOFF[dtype]
+    return n * u / (1.0 - n * u)
+
+
+@torch.no_grad()
+def _search_chunk(
+    zc: torch.Tensor,
+    cb: torch.Tensor,
+    cb_sqnorm: torch.Tensor,
+    cb_maxnorm: torch.Tensor,
+    exact: bool,
+    matmul_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Indices of the nearest codewords for one chunk of rows.
+
+    zc [M, D] and cb [K, D] in the compute dtype (fp32 or fp64), cb_sqnorm [K], cb_maxnorm [] -> [M] int64.
+    """
+    if matmul_dtype is not None and matmul_dtype != zc.dtype:
+        dots = (zc.to(matmul_dtype) @ cb.to(matmul_dtype).T).to(zc.dtype)
+    else:
+        dots = zc @ cb.T
+    z_sqnorm = (zc * zc).sum(1, keepdim=True)
+    dist = (z_sqnorm + cb_sqnorm) - 2.0 * dots  # [M, K], one chunk only
+    best = dist.argmin(1)
+    if not exact:
+        return best
+    # Candidates: computed distance within 2 * error bound of the row minimum.
+    gamma = _expansion_error_bound(zc.shape[1], zc.dtype)
+    tol = 2.0 * gamma * (z_sqnorm.sqrt() + cb_maxnorm) ** 2  # [M, 1]
+    dmin = dist.gather(1, best[:, None])
+    limit = dmin + tol
+    # A non-finite bound (overflowing magnitudes) makes every codeword a candidate for that row.
+    cand = (dist <= limit) | ~torch.isfinite(limit)
+    del dist, dots
+    rows, cols = cand.nonzero(as_tuple=True)  # row-major: columns ascend within each row
+    if rows.numel() == zc.shape[0]:  # exactly one candidate per row: the argmin is provably exact
+        return best
+    z64 = zc[rows].double()
+    c64 = cb[cols].double()
+    exact_d = ((z64 - c64) ** 2).sum(1)
+    m = zc.shape[0]
+    row_min = torch.full((m,), float("inf"), dtype=torch.float64, device=zc.device)
+    row_min.scatter_reduce_(0, rows, exact_d, reduce="amin")
+    at_min = exact_d == row_min[rows]
+    sentinel = torch.full_like(cols, cb.shape[0])
+    first = torch.full((m,), cb.shape[0], dtype=torch.int64, device=zc.device)
+    first.scatter_reduce_(0, rows, torch.where(at_min, cols, sentinel), reduce="amin")
+    return first
+
+
+@torch.no_grad()
+def search(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    metric: str = "l2",
+    precision: str = "exact",
+    compute_dtype: torch.dtype | None = None,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """Indices only: z [N, D], codebook [K, D] -> [N] int64, walking z in chunks of rows."""
+    if compute_dtype is None:
+        compute_dtype = torch.float64 if torch.float64 in (z.dtype, codebook.dtype) else torch.float32
+    cb = normalize_for_metric(codebook.to(compute_dtype), metric).contiguous()
+    cb_sqnorm = (cb * cb).sum(1)
+    cb_maxnorm = cb_sqnorm.max().sqrt()
+    exact = precision == "exact"
+    matmul_dtype = torch.bfloat16 if (not exact and z.is_cuda and compute_dtype == torch.float32) else None
+    n = z.shape[0]
+    out = torch.empty(n, dtype=torch.int64, device=z.device)
+    step = chunk_rows(cb.shape[0], chunk_elements)
+    for start in range(0, n, step):
+        zc = normalize_for_metric(z[start : start + step].to(compute_dtype), metric)
+        out[start : start + step] = _search_chunk(zc, cb, cb_sqnorm, cb_maxnorm, exact, matmul_dtype)
+    return out
+
+
+def codeword_distances(z: torch.Tensor, codewords: torch.Tensor, metric: str = "l2") -> torch.Tensor:
+    """Row-wise dist(z_i, codewords_i) in fp32 (fp64 for fp64 inputs): [N, D], [N, D] -> [N]. Differentiable."""
+    dtype = torch.float64 if torch.float64 in (z.dtype, codewords.dtype) else torch.float32
+    a = normalize_for_metric(z.to(dtype), metric)
+    b = normalize_for_metric(codewords.to(dtype), metric)
+    return ((a - b) ** 2).sum(-1)
+
+
+def nearest_codeword_torch(
+    z: torch.Tensor, codebook: torch.Tensor, metric: str = "l2", precision: str = "exact"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The "torch" backend: chunked fp32 search (re-ranked in fp64 when exact) -> (indices, codewords, distances)."""
+    indices = search(z, codebook, metric, precision)
+    codewords = codebook.index_select(0, indices).to(z.dtype)
+    distances = codeword_distances(z, codebook.index_select(0, indices), metric).float()
+    return indices, codewords, distances
+
+
+def nearest_codeword_reference(
+    z: torch.Tensor, codebook: torch.Tensor, metric: str = "l2"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The oracle: the same contract computed in float64 throughout (expansion, then exact re-rank)."""
+    indices = search(z, codebook, metric, "exact", compute_dtype=torch.float64)
+    codewords = codebook.index_select(0, indices).to(z.dtype)
+    distances = codeword_distances(z.double(), codebook.index_select(0, indices).double(), metric).float()
+    return indices, codewords, distances
+
+
+def nearest_codeword_backward(
+    grad_codewords: torch.Tensor | None,
+    grad_distances: torch.Tensor | None,
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    indices: torch.Tensor,
+    metric: str,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of (codewords, distances) w.r.t. (z, codebook), O(N D): a segment sum, never a one-hot.
+
+    codewords = codebook[indices]   -> d codebook += index_add(grad_codewords)
+    distances = |a - b|^2, a = n(z), b = n(codebook[indices]), n = identity (l2) or x/|x| (cosine)
+    """
+    grad_z = None
+    grad_cb = torch.zeros(codebook.shape, dtype=torch.float32 if codebook.dtype != torch.float64 else torch.float64,
+                          device=codebook.device)
+    if grad_codewords is not None:
+        grad_cb.index_add_(0, indices, grad_codewords.to(grad_cb.dtype))
+    if grad_distances is not None:
+        dtype = grad_cb.dtype
+        zf = z.to(dtype)
+        cf = codebook.index_select(0, indices).to(dtype)
+        g = grad_distances.to(dtype)[:, None]
+        if metric == "cosine":
+            zn = zf.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            cn = cf.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            a, b = zf / zn, cf / cn
+            ga = 2.0 * (a - b) * g
+            gb = -ga
+            # d(x/|x|)/dx = (I - x^ x^T) / |x|
+            gz = (ga - a * (a * ga).sum(1, keepdim=True)) / zn
+            gc = (gb - b * (b * gb).sum(1, keepdim=True)) / cn
+        else:
+            gz = 2.0 * (zf - cf) * g
+            gc = -gz
+        grad_z = gz.to(z.dtype)
+        grad_cb.index_add_(0, indices, gc)
+    return grad_z, grad_cb.to(codebook.dtype)

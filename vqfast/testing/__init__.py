@@ -1,0 +1,1 @@
+"""Helpers for testing and benchmarking vqfast against the classic implementations."""
