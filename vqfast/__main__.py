@@ -1,0 +1,5 @@
+import sys
+
+from vqfast.cli import main
+
+sys.exit(main())
