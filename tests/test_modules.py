@@ -1,0 +1,155 @@
+"""Drop-in parity of the quantizer modules with the classic implementations (vqfast.testing.seeds)."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import vqfast
+from vqfast.reference import CHUNK_ELEMENTS
+from vqfast.testing.seeds import SeedResidualVectorQuantizer, SeedVectorQuantizer, SeedVectorQuantizer2
+
+BACKENDS = vqfast.available_backends("cpu")
+
+
+def _pair(kind, backend, *args):
+    torch.manual_seed(123)
+    seed = {"vq2": SeedVectorQuantizer2, "vq": SeedVectorQuantizer, "rvq": SeedResidualVectorQuantizer}[kind](*args)
+    torch.manual_seed(123)
+    ours = {"vq2": vqfast.VectorQuantizer2, "vq": vqfast.VectorQuantizer, "rvq": vqfast.ResidualVectorQuantizer}[kind](
+        *args, backend=backend
+    )
+    return seed, ours
+
+
+def _run(module, x, grad_out):
+    x = x.detach().clone().requires_grad_()
+    q, loss, idx = module(x)
+    ((q * grad_out).sum() + 3.0 * loss).backward()
+    grads = [p.grad.clone() for p in module.parameters()]
+    return q.detach(), loss.detach(), idx, x.grad, grads
+
+
+CASES = [
+    ("vq2", (16, 64), (2, 64, 8, 8)),
+    ("vq2", (37, 5), (3, 5, 7, 3)),
+    ("vq", (16, 64), (1, 64, 8, 8)),
+    ("vq", (100, 17), (2, 17, 5, 9)),
+    ("vq", (513, 3, 0.4), (2, 3, 11, 13)),
+    ("rvq", (2, 16, 64), (1, 64, 8, 8)),
+    ("rvq", (3, 50, 6, 0.3), (2, 6, 5, 7)),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind,args,shape", CASES)
+def test_parity_with_seed_modules(backend, kind, args, shape):
+    seed, ours = _pair(kind, backend, *args)
+    assert [n for n, _ in seed.named_parameters()] == [n for n, _ in ours.named_parameters()]
+    for a, b in zip(seed.parameters(), ours.parameters()):
+        assert torch.equal(a, b)  # same initialisation from the same RNG state
+    # Spread the codebook so that assignments are non-trivial.
+    with torch.no_grad():
+        for a, b in zip(seed.parameters(), ours.parameters()):
+            w = torch.randn_like(a)
+            a.copy_(w)
+            b.copy_(w)
+    x = torch.randn(shape)
+    g = torch.randn(shape)
+    qs, ls, is_, gxs, gps = _run(seed, x, g)
+    qo, lo, io, gxo, gpo = _run(ours, x, g)
+    if kind == "rvq":
+        assert len(is_) == len(io)
+        for a, b in zip(is_, io):
+            assert torch.equal(a, b)
+    else:
+        assert torch.equal(is_, io)
+    torch.testing.assert_close(qo, qs, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lo, ls, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gxo, gxs, rtol=1e-6, atol=1e-6)
+    for a, b in zip(gpo, gps):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind,args", [("vq2", (16, 8)), ("vq", (32, 8, 0.25)), ("rvq", (3, 32, 8))])
+def test_state_dict_from_seed_loads_strict(kind, args):
+    seed, ours = _pair(kind, "auto", *args)
+    with torch.no_grad():
+        for p in seed.parameters():
+            p.normal_()
+    missing = ours.load_state_dict(seed.state_dict(), strict=True)
+    assert not missing.missing_keys and not missing.unexpected_keys
+    x = torch.randn(2, 8, 4, 4)
+    assert torch.equal(seed(x)[0], ours(x)[0])
+    # And back: a vqfast state_dict loads into the classic class.
+    seed.load_state_dict(ours.state_dict(), strict=True)
+
+
+def test_get_codebook_and_init():
+    torch.manual_seed(0)
+    vq = vqfast.VectorQuantizer(10, 4)
+    cb = vq.get_codebook()
+    assert cb.shape == (10, 4) and not cb.requires_grad
+    assert cb.abs().max() <= 1 / 10
+    rvq = vqfast.ResidualVectorQuantizer(3, 10, 4)
+    assert rvq.get_codebook().shape == (3, 10, 4)
+    assert "beta=0.25" in repr(vq) and "backend='auto'" in repr(vq)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 6, 11), (2, 6, 3, 4, 5)])
+def test_1d_and_3d_inputs_match_2d_layout(backend, shape):
+    torch.manual_seed(5)
+    vq = vqfast.VectorQuantizer(20, 6, backend=backend)
+    with torch.no_grad():
+        vq.embedding.weight.normal_()
+    x = torch.randn(shape, requires_grad=True)
+    q, loss, idx = vq(x)
+    assert q.shape == x.shape and idx.shape == (x.numel() // 6,)
+    # Same computation seen as a [B, C, S, 1] image.
+    x4 = x.detach().reshape(shape[0], 6, -1, 1).requires_grad_()
+    q4, loss4, idx4 = vq(x4)
+    assert torch.equal(idx, idx4)
+    torch.testing.assert_close(q.reshape(q4.shape), q4)
+    torch.testing.assert_close(loss, loss4)
+    loss.backward()
+    loss4.backward()
+    torch.testing.assert_close(x.grad.reshape(x4.grad.shape), x4.grad)
+
+
+class _MaxNumel(TorchDispatchMode):
+    """Records the largest tensor any aten op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.max_numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.max_numel = max(self.max_numel, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_n_by_k_tensor_in_forward_or_backward(backend):
+    n, k, d = 8192, 2048, 4  # N x K = 16.8M elements > the 4.2M-element chunk budget
+    vq = vqfast.VectorQuantizer(k, d, backend=backend)
+    x = torch.randn(2, d, 64, 64, requires_grad=True)
+    assert x.numel() // d == n
+    with _MaxNumel() as mode:
+        q, loss, _ = vq(x)
+        (q.sum() + loss).backward()
+    assert mode.max_numel <= max(CHUNK_ELEMENTS, n * d, k * d)
+    assert mode.max_numel < n * k
+
+
+def test_bad_module_inputs():
+    vq = vqfast.VectorQuantizer(8, 4)
+    with pytest.raises(ValueError, match="channels"):
+        vq(torch.randn(2, 5, 3, 3))
+    with pytest.raises(ValueError, match="B, C, H, W"):
+        vq(torch.randn(4, 4))
+    with pytest.raises(ValueError, match="num_embeddings"):
+        vqfast.VectorQuantizer(0, 4)
+    with pytest.raises(ValueError, match="backend"):
+        vqfast.VectorQuantizer(8, 4, backend="gpu")

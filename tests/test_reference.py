@@ -1,0 +1,105 @@
+"""The pure-PyTorch reference and torch backend against an independent fp64 brute force and faiss-cpu."""
+import pytest
+import torch
+
+from tests.helpers import assert_indices_optimal, brute_force_fp64
+from vqfast import reference
+
+SHAPES = [(1, 1, 1), (3, 1, 5), (17, 3, 1), (100, 17, 513), (513, 100, 3), (1000, 3, 1000), (257, 1, 100), (64, 513, 17)]
+
+
+@pytest.mark.parametrize("n,d,k", SHAPES)
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_reference_exact_against_fp64_brute_force(n, d, k, metric):
+    z = torch.randn(n, d, dtype=torch.float64)
+    cb = torch.randn(k, d, dtype=torch.float64)
+    idx, cw, dist = reference.nearest_codeword_reference(z, cb, metric)
+    assert idx.dtype == torch.int64 and idx.shape == (n,)
+    assert cw.shape == (n, d) and cw.dtype == z.dtype and dist.dtype == torch.float32
+    assert torch.equal(cw, cb[idx])
+    assert_indices_optimal(idx, z, cb, metric)  # exact: same as brute force, lowest index on ties
+    want = brute_force_fp64(z, cb, metric).gather(1, idx[:, None]).squeeze(1)
+    torch.testing.assert_close(dist, want.float(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("n,d,k", SHAPES)
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_torch_backend_fp32_exact(n, d, k, metric):
+    z = torch.randn(n, d)
+    cb = torch.randn(k, d)
+    idx, cw, dist = reference.nearest_codeword_torch(z, cb, metric, "exact")
+    # fp32 inputs, fp64-verified: the chosen codeword's distance equals the minimum (fp32 inputs are exact in fp64).
+    assert_indices_optimal(idx, z, cb, metric)
+    want = brute_force_fp64(z, cb, metric).gather(1, idx[:, None]).squeeze(1)
+    torch.testing.assert_close(dist, want.float(), rtol=2e-6, atol=1e-6)
+
+
+def test_exact_mode_survives_cancellation():
+    # A large common offset makes ||z||^2 + ||c||^2 - 2 z.c lose every significant digit in fp32:
+    # the plain fp32 argmin picks wrong codewords, the exact mode must not.
+    g = torch.Generator().manual_seed(1)
+    offset = 3000.0
+    cb = offset + torch.randn(300, 8, generator=g) * 0.05
+    z = offset + torch.randn(400, 8, generator=g) * 0.05
+    plain = (z.pow(2).sum(1, keepdim=True) + cb.pow(2).sum(1) - 2 * z @ cb.T).argmin(1)
+    true = brute_force_fp64(z, cb).argmin(1)
+    assert (plain != true).any(), "the test data no longer provokes cancellation"
+    idx = reference.search(z, cb, "l2", "exact")
+    assert torch.equal(idx, true)
+
+
+def test_duplicate_codewords_lowest_index():
+    cb = torch.randn(50, 7)
+    cb[31] = cb[4]
+    cb[49] = cb[4]
+    z = cb[[4, 31, 49, 4]] + 1e-3 * torch.randn(4, 7)
+    z[3] = cb[4]  # exactly on the duplicated codeword: distance 0 three times
+    idx, _, dist = reference.nearest_codeword_torch(z, cb)
+    assert idx.tolist() == [4, 4, 4, 4]
+    assert dist[3].item() == 0.0
+
+
+def test_chunking_matches_single_chunk():
+    z = torch.randn(1031, 9)
+    cb = torch.randn(257, 9)
+    whole = reference.search(z, cb, chunk_elements=1 << 30)
+    chunked = reference.search(z, cb, chunk_elements=257 * 7 + 3)  # 7 rows per chunk, ragged last chunk
+    assert torch.equal(whole, chunked)
+
+
+def test_chunk_memory_is_bounded():
+    # One chunk holds at most CHUNK_ELEMENTS distances, whatever N is.
+    assert reference.chunk_rows(16384) * 16384 <= reference.CHUNK_ELEMENTS
+    assert reference.chunk_rows(1 << 30) == 1
+
+
+@pytest.mark.parametrize("n,d,k", [(1000, 17, 513), (513, 100, 1000), (200, 1, 33), (1, 3, 7)])
+def test_against_faiss_index_flat_l2(n, d, k):
+    faiss = pytest.importorskip("faiss")
+    z = torch.randn(n, d)
+    cb = torch.randn(k, d)
+    index = faiss.IndexFlatL2(d)
+    index.add(cb.numpy())
+    fd, fi = index.search(z.numpy(), 1)
+    idx, _, dist = reference.nearest_codeword_torch(z, cb)
+    same = idx.numpy() == fi[:, 0]
+    # faiss computes fp32 expansions without re-ranking: rows may differ only where it is a near-tie.
+    d64 = brute_force_fp64(z, cb)
+    gap = (d64.gather(1, torch.from_numpy(fi[:, :1]).long()).squeeze(1) - d64.gather(1, idx[:, None]).squeeze(1)).abs()
+    assert (same | (gap.numpy() <= 1e-4 * (1 + d64.min(1).values.numpy()))).all()
+    assert same.mean() > 0.99
+    torch.testing.assert_close(dist, torch.from_numpy(fd[:, 0]), rtol=1e-4, atol=1e-4)
+
+
+def test_backward_matches_autograd_of_direct_formula():
+    z = torch.randn(40, 6, dtype=torch.float64, requires_grad=True)
+    cb = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
+    for metric in ("l2", "cosine"):
+        idx = reference.search(z.detach(), cb.detach(), metric)
+        cw = cb[idx]
+        dist = reference.codeword_distances(z, cw, metric)
+        gc, gd = torch.randn_like(cw), torch.randn_like(dist)
+        want = torch.autograd.grad((cw * gc).sum() + (dist * gd).sum(), (z, cb))
+        got = reference.nearest_codeword_backward(gc, gd, z.detach(), cb.detach(), idx, metric)
+        torch.testing.assert_close(got[0], want[0])
+        torch.testing.assert_close(got[1], want[1])
