@@ -9,7 +9,7 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "demo": ("vqfast.demo", "quantise features of real images and print a backend timing table"),
+    "demo": ("vqfast.demo", "quantise patches of real photographs and print a backend timing table"),
 }
 
 
