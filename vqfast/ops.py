@@ -54,8 +54,7 @@ def register_nearest_codeword_op(qualname: str) -> None:
 def nearest_codeword_torch(
     z: Tensor, codebook: Tensor, metric: str = "l2", precision: str = "exact"
 ) -> tuple[Tensor, Tensor, Tensor]:
-    indices, codewords, distances = reference.nearest_codeword_torch(z, codebook, metric, precision)
-    return indices, codewords.clone() if codewords is z else codewords, distances
+    return reference.nearest_codeword_torch(z, codebook, metric, precision)
 
 
 register_nearest_codeword_op("vqfast::nearest_codeword_torch")
