@@ -75,7 +75,7 @@ def _non_finite_message(name: str, t: torch.Tensor) -> str:
     kinds = " and ".join(k for k, present in (("NaN", bool(t.isnan().any())), ("Inf", bool(t.isinf().any()))) if present)
     return (f"{name} contains {count} non-finite value(s) ({kinds}), the first in row {first_row}: the nearest codeword "
             f"is undefined there. Remove or replace them (e.g. torch.nan_to_num({name})), or pass check_finite=False "
-            f"to skip this check (rows holding NaN/Inf then get an unspecified, in-range index)")
+            f"to skip this check (NaN/Inf then give unspecified, in-range indices)")
 
 
 def scan_values(z: torch.Tensor, codebook: torch.Tensor) -> bool:

@@ -106,8 +106,8 @@ def nearest_codeword(
             ValueError if either holds NaN or Inf. The same pass guards against overflow: float32
             inputs large enough for a float32 squared distance to overflow (|x| > 6.5e18 / sqrt(D))
             are searched in float64 instead, on the same backend; float64 inputs beyond 4.7e153 / sqrt(D)
-            raise. False skips the scan for speed: rows holding NaN/Inf then get an unspecified (but
-            in-range) index, and huge float32 inputs may pick a wrong codeword. The scan is also skipped
+            raise. False skips the scan for speed: NaN/Inf inputs then give unspecified (but in-range)
+            indices, and huge float32 inputs may pick a wrong codeword. The scan is also skipped
             while torch.compile traces (torch.compiler.is_compiling()), so that fullgraph=True works,
             and on meta tensors, which hold no values.
 

@@ -84,7 +84,9 @@ def _search_chunk(
         return best
     z64 = zc[rows].double()
     c64 = cb[cols].double()
-    exact_d = ((z64 - c64) ** 2).sum(1)
+    # NaN (a NaN in the inputs, reached only with check_finite=False) ranks last, as +inf would, so a
+    # poisoned codeword does not capture every row.
+    exact_d = ((z64 - c64) ** 2).sum(1).nan_to_num(nan=float("inf"))
     m = zc.shape[0]
     row_min = torch.full((m,), float("inf"), dtype=torch.float64, device=zc.device)
     row_min.scatter_reduce_(0, rows, exact_d, reduce="amin")
