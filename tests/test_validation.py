@@ -194,6 +194,16 @@ def test_huge_float32_values_are_searched_in_float64(backend, scale, metric):
     torch.testing.assert_close(distances[~expected_inf], ref_distances[~expected_inf], rtol=1e-5, atol=1e-6)
 
 
+def test_float64_promotion_keeps_gradients_in_the_input_dtypes(backend):
+    z = (torch.randn(30, 6) * 1e20).requires_grad_()
+    cb = (torch.randn(8, 6) * 1e20).requires_grad_()
+    indices, codewords, _ = vqfast.nearest_codeword(z, cb, backend=backend)
+    codewords.sum().backward()
+    assert cb.grad.dtype == torch.float32
+    counts = torch.bincount(indices, minlength=8).float()
+    assert torch.equal(cb.grad, counts[:, None].expand(8, 6))
+
+
 def test_huge_bfloat16_values_are_searched_in_float64(backend):
     z = (torch.randn(20, 5) * 1e30).bfloat16()
     cb = (torch.randn(9, 5) * 1e30).bfloat16()
@@ -281,6 +291,21 @@ def test_backend_input_limits_fall_back_under_auto_and_raise_by_name(monkeypatch
     assert backends.resolve_backend("cpu", "cpu", small) == "cpu"
     with pytest.raises(ValueError, match=r"backend='cpu' was requested but cannot run here: D=9 is outside"):
         backends.resolve_backend("cpu", "cpu", large)
+
+
+def test_public_op_reports_32_bit_offset_overflow_without_allocating(monkeypatch):
+    # A backend with 32-bit offsets, asked by name for N * D = 2^31 (meta tensors: no memory, no values).
+    patched = dataclasses.replace(backends.REGISTRY["cpu"], unavailable_reason=lambda: None,
+                                  device_reason=lambda device_type: None,
+                                  inputs_reason=_validation.int32_offsets_reason)
+    monkeypatch.setitem(backends.REGISTRY, "cpu", patched)
+    z = torch.empty(2**27, 16, device="meta")
+    cb = torch.empty(10, 16, device="meta")
+    with pytest.raises(ValueError, match=r"backend='cpu' was requested but cannot run here: z has N \* D = 134217728 \* 16"):
+        vqfast.nearest_codeword(z, cb, backend="cpu")
+    # "auto" takes a backend that can: shapes come back without any kernel touching memory.
+    indices, codewords, distances = vqfast.nearest_codeword(z, cb)
+    assert indices.shape == (2**27,) and codewords.shape == (2**27, 16) and distances.dtype == torch.float32
 
 
 def test_gpu_backends_declare_their_32_bit_offsets():
