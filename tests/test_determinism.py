@@ -7,7 +7,20 @@ import torch
 import vqfast
 from vqfast import reference
 
-BACKENDS = vqfast.available_backends("cpu")
+# (device, backend) for every backend that can run here; CUDA pairs only where a GPU is visible.
+BACKENDS = [("cpu", b) for b in vqfast.available_backends("cpu")] + (
+    [("cuda", b) for b in vqfast.available_backends("cuda")] if torch.cuda.is_available() else []
+)
+BACKEND_IDS = [f"{device}-{backend}" for device, backend in BACKENDS]
+
+
+def run(z, cb, device_backend, **kwargs):
+    """nearest_codeword on the pair's device; outputs come back on the CPU for comparison."""
+    device, backend = device_backend
+    out = vqfast.nearest_codeword(z.to(device), cb.to(device), backend=backend, **kwargs)
+    return tuple(t.cpu() for t in out)
+
+
 N, K, D = 1000, 300, 33  # N spans many of the CPU kernel's 64-row parallel grains
 
 
@@ -31,11 +44,7 @@ def _separated_rows(z, cb, metric):
     return (two[:, 1] - two[:, 0]) > tol
 
 
-def _run(z, cb, backend, metric="l2"):
-    return vqfast.nearest_codeword(z, cb, metric=metric, backend=backend)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_run_after_run_and_across_thread_counts(backend, metric, dtype):
@@ -45,7 +54,7 @@ def test_run_after_run_and_across_thread_counts(backend, metric, dtype):
         outs = []
         for n_threads in (1, 2, 1, 3):
             torch.set_num_threads(n_threads)
-            outs.append(_run(z, cb, backend, metric))
+            outs.append(run(z, cb, backend, metric=metric))
     finally:
         torch.set_num_threads(threads)
     for out in outs[1:]:
@@ -54,22 +63,22 @@ def test_run_after_run_and_across_thread_counts(backend, metric, dtype):
     assert bool((outs[0][0][:20] == 3).all())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
 def test_answer_depends_only_on_values_not_layout_or_batch(backend):
     z, cb = _data()
-    want = _run(z, cb, backend)
+    want = run(z, cb, backend)
     # Non-contiguous views holding the same values.
     z_t = z.t().contiguous().t()
     cb_strided = torch.empty(K, 2 * D)[:, ::2]
     cb_strided.copy_(cb)
     for zz, cc in ((z_t, cb), (z, cb_strided), (z_t, cb_strided)):
         assert not (zz.is_contiguous() and cc.is_contiguous())
-        indices, codewords, distances = _run(zz, cc, backend)
+        indices, codewords, distances = run(zz, cc, backend)
         assert torch.equal(indices, want[0]) and torch.equal(codewords, want[1])
         # torch's sum over D may vectorise differently for other strides: last-bit differences only.
         torch.testing.assert_close(distances, want[2], rtol=4 * (D + 4) * 2.0**-24, atol=0)
     # Any split of the batch: a row's answer does not depend on its neighbours.
-    parts = [_run(z[a:b], cb, backend)[0] for a, b in ((0, 1), (1, 130), (130, 131), (131, N))]
+    parts = [run(z[a:b], cb, backend)[0] for a, b in ((0, 1), (1, 130), (130, 131), (131, N))]
     assert torch.equal(torch.cat(parts), want[0])
 
 
@@ -81,9 +90,10 @@ def test_backends_agree(metric):
     # The exclusion must stay rare, or the comparison below would prove little.
     assert int(separated.sum()) >= N - 5
     for backend in BACKENDS:
-        indices, codewords, distances = _run(z, cb, backend, metric)
+        indices, codewords, distances = run(z, cb, backend, metric=metric)
         assert torch.equal(indices[separated], ref_indices[separated]), backend
         assert bool((indices[:20] == 3).all()), backend
+        assert torch.equal(codewords, cb[indices])
         torch.testing.assert_close(distances, ref_distances, rtol=1e-5, atol=1e-5)
 
 

@@ -18,7 +18,12 @@ from hypothesis.extra import numpy as hnp
 import vqfast
 from vqfast._validation import search_dtype
 
-BACKENDS = vqfast.available_backends("cpu")
+# (device, backend) for every backend that can run here; CUDA pairs only where a GPU is visible.
+BACKENDS = [("cpu", b) for b in vqfast.available_backends("cpu")] + (
+    [("cuda", b) for b in vqfast.available_backends("cuda")] if torch.cuda.is_available() else []
+)
+BACKEND_IDS = [f"{device}-{backend}" for device, backend in BACKENDS]
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Largest finite value each dtype can take from a float32/float64 draw without the cast overflowing.
 # float64 stops at 1e150, under its overflow limit at D = 100 (magnitude_limit: 4.7e152).
@@ -29,6 +34,13 @@ UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
 SUBNORMAL = {torch.float32: 2.0**-149, torch.float64: 2.0**-1074}
 
 PROPERTY = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def run(z, cb, device_backend, **kwargs):
+    """nearest_codeword on the pair's device; outputs come back on the CPU for comparison."""
+    device, backend = device_backend
+    out = vqfast.nearest_codeword(z.to(device), cb.to(device), backend=backend, **kwargs)
+    return tuple(t.cpu() for t in out)
 
 
 def _normalize(x: torch.Tensor, metric: str) -> torch.Tensor:
@@ -140,23 +152,23 @@ def structured_inputs(draw):
     return z, cb, metric
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
 @settings(PROPERTY, max_examples=60)
 @given(inputs=arbitrary_inputs())
 def test_arbitrary_values_match_fp64_brute_force(backend, inputs):
     z, cb, metric = inputs
-    assert_exact(z, cb, metric, vqfast.nearest_codeword(z, cb, metric=metric, backend=backend))
+    assert_exact(z, cb, metric, run(z, cb, backend, metric=metric))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
 @settings(PROPERTY, max_examples=60)
 @given(inputs=structured_inputs())
 def test_duplicates_near_ties_and_extreme_magnitudes(backend, inputs):
     z, cb, metric = inputs
-    assert_exact(z, cb, metric, vqfast.nearest_codeword(z, cb, metric=metric, backend=backend))
+    assert_exact(z, cb, metric, run(z, cb, backend, metric=metric))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
 @settings(PROPERTY, max_examples=40)
 @given(
     seed=st.integers(0, 2**31 - 1),
@@ -172,7 +184,7 @@ def test_exact_ties_on_integer_grids_go_to_the_lowest_index(backend, seed, n, k,
     g = torch.Generator().manual_seed(seed)
     z = torch.randint(-levels, levels + 1, (n, d), generator=g).to(dtype)
     cb = torch.randint(-levels, levels + 1, (k, d), generator=g).to(dtype)
-    indices, _, distances = vqfast.nearest_codeword(z, cb, backend=backend)
+    indices, _, distances = run(z, cb, backend)
     true = true_distances(z, cb, "l2")
     d_min = true.min(1, keepdim=True).values
     expected = (true == d_min).to(torch.int64).argmax(1)  # first index at the minimum
@@ -180,17 +192,17 @@ def test_exact_ties_on_integer_grids_go_to_the_lowest_index(backend, seed, n, k,
     assert torch.equal(distances, d_min[:, 0].float())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
 @settings(PROPERTY, max_examples=30)
 @given(inputs=arbitrary_inputs())
 def test_fast_precision_stays_within_its_error_bound(backend, inputs):
     z, cb, metric = inputs
-    out = vqfast.nearest_codeword(z, cb, metric=metric, precision="fast", backend=backend)
+    out = run(z, cb, backend, metric=metric, precision="fast")
     assert_exact(z, cb, metric, out, precision="fast")
 
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
 @pytest.mark.parametrize("exponent", [-75, -72, -70, -66])
 def test_subnormal_squares_keep_the_exact_argmin(backend, exponent):
     # From 2^-75 to 2^-63 float32 squares are subnormal: IEEE gradual underflow keeps the ranking
@@ -199,4 +211,4 @@ def test_subnormal_squares_keep_the_exact_argmin(backend, exponent):
     g = torch.Generator().manual_seed(exponent)
     z = (torch.randn(256, 4, generator=g, dtype=torch.float64) * 2.0**exponent).float()
     cb = (torch.randn(64, 4, generator=g, dtype=torch.float64) * 2.0**exponent).float()
-    assert_exact(z, cb, "l2", vqfast.nearest_codeword(z, cb, backend=backend))
+    assert_exact(z, cb, "l2", run(z, cb, backend))

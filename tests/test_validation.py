@@ -45,7 +45,7 @@ def test_bad_shapes_raise_value_error(backend, z_shape, cb_shape, match):
         vqfast.nearest_codeword(torch.zeros(z_shape), torch.zeros(cb_shape), backend=backend)
 
 
-@pytest.mark.parametrize("bad_dtype", [torch.int64, torch.int32, torch.uint8, torch.bool, torch.complex64])
+@pytest.mark.parametrize("bad_dtype", [torch.int64, torch.int32, torch.uint8, torch.bool, torch.complex64, torch.float8_e4m3fn])
 @pytest.mark.parametrize("which", ["z", "codebook"])
 def test_non_floating_dtypes_raise_type_error(backend, bad_dtype, which):
     z, cb = _data()
