@@ -8,6 +8,8 @@
 
 "auto" falls back quietly to the next backend in its preference list; a backend requested by name
 (argument or VQFAST_BACKEND) that cannot run the given tensors raises a ValueError saying why.
+"Cannot run" covers the process (not built), the device type, and the inputs themselves (a
+backend's inputs_reason: e.g. a D outside its kernel's range, or sizes beyond 32-bit offsets).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import Callable
 import torch
 
 from vqfast import _ext
+from vqfast._validation import int32_offsets_reason
 
 BACKEND_NAMES = ("torch", "cpu", "cuda", "triton")
 ENV_VAR = "VQFAST_BACKEND"
@@ -32,6 +35,8 @@ class Backend:
     unavailable_reason: Callable[[], str | None]
     # Why it cannot run tensors on this device type, or None when it can.
     device_reason: Callable[[str], str | None]
+    # Why it cannot run these particular (z, codebook), or None when it can. Reads shapes and dtypes only.
+    inputs_reason: Callable[[torch.Tensor, torch.Tensor], str | None] = lambda z, codebook: None
 
 
 def _triton_interpret() -> bool:
@@ -94,8 +99,9 @@ def _triton_device_reason(device_type: str) -> str | None:
 REGISTRY: dict[str, Backend] = {
     "torch": Backend("torch", lambda: None, lambda device_type: None),
     "cpu": Backend("cpu", _cpu_reason, _only("cpu")),
-    "cuda": Backend("cuda", _cuda_reason, _only("cuda")),
-    "triton": Backend("triton", _triton_reason, _triton_device_reason),
+    # The GPU kernels are assumed to use 32-bit flat offsets until they declare otherwise.
+    "cuda": Backend("cuda", _cuda_reason, _only("cuda"), int32_offsets_reason),
+    "triton": Backend("triton", _triton_reason, _triton_device_reason, int32_offsets_reason),
 }
 
 # "auto" tries these in order and takes the first that can run the tensors.
@@ -119,8 +125,16 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
     return out
 
 
-def resolve_backend(backend: str, device_type: str) -> str:
-    """Turn a requested backend name ("auto" included) into the one that will run."""
+def _inputs_reason(b: Backend, inputs: tuple[torch.Tensor, torch.Tensor] | None) -> str | None:
+    return None if inputs is None else b.inputs_reason(*inputs)
+
+
+def resolve_backend(backend: str, device_type: str, inputs: tuple[torch.Tensor, torch.Tensor] | None = None) -> str:
+    """Turn a requested backend name ("auto" included) into the one that will run.
+
+    inputs, when given, is (z, codebook) as the kernel will receive them: backends whose
+    inputs_reason rejects them are skipped under "auto" and raise when requested by name.
+    """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, one of {('auto',) + BACKEND_NAMES}, got {type(backend).__name__}")
     source = "backend"
@@ -131,13 +145,14 @@ def resolve_backend(backend: str, device_type: str) -> str:
         else:
             for name in AUTO_ORDER.get(device_type, ("torch",)):
                 b = REGISTRY[name]
-                if b.unavailable_reason() is None and b.device_reason(device_type) is None:
+                if (b.unavailable_reason() is None and b.device_reason(device_type) is None
+                        and _inputs_reason(b, inputs) is None):
                     return name
             return "torch"
     if backend not in REGISTRY:
         raise ValueError(f"{source}={backend!r} is not a vqfast backend; choose one of {('auto',) + BACKEND_NAMES}")
     b = REGISTRY[backend]
-    reason = b.unavailable_reason() or b.device_reason(device_type)
+    reason = b.unavailable_reason() or b.device_reason(device_type) or _inputs_reason(b, inputs)
     if reason is not None:
         raise ValueError(
             f"{source}={backend!r} was requested but cannot run here: {reason}. "

@@ -70,7 +70,10 @@ def _search_chunk(
         return best
     # Candidates: computed distance within 2 * error bound of the row minimum.
     gamma = _expansion_error_bound(zc.shape[1], zc.dtype)
-    tol = 2.0 * gamma * (z_sqnorm.sqrt() + cb_maxnorm) ** 2  # [M, 1]
+    # The relative bound assumes no underflow; products below the smallest normal number (float32:
+    # |z_j|, |c_j| < 1e-19) each lose up to half a subnormal spacing, so add that absolute error too.
+    underflow = 8.0 * (zc.shape[1] + 3) * torch.finfo(zc.dtype).smallest_normal * torch.finfo(zc.dtype).eps
+    tol = 2.0 * gamma * (z_sqnorm.sqrt() + cb_maxnorm) ** 2 + underflow  # [M, 1]
     dmin = dist.gather(1, best[:, None])
     limit = dmin + tol
     # A non-finite bound (overflowing magnitudes) makes every codeword a candidate for that row.
@@ -81,7 +84,9 @@ def _search_chunk(
         return best
     z64 = zc[rows].double()
     c64 = cb[cols].double()
-    exact_d = ((z64 - c64) ** 2).sum(1)
+    # NaN (a NaN in the inputs, reached only with check_finite=False) ranks last, as +inf would, so a
+    # poisoned codeword does not capture every row.
+    exact_d = ((z64 - c64) ** 2).sum(1).nan_to_num(nan=float("inf"))
     m = zc.shape[0]
     row_min = torch.full((m,), float("inf"), dtype=torch.float64, device=zc.device)
     row_min.scatter_reduce_(0, rows, exact_d, reduce="amin")
@@ -89,7 +94,9 @@ def _search_chunk(
     sentinel = torch.full_like(cols, cb.shape[0])
     first = torch.full((m,), cb.shape[0], dtype=torch.int64, device=zc.device)
     first.scatter_reduce_(0, rows, torch.where(at_min, cols, sentinel), reduce="amin")
-    return first
+    # A row whose exact distances are all NaN (NaN in z, reached only with check_finite=False) has no
+    # minimum: keep its argmin, which is always a valid index, rather than the out-of-range sentinel.
+    return torch.where(first == cb.shape[0], best, first)
 
 
 @torch.no_grad()
