@@ -45,7 +45,8 @@ def cuda_arch_flags():
 
 
 def extensions():
-    cxx_flags = ["-O3", "-fopenmp"]
+    # -march=native: the extension is always compiled on the machine that runs it (AVX-512 scan in csrc/cpu).
+    cxx_flags = ["-O3", "-fopenmp", "-march=native"]
     sources = _rel([os.path.join(HERE, "csrc", "vqfast.cpp")] + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
     define_macros = []
     if build_cuda():
