@@ -79,6 +79,13 @@ def _triton_reason() -> str | None:
     return None
 
 
+def _triton_inputs_reason(z: torch.Tensor, codebook: torch.Tensor) -> str | None:
+    # The Triton kernels use 64-bit row offsets; their only input limit is float64.
+    import vqfast.triton
+
+    return vqfast.triton.inputs_reason(z, codebook)
+
+
 def _only(*device_types: str, hint: str = "") -> Callable[[str], str | None]:
     def reason(device_type: str) -> str | None:
         if device_type in device_types:
@@ -101,7 +108,7 @@ REGISTRY: dict[str, Backend] = {
     "cpu": Backend("cpu", _cpu_reason, _only("cpu")),
     # The GPU kernels are assumed to use 32-bit flat offsets until they declare otherwise.
     "cuda": Backend("cuda", _cuda_reason, _only("cuda"), int32_offsets_reason),
-    "triton": Backend("triton", _triton_reason, _triton_device_reason, int32_offsets_reason),
+    "triton": Backend("triton", _triton_reason, _triton_device_reason, _triton_inputs_reason),
 }
 
 # "auto" tries these in order and takes the first that can run the tensors.

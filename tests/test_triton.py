@@ -1,0 +1,113 @@
+"""The Triton backend: interpreter correctness (in a subprocess), real GPU compilation, GPU tests."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_interpreter_suite():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(REPO, "tests", "test_triton_interpreter.py")],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=900,
+    )
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout and "skipped" not in out.stdout.splitlines()[-1]
+
+
+def _search_signature(ptr: str):
+    return {
+        "z_ptr": ptr, "cb_ptr": ptr, "cbn_ptr": "*fp32", "idx_ptr": "*i64", "best_ptr": "*fp32", "second_ptr": "*fp32",
+        "N": "i32", "K": "i32", "D": "i32", "stride_zn": "i32", "stride_zd": "i32", "stride_cn": "i32", "stride_cd": "i32",
+        "K_BUCKET": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "BLOCK_D": "constexpr",
+        "INPUT_PRECISION": "constexpr", "CAST_FP32": "constexpr",
+    }
+
+
+# (pointer type, input precision, widen to fp32, is the fast tensor-core path)
+VARIANTS = [
+    ("*fp32", "ieee", False, False),  # exact, fp32
+    ("*fp16", "ieee", True, False),  # exact, fp16 widened
+    ("*fp32", "tf32", False, True),  # fast, tf32
+    ("*fp16", "tf32", False, True),  # fast, fp16
+    ("*bf16", "tf32", False, True),  # fast, bf16
+]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="needs compiled, not interpreted, kernels")
+@pytest.mark.parametrize("arch", [80, 90])
+def test_every_config_compiles_for_gpu(arch):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from vqfast.triton import GATHER_BLOCK_D, GATHER_BLOCK_N, LARGE_N_CONFIGS, SMALL_N_CONFIGS, kernels
+
+    target = GPUTarget("cuda", arch, 32)
+    for bn, bk, bd, warps, stages in LARGE_N_CONFIGS + SMALL_N_CONFIGS:
+        for ptr, prec, widen, fast in VARIANTS:
+            src = ASTSource(
+                fn=kernels._search_kernel,
+                signature=_search_signature(ptr),
+                constexprs={"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd, "INPUT_PRECISION": prec, "CAST_FP32": widen},
+            )
+            ptx = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages}).asm["ptx"]
+            if fast:
+                tensor_core = "wgmma" if arch == 90 and bn >= 64 else "mma"
+                assert tensor_core in ptx or "mma.sync" in ptx, (arch, bn, bk, bd, ptr, prec)
+            else:
+                assert "fma.rn.f32" in ptx, (arch, bn, bk, bd, ptr, prec)
+    gather = ASTSource(
+        fn=kernels._gather_kernel,
+        signature={"z_ptr": "*fp32", "cb_ptr": "*fp32", "idx_ptr": "*i64", "cw_ptr": "*fp32", "dist_ptr": "*fp32",
+                   "N": "i32", "D": "i32", "stride_zn": "i32", "stride_zd": "i32", "stride_cn": "i32", "stride_cd": "i32",
+                   "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"},
+        constexprs={"BLOCK_N": GATHER_BLOCK_N, "BLOCK_D": GATHER_BLOCK_D},
+    )
+    assert triton.compile(gather, target=target).asm["ptx"]
+
+
+def test_k_bucket():
+    from vqfast.triton import k_bucket
+
+    assert [k_bucket(k) for k in (1, 2, 3, 1000, 1024, 1025)] == [1, 2, 4, 1024, 1024, 2048]
+
+
+gpu = pytest.mark.gpu
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,d,k", [(1, 32, 4096), (1000, 17, 1000), (65537, 64, 16385), (4097, 256, 3000), (300, 1024, 513)])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_gpu_exact_matches_reference(dtype, n, d, k, metric):
+    import vqfast
+    from vqfast import reference
+
+    z = torch.randn(n, d, device="cuda").to(dtype)
+    cb = torch.randn(k, d, device="cuda").to(dtype)
+    idx, cw, dist = vqfast.nearest_codeword(z, cb, metric=metric, backend="triton")
+    ridx, _, rdist = reference.nearest_codeword_reference(z, cb, metric)
+    assert torch.equal(idx, ridx)
+    assert torch.equal(cw, cb[idx])
+    torch.testing.assert_close(dist, rdist, rtol=1e-5, atol=1e-5)
+
+
+@gpu
+def test_gpu_fast_mode_and_compile():
+    import vqfast
+    from vqfast import reference
+
+    z = torch.randn(20000, 64, device="cuda")
+    cb = torch.randn(8192, 64, device="cuda")
+    idx, _, dist = vqfast.nearest_codeword(z, cb, precision="fast", backend="triton")
+    ridx, _, rdist = reference.nearest_codeword_reference(z, cb)
+    assert (idx != ridx).float().mean() < 0.05
+    assert dist.sum() <= rdist.sum() * 1.01
+    f = torch.compile(lambda a, b: vqfast.nearest_codeword(a, b, backend="triton"), fullgraph=True)
+    assert torch.equal(f(z, cb)[0], ridx)

@@ -1,0 +1,158 @@
+"""The Triton backend: ``vqfast::nearest_codeword_triton``.
+
+Registered with torch.library.triton_op (kernels launched through wrap_triton), so
+torch.compile(fullgraph=True) traces into it; it shares the fake shapes and the backward of the
+other backends (vqfast.ops.register_nearest_codeword_op).
+
+Precision:
+  exact  the search kernel computes IEEE fp32 dot products (fp16/bf16 inputs are widened to fp32),
+         so the rigorous bound gamma_{D+3} (||z|| + max||c||)^2 of vqfast/reference.py holds for every
+         computed distance. Rows whose second-best distance lies within twice that bound of the best
+         are re-ranked exactly (vqfast::rerank_rows, fp64 direct distances); all others are provably
+         exact already. tf32x3 would run on tensor cores, but its error is not covered by that bound
+         without a separate analysis; it is the candidate to measure on a GPU.
+  fast   tf32 tensor cores for fp32 inputs, native fp16/bf16 tensor cores for half inputs, fp32
+         accumulation, no re-rank.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+from torch.library import triton_op, wrap_triton
+
+from vqfast import reference
+from vqfast.ops import register_nearest_codeword_op
+from vqfast.triton import kernels
+
+Tensor = torch.Tensor
+
+# (BLOCK_N, BLOCK_K, BLOCK_D, num_warps, num_stages). Large-N configurations tile 64-128 rows; the
+# small-N ones (N <= 64, e.g. VAR's 1 x 1 and 2 x 2 scales) use 16-row tiles so that more programs
+# stream the codebook in parallel instead of one program per 128 mostly idle rows.
+LARGE_N_CONFIGS = [
+    (128, 128, 32, 8, 3),
+    (128, 64, 64, 4, 3),
+    (64, 128, 32, 4, 3),
+    (64, 64, 64, 4, 2),
+]
+SMALL_N_CONFIGS = [
+    (16, 128, 64, 4, 2),
+    (16, 64, 32, 2, 2),
+]
+SMALL_N = 64
+# Under the interpreter (CPU tensors, TRITON_INTERPRET=1) one small configuration, no tuning.
+INTERPRET_CONFIG = (16, 32, 16, 1, 1)
+GATHER_BLOCK_N, GATHER_BLOCK_D = 32, 64
+
+
+def _as_triton_configs(configs):
+    return [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=s)
+        for bn, bk, bd, w, s in configs
+    ]
+
+
+def _autotuned(configs):
+    # Tuned once per (D, K bucket, input dtypes, precision): Triton's autotuner keys on these arguments
+    # and on the tensor dtypes.
+    return triton.autotune(configs=_as_triton_configs(configs), key=["D", "K_BUCKET", "INPUT_PRECISION", "CAST_FP32"])(
+        kernels._search_kernel
+    )
+
+
+_search_large = _autotuned(LARGE_N_CONFIGS)
+_search_small = _autotuned(SMALL_N_CONFIGS)
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def k_bucket(k: int) -> int:
+    """Codebook sizes tune together within a power of two."""
+    return 1 << max(0, math.ceil(math.log2(max(1, k))))
+
+
+def inputs_reason(z: Tensor, codebook: Tensor) -> str | None:
+    """Why the Triton kernel cannot take these inputs (float64), or None."""
+    if torch.float64 in (z.dtype, codebook.dtype):
+        return "the Triton kernel has no float64 path (use backend='torch' or 'cpu' for float64 inputs)"
+    return None
+
+
+def _prepare(z: Tensor, codebook: Tensor, metric: str) -> tuple[Tensor, Tensor]:
+    if z.dtype != codebook.dtype:  # mixed half/float inputs: search in fp32
+        z, codebook = z.float(), codebook.float()
+    if metric == "cosine":
+        z = reference.normalize_for_metric(z.float(), metric)
+        codebook = reference.normalize_for_metric(codebook.float(), metric)
+    return z, codebook
+
+
+@torch.library.custom_op("vqfast::rerank_rows", mutates_args=())
+def rerank_rows(z: Tensor, codebook: Tensor, indices: Tensor, best: Tensor, second: Tensor) -> Tensor:
+    """Exact re-rank of the rows whose top-2 gap lies within the rounding bound (see module docstring).
+
+    z [N, D], codebook [K, D] as searched (normalised for cosine), indices/best/second [N] -> indices [N].
+    """
+    gamma = reference._expansion_error_bound(z.shape[1], torch.float32)
+    zn = z.float().norm(dim=1)
+    cmax = codebook.float().norm(dim=1).max()
+    tol = 2.0 * gamma * (zn + cmax) ** 2
+    ambiguous = ~(second.double() > best.double() + tol.double())  # also catches NaN / inf
+    out = indices.clone()
+    rows = ambiguous.nonzero().squeeze(1)
+    if rows.numel():
+        out[rows] = reference.search(z[rows], codebook, "l2", "exact", compute_dtype=torch.float64)
+    return out
+
+
+@rerank_rows.register_fake
+def _(z, codebook, indices, best, second):
+    return torch.empty_like(indices)
+
+
+@triton_op("vqfast::nearest_codeword_triton", mutates_args=())
+def nearest_codeword_triton(
+    z: Tensor, codebook: Tensor, metric: str = "l2", precision: str = "exact"
+) -> tuple[Tensor, Tensor, Tensor]:
+    n, d = z.shape
+    k = codebook.shape[0]
+    zs, cbs = _prepare(z, codebook, metric)
+    exact = precision == "exact"
+    half = zs.dtype in (torch.float16, torch.bfloat16)
+    cast_fp32 = exact and half
+    input_precision = "ieee" if exact else "tf32"
+    cbn = (cbs.float() ** 2).sum(1)
+    indices = torch.empty(n, dtype=torch.int64, device=z.device)
+    best = torch.empty(n, dtype=torch.float32, device=z.device)
+    second = torch.empty(n, dtype=torch.float32, device=z.device)
+    args = (zs, cbs, cbn, indices, best, second, n, k, d, zs.stride(0), zs.stride(1), cbs.stride(0), cbs.stride(1))
+    if _interpret():
+        bn, bk, bd, _, _ = INTERPRET_CONFIG
+        grid = (triton.cdiv(n, bn),)
+        wrap_triton(kernels._search_kernel)[grid](
+            *args, k_bucket(k), BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd, INPUT_PRECISION=input_precision, CAST_FP32=cast_fp32
+        )
+    else:
+        kernel = _search_small if n <= SMALL_N else _search_large
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        wrap_triton(kernel)[grid](*args, K_BUCKET=k_bucket(k), INPUT_PRECISION=input_precision, CAST_FP32=cast_fp32)
+    if exact:
+        indices = torch.ops.vqfast.rerank_rows(zs, cbs, indices, best, second)
+    codewords = torch.empty((n, d), dtype=z.dtype, device=z.device)
+    distances = torch.empty(n, dtype=torch.float32, device=z.device)
+    gz, gcb = (zs, cbs) if metric == "cosine" else (z, codebook)
+    wrap_triton(kernels._gather_kernel)[(triton.cdiv(n, GATHER_BLOCK_N),)](
+        gz, gcb, indices, codewords, distances, n, d, gz.stride(0), gz.stride(1), gcb.stride(0), gcb.stride(1),
+        BLOCK_N=GATHER_BLOCK_N, BLOCK_D=GATHER_BLOCK_D,
+    )
+    if metric == "cosine":  # the gather above read the normalised codebook: return the original rows
+        codewords = codebook.index_select(0, indices).to(z.dtype)
+    return indices, codewords, distances
+
+
+register_nearest_codeword_op("vqfast::nearest_codeword_triton")
