@@ -1,0 +1,75 @@
+"""k-means for codebook initialisation: k-means++ seeding, then Lloyd iterations whose assignment
+step is the fused vqfast.nearest_codeword (no N x K matrix) and whose update is a segment sum.
+
+    kmeans(x [N, D], K) -> (centroids [K, D] float32, counts [K] float32)
+"""
+from __future__ import annotations
+
+import torch
+
+from vqfast._validation import METRICS, check_choice
+from vqfast.ops import nearest_codeword
+from vqfast.reference import normalize_for_metric
+
+
+@torch.no_grad()
+def kmeans_plusplus(x: torch.Tensor, num_clusters: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """k-means++ seeds (Arthur & Vassilvitskii 2007): x [N, D] float -> [num_clusters, D].
+
+    Each new seed is drawn with probability proportional to the squared distance to the nearest seed
+    so far; that distance is updated against the newest seed only, O(N D) per seed. When every
+    remaining distance is zero (fewer distinct points than clusters), seeds are drawn uniformly,
+    so duplicates appear only when the data has fewer than ``num_clusters`` distinct rows.
+    """
+    n = x.shape[0]
+    first = torch.randint(n, (1,), generator=generator, device="cpu").to(x.device)
+    centers = x.new_empty((num_clusters, x.shape[1]))
+    centers[0] = x[first[0]]
+    min_d = ((x - centers[0]) ** 2).sum(1)
+    for k in range(1, num_clusters):
+        total = min_d.sum()
+        if bool(total > 0) and bool(torch.isfinite(total)):
+            probs = min_d
+        else:
+            probs = torch.ones_like(min_d)
+        pick = torch.multinomial(probs.cpu().double(), 1, generator=generator).to(x.device)
+        centers[k] = x[pick[0]]
+        min_d = torch.minimum(min_d, ((x - centers[k]) ** 2).sum(1))
+    return centers
+
+
+@torch.no_grad()
+def kmeans(
+    x: torch.Tensor,
+    num_clusters: int,
+    *,
+    iters: int = 10,
+    metric: str = "l2",
+    backend: str = "auto",
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-means++ then ``iters`` Lloyd steps. x [N, D] -> (centroids [K, D] float32, counts [K] float32).
+
+    metric="cosine" clusters the L2-normalised rows and keeps the centroids normalised (spherical
+    k-means). A cluster that loses all its rows keeps its previous centroid (count 0).
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 2 or x.shape[0] == 0:
+        raise ValueError(f"x must be a non-empty 2-D floating-point tensor [N, D], got {getattr(x, 'shape', type(x))}")
+    if not isinstance(num_clusters, int) or isinstance(num_clusters, bool) or num_clusters < 1:
+        raise ValueError(f"num_clusters must be a positive int, got {num_clusters!r}")
+    if not isinstance(iters, int) or isinstance(iters, bool) or iters < 0:
+        raise ValueError(f"iters must be a non-negative int, got {iters!r}")
+    check_choice("metric", metric, METRICS)
+    data = normalize_for_metric(x.float(), metric)
+    centroids = kmeans_plusplus(data, num_clusters, generator)
+    counts = torch.zeros(num_clusters, dtype=torch.float32, device=x.device)
+    for _ in range(max(iters, 1)):
+        indices = nearest_codeword(data, centroids, metric=metric, backend=backend)[0]
+        counts = torch.zeros_like(counts).index_add_(0, indices, torch.ones_like(indices, dtype=torch.float32))
+        if iters == 0:
+            break
+        sums = torch.zeros_like(centroids).index_add_(0, indices, data)
+        used = counts > 0
+        new = sums / counts.clamp_min(1.0)[:, None]
+        centroids = torch.where(used[:, None], normalize_for_metric(new, metric), centroids)
+    return centroids, counts
