@@ -55,7 +55,7 @@ def test_two_gloo_ranks_match_single_process(tmp_path, monkeypatch):
     set_codes = VectorQuantizer._set_codes
 
     def spy(self, mask, values, usage):
-        if not bool(mask.all()):  # k-means sets every code; a restart sets only the dead ones
+        if bool(mask.any()) and not bool(mask.all()):  # k-means sets every code; a restart only the dead
             restarts.append(int(mask.sum()))
         return set_codes(self, mask, values, usage)
 

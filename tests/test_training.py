@@ -227,7 +227,7 @@ def test_dead_codes_are_reseeded_from_batch(ema):
     _, _, idx = m(z)
     dead = torch.tensor([1, 3, 7])
     alive = torch.tensor([i for i in range(k) if i not in (1, 3, 7)])
-    # Each re-seeded code is one of the batch's rows, distinct, and the batch now uses only them.
+    # Each re-seeded code is one of the batch's rows, and the batch (far from the old codes) now uses only them.
     if ema:  # undo this step's EMA update: embed_avg = 0.99 * (seed * 0.5) + 0.01 * sums
         sums = torch.zeros(k, d).index_add_(0, idx, rows)
         seeds = (m.embed_avg - 0.01 * sums) / (0.99 * 0.5)

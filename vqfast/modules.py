@@ -62,6 +62,10 @@ def _check_learning_options(ema, decay, eps, kmeans_init, kmeans_iters, dead_cod
         raise ValueError(f"dead_code_threshold must be a non-negative number, got {dead_code_threshold!r}")
 
 
+def _sync_kmeans_flag(module: nn.Module, incompatible_keys) -> None:
+    module._kmeans_pending = not bool(module.initted)
+
+
 class VectorQuantizer(nn.Module):
     """Codebook of ``num_embeddings`` vectors of size ``embedding_dim``.
 
@@ -117,8 +121,12 @@ class VectorQuantizer(nn.Module):
         if ema:
             self.register_buffer("embed_avg", self.embedding.weight.detach().clone())
             self.embedding.weight.requires_grad_(False)
+        # A Python flag mirrors the ``initted`` buffer so forward branches on no tensor value: once the
+        # codebook is initialised, torch.compile(fullgraph=True) traces a graph without k-means in it.
+        self._kmeans_pending = kmeans_init
         if kmeans_init:
             self.register_buffer("initted", torch.tensor(False))
+            self.register_load_state_dict_post_hook(_sync_kmeans_flag)
 
     def get_codebook(self) -> torch.Tensor:
         return self.embedding.weight.data
@@ -197,7 +205,7 @@ class VectorQuantizer(nn.Module):
         z_cl = self._channels_last(z)
         flat = z_cl.view(-1, self.embedding_dim)
         learn = self.training
-        if learn and self.kmeans_init:
+        if learn and self._kmeans_pending:
             self._kmeans_init(flat.detach())
         if learn and self.dead_code_threshold > 0:
             self._restart_dead_codes(flat.detach())
@@ -246,18 +254,18 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _set_codes(self, mask: torch.Tensor, values: torch.Tensor, usage: torch.Tensor) -> None:
-        """Codes where mask is True get the codewords ``values`` and EMA usage ``usage`` (EMA state reset)."""
+        """Codes where mask [K] is True take codewords values [K, D] and EMA usage usage [K] (EMA state reset)."""
         w = self.embedding.weight
-        w[mask] = values.to(w.dtype)
+        m = mask[:, None]
+        w.copy_(torch.where(m, values.to(w.dtype), w))
         if hasattr(self, "cluster_size"):
-            self.cluster_size[mask] = usage.to(self.cluster_size.dtype)
+            self.cluster_size.copy_(torch.where(mask, usage.to(self.cluster_size.dtype), self.cluster_size))
         if self.ema:
-            self.embed_avg[mask] = (values.float() * usage.float()[:, None]).to(self.embed_avg.dtype)
+            reset = (values.float() * usage.float()[:, None]).to(self.embed_avg.dtype)
+            self.embed_avg.copy_(torch.where(m, reset, self.embed_avg))
 
     @torch.no_grad()
     def _kmeans_init(self, flat: torch.Tensor) -> None:
-        if bool(self.initted):
-            return
         k, d = self.num_embeddings, self.embedding_dim
         data = distributed.gather_rows(flat.float())  # every rank's rows, in rank order
         if distributed.rank() == 0:
@@ -270,28 +278,30 @@ class VectorQuantizer(nn.Module):
         # A cluster left empty by Lloyd keeps its centroid; usage 1 keeps it from collapsing to 0 in EMA.
         self._set_codes(torch.ones(k, dtype=torch.bool, device=flat.device), centroids, counts.clamp_min(1.0))
         self.initted.fill_(True)
+        self._kmeans_pending = False
 
     @torch.no_grad()
     def _restart_dead_codes(self, flat: torch.Tensor) -> None:
-        # Rank 0 decides which codes are dead, so every rank enters the same collectives below.
-        dead = (self.cluster_size < self.dead_code_threshold).to(torch.uint8)
-        distributed.broadcast_(dead)
-        dead = dead.bool()
-        num_dead = int(dead.sum())
-        if num_dead == 0:
-            return
-        data = distributed.gather_rows(flat.float())
-        if distributed.rank() == 0:
-            n = data.shape[0]
-            if n >= num_dead:
-                pick = torch.randperm(n, device="cpu")[:num_dead].to(data.device)
-            else:
-                pick = torch.randint(n, (num_dead,), device="cpu").to(data.device)
-            seeds = normalize_for_metric(data[pick], self.metric)
+        k = self.num_embeddings
+        dead = self.cluster_size < self.dead_code_threshold  # [K] bool
+        # One uniform draw per code, every step, before any branch: the random stream (and so the
+        # codebook) is the same for one process and for rank 0 of a group seeing the same global batch.
+        u = torch.rand(k, device=flat.device)
+        if distributed.is_distributed():
+            # Rank 0 decides which codes are dead and whether rows are gathered at all, so every rank
+            # enters the same collectives; skipping the gather when nothing is dead saves a round trip.
+            dead = distributed.broadcast_(dead.to(torch.uint8)).bool()
+            if not bool(dead.any()):
+                return
+            data = distributed.gather_rows(flat.float())
+            seeds = data[(u * data.shape[0]).long().clamp_max(data.shape[0] - 1)]
+            distributed.broadcast_(seeds)  # rank 0's draw wins
         else:
-            seeds = torch.empty(num_dead, self.embedding_dim, dtype=torch.float32, device=flat.device)
-        distributed.broadcast_(seeds)
-        usage = torch.full((num_dead,), self.dead_code_threshold, dtype=torch.float32, device=flat.device)
+            # Branch-free on one process: a candidate row for every code, kept where the code is dead.
+            # Static shapes and no host sync, so torch.compile(fullgraph=True) traces it; K x D extra work.
+            seeds = flat.float()[(u * flat.shape[0]).long().clamp_max(flat.shape[0] - 1)]
+        seeds = normalize_for_metric(seeds, self.metric)
+        usage = torch.full((k,), self.dead_code_threshold, dtype=torch.float32, device=flat.device)
         self._set_codes(dead, seeds, usage)
 
 
