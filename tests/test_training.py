@@ -304,3 +304,36 @@ def test_bad_learning_options(kwargs, exc, name):
     ):
         with pytest.raises(exc, match=name):
             build()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options", [{}, {"ema": True, "dead_code_threshold": 0.5}, {"metric": "cosine"}])
+def test_no_n_by_k_tensor_saved_for_backward(backend, options):
+    # N = 300 rows, K = 257 codes: anything of N * K = 77,100 elements would be a distance or one-hot matrix.
+    n_rows, k, d = 300, 257, 3
+    m = VectorQuantizer(k, d, backend=backend, **options)
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    z = torch.randn(3, d, 100).requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        q, loss, _ = m(z)
+    (q.sum() + loss).backward()
+    assert sizes and max(sizes) < n_rows * k, max(sizes)
+    assert max(sizes) <= max(n_rows * d, k * d)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ema_with_half_inputs(dtype):
+    m = VectorQuantizer(16, 4, ema=True, dead_code_threshold=0.2, kmeans_init=True)
+    z = torch.randn(2, 4, 6, 6, dtype=dtype).requires_grad_(True)
+    for _ in range(3):
+        q, loss, idx = m(z)
+        loss.backward()
+    assert q.dtype == dtype and m.get_codebook().dtype == torch.float32
+    assert torch.isfinite(m.get_codebook()).all() and torch.isfinite(z.grad).all()
+    # The codebook is learnt from the data: every code sits within the data's range.
+    assert m.get_codebook().abs().max() <= z.detach().float().abs().max() + 1e-3
