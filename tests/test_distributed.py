@@ -9,10 +9,11 @@ import torch.multiprocessing as mp
 from vqfast import ResidualVectorQuantizer, VectorQuantizer
 
 WORLD = 2
-STEPS = 6
 K, D = 12, 3
-# Unequal shares of each global batch: rank 0 gets 7 rows, rank 1 gets 29 (36 per step).
-SPLIT = (7, 29)
+# Unequal shares of each global batch (36 rows per step), one step with no rows at all on a rank:
+# collectives must still line up.
+SPLITS = [(7, 29), (29, 7), (0, 36), (18, 18), (36, 0), (5, 31)]
+STEPS = len(SPLITS)
 OPTIONS = dict(ema=True, decay=0.7, kmeans_init=True, kmeans_iters=4, dead_code_threshold=0.6)
 
 
@@ -21,8 +22,8 @@ def _batches():
     centers = torch.randn(8, D, generator=gen) * 4
     out = []
     for _ in range(STEPS):
-        labels = torch.randint(8, (sum(SPLIT),), generator=gen)
-        out.append(centers[labels] + 0.05 * torch.randn(sum(SPLIT), D, generator=gen))
+        labels = torch.randint(8, (36,), generator=gen)
+        out.append(centers[labels] + 0.05 * torch.randn(36, D, generator=gen))
     return out
 
 
@@ -32,10 +33,10 @@ def _model():
 
 
 def _train(model, batches, rank=None):
-    for x in batches:
+    for x, split in zip(batches, SPLITS):
         if rank is not None:
-            start = sum(SPLIT[:rank])
-            x = x[start : start + SPLIT[rank]]
+            start = sum(split[:rank])
+            x = x[start : start + split[rank]]
         model(x.T.unsqueeze(0).contiguous())  # [1, D, N]
     return {k: v.clone() for k, v in model.state_dict().items()}
 

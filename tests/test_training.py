@@ -337,3 +337,13 @@ def test_ema_with_half_inputs(dtype):
     assert torch.isfinite(m.get_codebook()).all() and torch.isfinite(z.grad).all()
     # The codebook is learnt from the data: every code sits within the data's range.
     assert m.get_codebook().abs().max() <= z.detach().float().abs().max() + 1e-3
+
+
+def test_empty_batch_trains_nothing():
+    m = VectorQuantizer(8, 3, ema=True, kmeans_init=True, dead_code_threshold=2.0)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    q, loss, idx = m(torch.randn(0, 3, 4))
+    assert q.shape == (0, 3, 4) and idx.shape == (0,)
+    assert m._kmeans_pending and not bool(m.initted)
+    # The EMA still decays (as on a rank whose batch is empty), which leaves every codeword in place.
+    torch.testing.assert_close(m.get_codebook(), state["embedding.weight"])

@@ -268,6 +268,8 @@ class VectorQuantizer(nn.Module):
     def _kmeans_init(self, flat: torch.Tensor) -> None:
         k, d = self.num_embeddings, self.embedding_dim
         data = distributed.gather_rows(flat.float())  # every rank's rows, in rank order
+        if data.shape[0] == 0:  # the same on every rank: wait for a batch with rows
+            return
         if distributed.rank() == 0:
             centroids, counts = kmeans(data, k, iters=self.kmeans_iters, metric=self.metric, backend=self.backend)
         else:
@@ -294,8 +296,12 @@ class VectorQuantizer(nn.Module):
             if not bool(dead.any()):
                 return
             data = distributed.gather_rows(flat.float())
+            if data.shape[0] == 0:  # the same on every rank: nothing to seed from
+                return
             seeds = data[(u * data.shape[0]).long().clamp_max(data.shape[0] - 1)]
             distributed.broadcast_(seeds)  # rank 0's draw wins
+        elif flat.shape[0] == 0:
+            return
         else:
             # Branch-free on one process: a candidate row for every code, kept where the code is dead.
             # Static shapes and no host sync, so torch.compile(fullgraph=True) traces it; K x D extra work.
