@@ -17,24 +17,25 @@ def kmeans_plusplus(x: torch.Tensor, num_clusters: int, generator: torch.Generat
     """k-means++ seeds (Arthur & Vassilvitskii 2007): x [N, D] float -> [num_clusters, D].
 
     Each new seed is drawn with probability proportional to the squared distance to the nearest seed
-    so far; that distance is updated against the newest seed only, O(N D) per seed. When every
-    remaining distance is zero (fewer distinct points than clusters), seeds are drawn uniformly,
-    so duplicates appear only when the data has fewer than ``num_clusters`` distinct rows.
+    so far; that distance is updated against the newest seed only, O(N D) per seed. Draws use the
+    inverse CDF on x's device (cumsum + searchsorted, fp64): no host sync per seed, and no 2^24-row
+    limit as torch.multinomial has. When every remaining distance is zero (fewer distinct rows than
+    clusters) the draw is uniform, so duplicates appear only in that case.
     """
     n = x.shape[0]
-    first = torch.randint(n, (1,), generator=generator, device="cpu").to(x.device)
+    # Every uniform at once on the CPU generator: one host-to-device copy for the whole seeding.
+    u = torch.rand(num_clusters, generator=generator, dtype=torch.float64).to(x.device)
     centers = x.new_empty((num_clusters, x.shape[1]))
-    centers[0] = x[first[0]]
-    min_d = ((x - centers[0]) ** 2).sum(1)
+    first = (u[0] * n).long().clamp_max(n - 1)
+    centers[0] = x[first]
+    min_d = ((x - centers[0]) ** 2).sum(1).double()
     for k in range(1, num_clusters):
         total = min_d.sum()
-        if bool(total > 0) and bool(torch.isfinite(total)):
-            probs = min_d
-        else:
-            probs = torch.ones_like(min_d)
-        pick = torch.multinomial(probs.cpu().double(), 1, generator=generator).to(x.device)
+        weights = torch.where(total > 0, min_d, torch.ones_like(min_d))
+        cdf = weights.cumsum(0)
+        pick = torch.searchsorted(cdf, (u[k] * cdf[-1]).reshape(1), right=True).clamp_max(n - 1)
         centers[k] = x[pick[0]]
-        min_d = torch.minimum(min_d, ((x - centers[k]) ** 2).sum(1))
+        min_d = torch.minimum(min_d, ((x - centers[k]) ** 2).sum(1).double())
     return centers
 
 
