@@ -11,7 +11,7 @@ from vqfast.kmeans import kmeans
 from vqfast.reference import nearest_codeword_reference
 from vqfast.testing.seeds import SeedResidualVectorQuantizer, SeedVectorQuantizer, SeedVectorQuantizer2
 
-BACKENDS = [b for b in vqfast.available_backends("cpu")]
+BACKENDS = vqfast.available_backends("cpu")
 # fp32 gradient tolerance: the seeds gather by a one-hot matmul, vqfast by index_select / index_add;
 # both sum the same terms in fp32, so they agree to a few ulps of the gradient scale.
 RTOL, ATOL = 1e-5, 1e-7
@@ -87,9 +87,11 @@ def test_learning_options_off_are_bit_identical_and_keep_state_dict():
     z = torch.randn(2, 8, 3, 3) / 32
     for x, y in zip(a(z), b(z)):
         assert torch.equal(x, y)
-    for cls, args in ((SeedVectorQuantizer2, (16, 4)), (SeedResidualVectorQuantizer, (2, 16, 4))):
-        mine = {SeedVectorQuantizer2: VectorQuantizer2, SeedResidualVectorQuantizer: ResidualVectorQuantizer}[cls](*args)
-        mine.load_state_dict(cls(*args).state_dict(), strict=True)
+    for seed_cls, cls, args in (
+        (SeedVectorQuantizer2, VectorQuantizer2, (16, 4)),
+        (SeedResidualVectorQuantizer, ResidualVectorQuantizer, (2, 16, 4)),
+    ):
+        cls(*args).load_state_dict(seed_cls(*args).state_dict(), strict=True)
 
 
 def test_state_buffers_only_when_options_on():
