@@ -97,6 +97,23 @@ def test_nvcc_builds_without_spills(source, arch, tmp_path):
         assert r.get("registers", 0) <= 255, f"{name} reports {r.get('registers')} registers on sm_{arch}"
 
 
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found (set CUDA_HOME)")
+def test_standalone_check_builds_and_runs_on_a_gpu(tmp_path):
+    """tests/cuda/check_nearest_codeword.cu drives the kernels without torch (also under compute-sanitizer)."""
+    exe = tmp_path / "check_nearest_codeword"
+    cmd = [
+        _nvcc(), "-std=c++17", "-O2", "-I", CUDA_DIR, "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_90,code=sm_90", os.path.join(ROOT, "tests", "cuda", "check_nearest_codeword.cu"),
+        os.path.join(CUDA_DIR, "nearest_codeword.cu"), "-o", str(exe),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"nvcc failed:\n{proc.stderr[-4000:]}"
+    if not torch.cuda.is_available():
+        return  # built and linked; running it needs a GPU
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU tests
 

@@ -14,7 +14,6 @@
 // the FMA loads.
 #include "nearest_codeword.h"
 
-#include <cfloat>
 #include <climits>
 
 namespace vqfast {
@@ -119,8 +118,8 @@ __global__ void __launch_bounds__(kThreads) nearest_codeword_kernel(
     for (int h = 0; h < 2; ++h) {
       const int64_t row = row0 + warp_m * 32 + mi * 16 + g + 8 * h;
       zn[mi * 2 + h] = row < n ? z_sqnorm[row] : 0.f;
-      best[mi * 2 + h] = FLT_MAX * 2.f;  // +inf
-      second[mi * 2 + h] = FLT_MAX * 2.f;
+      best[mi * 2 + h] = __int_as_float(0x7f800000);  // +inf
+      second[mi * 2 + h] = __int_as_float(0x7f800000);
       index[mi * 2 + h] = kNoIndex;
     }
   }
