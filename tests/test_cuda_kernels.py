@@ -117,7 +117,8 @@ def test_standalone_check_builds_and_runs_on_a_gpu(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # GPU tests
 
-ODD_SHAPES = [(1, 1, 1), (1, 5, 3), (7, 130, 17), (100, 65, 100), (257, 1000, 64), (65, 64, 16), (1000, 4096, 33)]
+# The largest keeps the [N, K, D] float64 oracle of _true_distances near 300 MiB.
+ODD_SHAPES = [(1, 1, 1), (1, 5, 3), (7, 130, 17), (100, 65, 100), (257, 1000, 64), (65, 64, 16), (300, 4099, 33)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -196,7 +197,7 @@ def test_fast_within_tf32_bound(shape, dtype, metric):
     bound = 2.0 * (2 * 2.0**-11 + (d + 3) * 2.0**-24) * (zn + cmax) ** 2
     assert bool((chosen - best <= 2.0 * bound).all())
     # Disagreements are near ties only: with Gaussian data at most a quarter of the rows (the
-    # densest case, K = 4096 at D = 33, has best-to-second gaps near the TF32 error).
+    # densest case, K = 4099 at D = 33, has best-to-second gaps near the TF32 error).
     ref_idx = nearest_codeword_reference(z, codebook, metric)[0]
     assert (out[0] == ref_idx).double().mean().item() >= 0.75
 
