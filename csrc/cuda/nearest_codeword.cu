@@ -1,8 +1,9 @@
 // CUDA nearest-codeword search: distance tile + running top-2 argmin in one kernel, no N x K buffer.
 //
 // One thread block owns 64 rows of z and sweeps the whole codebook in tiles of 64 codewords x 16
-// features. Tiles stream through a two-stage cp.async pipeline (4-byte copies with zero fill, so
-// any D and any pointer alignment works: the 16 features of a stage past D read as 0). Four warps
+// features. Tiles stream through a two-stage cp.async pipeline with zero fill (features past D read
+// as 0): 16-byte copies when D % 4 == 0 and the bases are 16-byte aligned, else 4-byte copies, so any
+// D and any alignment works. Four warps
 // split the 64 x 64 dot-product tile 2 x 2; every thread owns the same 32 accumulators in both modes,
 // laid out as the C fragments of mma.m16n8k8, so one epilogue serves both:
 //   rows warp_m*32 + mi*16 + g + 8h, codes warp_n*32 + ni*8 + 2t + c  (g = lane/4, t = lane%4).
@@ -15,6 +16,7 @@
 #include "nearest_codeword.h"
 
 #include <climits>
+#include <cstdint>
 
 namespace vqfast {
 namespace cuda {
@@ -36,6 +38,12 @@ __device__ __forceinline__ unsigned smem_addr(const void* p) {
 __device__ __forceinline__ void cp_async_f32(float* dst, const float* src, bool valid) {
   const int src_bytes = valid ? 4 : 0;
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
+}
+
+// 16-byte asynchronous copy global -> shared (both 16-byte aligned); src_bytes = 0 writes zeros.
+__device__ __forceinline__ void cp_async_f32x4(float* dst, const float* src, bool valid) {
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
@@ -72,25 +80,46 @@ __device__ __forceinline__ void merge_top2(float& best, int& index, float& secon
 }
 
 // Stage one (rows, features) tile of z and one (codes, features) tile of the codebook.
+// kVec (D % 4 == 0, 16-byte aligned bases): 16-byte copies, 4x fewer copy instructions; a
+// 4-feature chunk then lies wholly inside or wholly past D. Shared rows are 80 bytes, so every
+// chunk destination is 16-byte aligned too.
+template <bool kVec>
 __device__ __forceinline__ void load_stage(float (*as)[kStride], float (*bs)[kStride], const float* __restrict__ z,
                                            const float* __restrict__ codebook, int64_t n, int64_t k, int64_t d,
                                            int64_t row0, int64_t code0, int64_t feat0) {
+  if constexpr (kVec) {
+    constexpr int kChunks = kBlockFeatures / 4;
 #pragma unroll
-  for (int j = 0; j < kBlockRows * kBlockFeatures / kThreads; ++j) {
-    const int e = threadIdx.x + j * kThreads;
-    const int r = e / kBlockFeatures;
-    const int f = e % kBlockFeatures;
-    const int64_t feat = feat0 + f;
-    const int64_t row = row0 + r;
-    const int64_t code = code0 + r;
-    const bool zv = row < n && feat < d;
-    const bool cv = code < k && feat < d;
-    cp_async_f32(&as[r][f], zv ? z + row * d + feat : z, zv);
-    cp_async_f32(&bs[r][f], cv ? codebook + code * d + feat : codebook, cv);
+    for (int j = 0; j < kBlockRows * kChunks / kThreads; ++j) {
+      const int e = threadIdx.x + j * kThreads;
+      const int r = e / kChunks;
+      const int f = (e % kChunks) * 4;
+      const int64_t feat = feat0 + f;
+      const int64_t row = row0 + r;
+      const int64_t code = code0 + r;
+      const bool zv = row < n && feat < d;
+      const bool cv = code < k && feat < d;
+      cp_async_f32x4(&as[r][f], zv ? z + row * d + feat : z, zv);
+      cp_async_f32x4(&bs[r][f], cv ? codebook + code * d + feat : codebook, cv);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kBlockRows * kBlockFeatures / kThreads; ++j) {
+      const int e = threadIdx.x + j * kThreads;
+      const int r = e / kBlockFeatures;
+      const int f = e % kBlockFeatures;
+      const int64_t feat = feat0 + f;
+      const int64_t row = row0 + r;
+      const int64_t code = code0 + r;
+      const bool zv = row < n && feat < d;
+      const bool cv = code < k && feat < d;
+      cp_async_f32(&as[r][f], zv ? z + row * d + feat : z, zv);
+      cp_async_f32(&bs[r][f], cv ? codebook + code * d + feat : codebook, cv);
+    }
   }
 }
 
-template <bool kTf32>
+template <bool kTf32, bool kVec>
 __global__ void __launch_bounds__(kThreads) nearest_codeword_kernel(
     const float* __restrict__ z, const float* __restrict__ codebook, const float* __restrict__ z_sqnorm,
     const float* __restrict__ code_sqnorm, int64_t n, int64_t k, int64_t d, int64_t* __restrict__ best_index,
@@ -136,14 +165,14 @@ __global__ void __launch_bounds__(kThreads) nearest_codeword_kernel(
   const int64_t code_tiles = (k + kBlockCodes - 1) / kBlockCodes;
   const int64_t steps = feat_tiles * code_tiles;  // one flat pipeline over (code tile, feature tile)
 
-  load_stage(as[0], bs[0], z, codebook, n, k, d, row0, 0, 0);
+  load_stage<kVec>(as[0], bs[0], z, codebook, n, k, d, row0, 0, 0);
   cp_async_commit();
 
   for (int64_t s = 0; s < steps; ++s) {
     const int buf = static_cast<int>(s & 1);
     if (s + 1 < steps) {
       const int64_t ct = (s + 1) / feat_tiles, ft = (s + 1) % feat_tiles;
-      load_stage(as[buf ^ 1], bs[buf ^ 1], z, codebook, n, k, d, row0, ct * kBlockCodes, ft * kBlockFeatures);
+      load_stage<kVec>(as[buf ^ 1], bs[buf ^ 1], z, codebook, n, k, d, row0, ct * kBlockCodes, ft * kBlockFeatures);
     }
     cp_async_commit();  // an empty group on the last step keeps wait_group<1> meaning "stage s landed"
     cp_async_wait<1>();
@@ -283,13 +312,10 @@ cudaError_t launch_nearest_codeword(const float* z, const float* codebook, const
   const int64_t blocks = (n + kBlockRows - 1) / kBlockRows;
   if (blocks > INT_MAX) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(blocks));
-  if (mode == Mode::kFastTf32) {
-    nearest_codeword_kernel<true><<<grid, kThreads, 0, stream>>>(z, codebook, z_sqnorm, code_sqnorm, n, k, d,
-                                                                  best_index, best_dist, second_dist);
-  } else {
-    nearest_codeword_kernel<false><<<grid, kThreads, 0, stream>>>(z, codebook, z_sqnorm, code_sqnorm, n, k, d,
-                                                                   best_index, best_dist, second_dist);
-  }
+  const bool vec = d % 4 == 0 && reinterpret_cast<uintptr_t>(z) % 16 == 0 && reinterpret_cast<uintptr_t>(codebook) % 16 == 0;
+  auto kernel = mode == Mode::kFastTf32 ? (vec ? nearest_codeword_kernel<true, true> : nearest_codeword_kernel<true, false>)
+                                        : (vec ? nearest_codeword_kernel<false, true> : nearest_codeword_kernel<false, false>);
+  kernel<<<grid, kThreads, 0, stream>>>(z, codebook, z_sqnorm, code_sqnorm, n, k, d, best_index, best_dist, second_dist);
   return cudaGetLastError();
 }
 
