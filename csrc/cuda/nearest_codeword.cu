@@ -3,9 +3,9 @@
 // One thread block owns 64 rows of z and sweeps the whole codebook in tiles of 64 codewords x 16
 // features. Tiles stream through a two-stage cp.async pipeline with zero fill (features past D read
 // as 0): 16-byte copies when D % 4 == 0 and the bases are 16-byte aligned, else 4-byte copies, so any
-// D and any alignment works. Four warps
-// split the 64 x 64 dot-product tile 2 x 2; every thread owns the same 32 accumulators in both modes,
-// laid out as the C fragments of mma.m16n8k8, so one epilogue serves both:
+// D and any alignment works. Four warps split the 64 x 64 dot-product tile 2 x 2; every thread owns
+// the same 32 accumulators in both modes, laid out as the C fragments of mma.m16n8k8, so one
+// epilogue serves both:
 //   rows warp_m*32 + mi*16 + g + 8h, codes warp_n*32 + ni*8 + 2t + c  (g = lane/4, t = lane%4).
 // The epilogue adds the norms and folds the tile into per-row (best, index, second best) held in
 // registers; after the sweep the 4 lanes of a quad and the 2 warps sharing a row merge theirs.
