@@ -21,7 +21,8 @@ enum class Mode : int {
   // fp32 FMA on the CUDA cores: each distance has the rigorous error bound of vqfast/reference.py,
   // so the binding can prove most rows exact from the top-2 gap and re-rank the rest.
   kExactFma = 0,
-  // TF32 mma.sync (m16n8k8) with fp32 accumulation: ~8x the FMA throughput, no re-ranking.
+  // TF32 mma.sync (m16n8k8) with fp32 accumulation, no re-ranking: A100 peaks at 156 TFLOP/s in
+  // TF32 against 19.5 in fp32 FMA.
   kFastTf32 = 1,
 };
 
