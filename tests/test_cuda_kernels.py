@@ -302,9 +302,12 @@ def test_cuda_matches_triton():
 @pytest.mark.gpu
 def test_opcheck_and_gradients():
     _skip_without_cuda()
-    z = torch.randn(37, 9, device="cuda", requires_grad=True)
-    codebook = torch.randn(21, 9, device="cuda", requires_grad=True)
+    z = torch.randn(37, 9, device="cuda")
+    codebook = torch.randn(21, 9, device="cuda")
+    # Schema, fake tensor and AOT dispatch of the CUDA registration; gradients are compared below.
     torch.library.opcheck(torch.ops.vqfast.nearest_codeword.default, (z, codebook, "l2", "exact"))
+    z.requires_grad_()
+    codebook.requires_grad_()
     idx, cw, dist = vqfast.nearest_codeword(z, codebook, backend="cuda")
     (cw.sum() + dist.sum()).backward()
     z2, cb2 = z.detach().clone().requires_grad_(), codebook.detach().clone().requires_grad_()
