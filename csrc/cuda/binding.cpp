@@ -1,0 +1,145 @@
+// Torch side of the CUDA backend: input checks, fp32 staging, the kernel launch on the current
+// stream, exact re-ranking of the rows the kernel cannot prove, and the outputs.
+//
+// Exact precision. The kernel's fp32 FMA distance ||z||^2 + ||c||^2 - 2 z.c is off by at most
+// gamma_{D+3} (||z|| + max ||c||)^2 (vqfast/reference.py), so a row whose second-best computed
+// distance exceeds the best by more than twice that is provably right. The few rows that are not
+// (near ties, exact duplicates, non-finite values) are searched again here in float64 by the
+// reference algorithm: expansion, candidates within the float64 bound, direct sum((z - c)^2).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <climits>
+#include <limits>
+#include <tuple>
+
+#include "nearest_codeword.h"
+
+namespace vqfast {
+namespace cuda {
+namespace {
+
+// Rows x codewords of one float64 re-ranking block: 2^22 elements (32 MiB), as in reference.py.
+constexpr int64_t kRerankElements = int64_t{1} << 22;
+
+double expansion_error_bound(int64_t dim, double unit_roundoff) {
+  const double n = static_cast<double>(dim + 3);
+  return n * unit_roundoff / (1.0 - n * unit_roundoff);
+}
+
+at::Tensor normalize_for_metric(const at::Tensor& x, bool cosine) {
+  return cosine ? x / x.norm(2, {1}, /*keepdim=*/true).clamp_min(1e-12) : x;
+}
+
+// Float64 nearest codeword of every row of zs [M, D] in cb64 [K, D] (lowest index on exact ties).
+at::Tensor search_fp64(const at::Tensor& zs, const at::Tensor& cb64) {
+  const int64_t m = zs.size(0), k = cb64.size(0);
+  const at::Tensor cb_sqnorm = (cb64 * cb64).sum(1);
+  const at::Tensor cb_maxnorm = cb_sqnorm.max().sqrt();
+  const double gamma = expansion_error_bound(zs.size(1), std::numeric_limits<double>::epsilon() / 2);
+  at::Tensor out = at::empty({m}, zs.options().dtype(at::kLong));
+  const int64_t step = std::max<int64_t>(1, kRerankElements / k);
+  for (int64_t start = 0; start < m; start += step) {
+    const int64_t end = std::min(m, start + step);
+    const at::Tensor zc = zs.slice(0, start, end).to(at::kDouble);
+    const int64_t rows_here = end - start;
+    const at::Tensor z_sqnorm = (zc * zc).sum(1, /*keepdim=*/true);
+    const at::Tensor dist = (z_sqnorm + cb_sqnorm) - 2.0 * at::matmul(zc, cb64.t());
+    const at::Tensor best = dist.argmin(1);
+    const at::Tensor limit = dist.gather(1, best.unsqueeze(1)) + 2.0 * gamma * (z_sqnorm.sqrt() + cb_maxnorm).pow(2);
+    // A non-finite bound (overflowing magnitudes) makes every codeword a candidate for that row.
+    const at::Tensor cand = dist.le(limit).logical_or(limit.isfinite().logical_not());
+    const at::Tensor nz = cand.nonzero();  // row-major: columns ascend within each row
+    if (nz.size(0) == rows_here) {
+      out.slice(0, start, end).copy_(best);
+      continue;
+    }
+    const at::Tensor rows = nz.select(1, 0), cols = nz.select(1, 1);
+    const at::Tensor exact = (zc.index_select(0, rows) - cb64.index_select(0, cols)).pow(2).sum(1);
+    at::Tensor row_min = at::full({rows_here}, std::numeric_limits<double>::infinity(), zc.options());
+    row_min.scatter_reduce_(0, rows, exact, "amin");
+    const at::Tensor at_min = exact.eq(row_min.index_select(0, rows));
+    at::Tensor first = at::full({rows_here}, k, out.options());
+    first.scatter_reduce_(0, rows, at::where(at_min, cols, at::full_like(cols, k)), "amin");
+    // A row with NaN distances has no minimum; it takes codeword 0, as the kernel does.
+    out.slice(0, start, end).copy_(at::where(first.eq(k), at::zeros_like(first), first));
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nearest_codeword(const at::Tensor& z, const at::Tensor& codebook,
+                                                                c10::string_view metric,
+                                                                c10::string_view precision) {
+  TORCH_CHECK(z.dim() == 2, "vqfast::nearest_codeword: z must be 2-D [N, D], got ", z.dim(), "-D");
+  TORCH_CHECK(codebook.dim() == 2, "vqfast::nearest_codeword: codebook must be 2-D [K, D], got ", codebook.dim(),
+              "-D");
+  TORCH_CHECK(z.size(1) == codebook.size(1), "vqfast::nearest_codeword: z has D=", z.size(1),
+              " but codebook has D=", codebook.size(1));
+  TORCH_CHECK(codebook.size(0) > 0, "vqfast::nearest_codeword: codebook is empty (K=0)");
+  TORCH_CHECK(z.is_cuda() && codebook.is_cuda(), "vqfast::nearest_codeword (CUDA kernel): z and codebook must be CUDA tensors");
+  TORCH_CHECK(z.device() == codebook.device(), "vqfast::nearest_codeword: z is on ", z.device(), " but codebook is on ",
+              codebook.device());
+  TORCH_CHECK(at::isFloatingType(z.scalar_type()) && at::isFloatingType(codebook.scalar_type()),
+              "vqfast::nearest_codeword: z and codebook must be floating point");
+  TORCH_CHECK(metric == "l2" || metric == "cosine", "vqfast::nearest_codeword: metric must be 'l2' or 'cosine'");
+  TORCH_CHECK(precision == "exact" || precision == "fast",
+              "vqfast::nearest_codeword: precision must be 'exact' or 'fast'");
+  // The kernel keeps codeword indices in int32 and pads K to a multiple of kBlockCodes.
+  TORCH_CHECK(codebook.size(0) <= INT_MAX - kBlockCodes, "vqfast::nearest_codeword (CUDA kernel): K=",
+              codebook.size(0), " exceeds ", INT_MAX - kBlockCodes, " codewords");
+
+  const c10::cuda::CUDAGuard guard(z.device());
+  const int64_t n = z.size(0), k = codebook.size(0), d = z.size(1);
+  const bool cosine = metric == "cosine";
+  const bool exact = precision == "exact";
+  const bool f64 = z.scalar_type() == at::kDouble || codebook.scalar_type() == at::kDouble;
+
+  at::Tensor zf, cf, indices;
+  if (f64) {
+    // float64 has no kernel here (GPUs run it at 1/2 to 1/64 of fp32): the float64 reference
+    // algorithm in ATen ops, chunked, gives the same contract.
+    zf = normalize_for_metric(z.to(at::kDouble), cosine).contiguous();
+    cf = normalize_for_metric(codebook.to(at::kDouble), cosine).contiguous();
+    indices = search_fp64(zf, cf);
+  } else {
+    zf = normalize_for_metric(z.to(at::kFloat), cosine).contiguous();
+    cf = normalize_for_metric(codebook.to(at::kFloat), cosine).contiguous();
+    const at::Tensor z_sqnorm = (zf * zf).sum(1);
+    const at::Tensor code_sqnorm = (cf * cf).sum(1);
+    indices = at::empty({n}, z.options().dtype(at::kLong));
+    const at::Tensor best_dist = at::empty({n}, z.options().dtype(at::kFloat));
+    at::Tensor second_dist;
+    if (exact) second_dist = at::empty({n}, z.options().dtype(at::kFloat));
+    const cudaError_t status = launch_nearest_codeword(
+        zf.data_ptr<float>(), cf.data_ptr<float>(), z_sqnorm.data_ptr<float>(), code_sqnorm.data_ptr<float>(), n, k,
+        d, exact ? Mode::kExactFma : Mode::kFastTf32, indices.data_ptr<int64_t>(), best_dist.data_ptr<float>(),
+        exact ? second_dist.data_ptr<float>() : nullptr, at::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(status == cudaSuccess, "vqfast::nearest_codeword: CUDA kernel launch failed (N=", n, ", K=", k,
+                ", D=", d, "): ", cudaGetErrorString(status));
+    if (exact) {
+      const double gamma = expansion_error_bound(d, 0x1p-24);
+      const at::Tensor tol = 2.0 * gamma * (z_sqnorm.sqrt() + code_sqnorm.max().sqrt()).pow(2);
+      // NaN or infinite distances fail the comparison and are re-ranked.
+      const at::Tensor proven = second_dist.gt(best_dist + tol);
+      const at::Tensor rows = proven.logical_not().nonzero().squeeze(1);
+      if (rows.numel() > 0) {
+        indices.index_copy_(0, rows, search_fp64(zf.index_select(0, rows), cf.to(at::kDouble)));
+      }
+    }
+  }
+
+  at::Tensor codewords = codebook.index_select(0, indices).to(z.scalar_type());
+  // Distances of the chosen codewords computed directly (no cancellation), as reference.py does.
+  at::Tensor distances = (zf - cf.index_select(0, indices)).pow(2).sum(1).to(at::kFloat);
+  return {indices, codewords, distances};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace vqfast
+
+TORCH_LIBRARY_IMPL(vqfast, CUDA, m) {
+  m.impl("nearest_codeword", &vqfast::cuda::nearest_codeword);
+}

@@ -1,0 +1,323 @@
+// CUDA nearest-codeword search: distance tile + running top-2 argmin in one kernel, no N x K buffer.
+//
+// One thread block owns 64 rows of z and sweeps the whole codebook in tiles of 64 codewords x 16
+// features. Tiles stream through a two-stage cp.async pipeline with zero fill (features past D read
+// as 0): 16-byte copies when D % 4 == 0 and the bases are 16-byte aligned, else 4-byte copies, so any
+// D and any alignment works. Four warps split the 64 x 64 dot-product tile 2 x 2; every thread owns
+// the same 32 accumulators in both modes, laid out as the C fragments of mma.m16n8k8, so one
+// epilogue serves both:
+//   rows warp_m*32 + mi*16 + g + 8h, codes warp_n*32 + ni*8 + 2t + c  (g = lane/4, t = lane%4).
+// The epilogue adds the norms and folds the tile into per-row (best, index, second best) held in
+// registers; after the sweep the 4 lanes of a quad and the 2 warps sharing a row merge theirs.
+//
+// Shared rows are padded from 16 to 20 floats: with a 20-word stride the 8 rows (or the 4 code
+// columns 2t) read by one warp instruction fall in distinct banks, for both the mma fragments and
+// the FMA loads.
+#include "nearest_codeword.h"
+
+#include <climits>
+#include <cstdint>
+
+namespace vqfast {
+namespace cuda {
+namespace {
+
+constexpr int kPad = 4;
+constexpr int kStride = kBlockFeatures + kPad;
+constexpr int kNoIndex = INT_MAX;
+
+static_assert(kThreads == 128, "the 2 x 2 warp layout below assumes four warps");
+static_assert(kBlockRows == 64 && kBlockCodes == 64, "each warp owns a 32 x 32 sub-tile");
+static_assert((kBlockRows * kBlockFeatures) % kThreads == 0, "tile loads split evenly over the threads");
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// 4-byte asynchronous copy global -> shared; src_bytes = 0 writes a zero without reading.
+__device__ __forceinline__ void cp_async_f32(float* dst, const float* src, bool valid) {
+  const int src_bytes = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
+}
+
+// 16-byte asynchronous copy global -> shared (both 16-byte aligned); src_bytes = 0 writes zeros.
+__device__ __forceinline__ void cp_async_f32x4(float* dst, const float* src, bool valid) {
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+__device__ __forceinline__ unsigned to_tf32(float x) {
+  unsigned r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return r;
+}
+
+__device__ __forceinline__ void mma_tf32(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Fold candidate (v, i, v2) into (best, index, second). Ties on value go to the lower index, and
+// the loser's value becomes the second best, so an exact tie shows up as a zero top-2 gap.
+__device__ __forceinline__ void merge_top2(float& best, int& index, float& second, float v, int i, float v2) {
+  if (v < best || (v == best && i < index)) {
+    second = fminf(best, v2);
+    best = v;
+    index = i;
+  } else {
+    second = fminf(second, v);
+  }
+}
+
+// Stage one (rows, features) tile of z and one (codes, features) tile of the codebook.
+// kVec (D % 4 == 0, 16-byte aligned bases): 16-byte copies, 4x fewer copy instructions; a
+// 4-feature chunk then lies wholly inside or wholly past D. Shared rows are 80 bytes, so every
+// chunk destination is 16-byte aligned too.
+template <bool kVec>
+__device__ __forceinline__ void load_stage(float (*as)[kStride], float (*bs)[kStride], const float* __restrict__ z,
+                                           const float* __restrict__ codebook, int64_t n, int64_t k, int64_t d,
+                                           int64_t row0, int64_t code0, int64_t feat0) {
+  if constexpr (kVec) {
+    constexpr int kChunks = kBlockFeatures / 4;
+#pragma unroll
+    for (int j = 0; j < kBlockRows * kChunks / kThreads; ++j) {
+      const int e = threadIdx.x + j * kThreads;
+      const int r = e / kChunks;
+      const int f = (e % kChunks) * 4;
+      const int64_t feat = feat0 + f;
+      const int64_t row = row0 + r;
+      const int64_t code = code0 + r;
+      const bool zv = row < n && feat < d;
+      const bool cv = code < k && feat < d;
+      cp_async_f32x4(&as[r][f], zv ? z + row * d + feat : z, zv);
+      cp_async_f32x4(&bs[r][f], cv ? codebook + code * d + feat : codebook, cv);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kBlockRows * kBlockFeatures / kThreads; ++j) {
+      const int e = threadIdx.x + j * kThreads;
+      const int r = e / kBlockFeatures;
+      const int f = e % kBlockFeatures;
+      const int64_t feat = feat0 + f;
+      const int64_t row = row0 + r;
+      const int64_t code = code0 + r;
+      const bool zv = row < n && feat < d;
+      const bool cv = code < k && feat < d;
+      cp_async_f32(&as[r][f], zv ? z + row * d + feat : z, zv);
+      cp_async_f32(&bs[r][f], cv ? codebook + code * d + feat : codebook, cv);
+    }
+  }
+}
+
+template <bool kTf32, bool kVec>
+__global__ void __launch_bounds__(kThreads) nearest_codeword_kernel(
+    const float* __restrict__ z, const float* __restrict__ codebook, const float* __restrict__ z_sqnorm,
+    const float* __restrict__ code_sqnorm, int64_t n, int64_t k, int64_t d, int64_t* __restrict__ best_index,
+    float* __restrict__ best_dist, float* __restrict__ second_dist) {
+  __shared__ __align__(16) float as[2][kBlockRows][kStride];
+  __shared__ __align__(16) float bs[2][kBlockCodes][kStride];
+  __shared__ float red_best[kBlockRows];
+  __shared__ float red_second[kBlockRows];
+  __shared__ int red_index[kBlockRows];
+
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  const int warp_m = warp / 2;
+  const int warp_n = warp % 2;
+  const int g = lane / 4;
+  const int t = lane % 4;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBlockRows;
+
+  // Per owned row r = mi*2 + h: the row's squared norm and its running top-2.
+  float zn[4], best[4], second[4];
+  int index[4];
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = row0 + warp_m * 32 + mi * 16 + g + 8 * h;
+      zn[mi * 2 + h] = row < n ? z_sqnorm[row] : 0.f;
+      best[mi * 2 + h] = __int_as_float(0x7f800000);  // +inf
+      second[mi * 2 + h] = __int_as_float(0x7f800000);
+      index[mi * 2 + h] = kNoIndex;
+    }
+  }
+
+  float acc[2][4][4];
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[mi][ni][c] = 0.f;
+
+  const int64_t feat_tiles = (d + kBlockFeatures - 1) / kBlockFeatures;
+  const int64_t code_tiles = (k + kBlockCodes - 1) / kBlockCodes;
+  const int64_t steps = feat_tiles * code_tiles;  // one flat pipeline over (code tile, feature tile)
+
+  load_stage<kVec>(as[0], bs[0], z, codebook, n, k, d, row0, 0, 0);
+  cp_async_commit();
+
+  for (int64_t s = 0; s < steps; ++s) {
+    const int buf = static_cast<int>(s & 1);
+    if (s + 1 < steps) {
+      const int64_t ct = (s + 1) / feat_tiles, ft = (s + 1) % feat_tiles;
+      load_stage<kVec>(as[buf ^ 1], bs[buf ^ 1], z, codebook, n, k, d, row0, ct * kBlockCodes, ft * kBlockFeatures);
+    }
+    cp_async_commit();  // an empty group on the last step keeps wait_group<1> meaning "stage s landed"
+    cp_async_wait<1>();
+    __syncthreads();
+
+    if constexpr (kTf32) {
+#pragma unroll
+      for (int kk = 0; kk < kBlockFeatures; kk += 8) {
+        unsigned a[2][4], b[4][2];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+          const int r = warp_m * 32 + mi * 16 + g;
+          a[mi][0] = to_tf32(as[buf][r][kk + t]);
+          a[mi][1] = to_tf32(as[buf][r + 8][kk + t]);
+          a[mi][2] = to_tf32(as[buf][r][kk + t + 4]);
+          a[mi][3] = to_tf32(as[buf][r + 8][kk + t + 4]);
+        }
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) {
+          const int c = warp_n * 32 + ni * 8 + g;
+          b[ni][0] = to_tf32(bs[buf][c][kk + t]);
+          b[ni][1] = to_tf32(bs[buf][c][kk + t + 4]);
+        }
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+          for (int ni = 0; ni < 4; ++ni) mma_tf32(acc[mi][ni], a[mi], b[ni]);
+      }
+    } else {
+      // Plain fp32 FMA in feature order: recursive summation, so the bound gamma_{D+3} of
+      // vqfast/reference.py holds for the expanded distance. Unrolling all 16 features held
+      // 208 registers on sm_80, unrolling by 4 holds 160 (168 on sm_90), no spills either way.
+#pragma unroll 4
+      for (int kk = 0; kk < kBlockFeatures; ++kk) {
+        float a[2][2], b[4][2];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) a[mi][h] = as[buf][warp_m * 32 + mi * 16 + g + 8 * h][kk];
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) b[ni][c] = bs[buf][warp_n * 32 + ni * 8 + 2 * t + c][kk];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+          for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[mi][ni][c] = fmaf(a[mi][c / 2], b[ni][c % 2], acc[mi][ni][c]);
+      }
+    }
+
+    if (s % feat_tiles == feat_tiles - 1) {
+      // Epilogue of one code tile: norms in, top-2 update, accumulators reset. Codes are visited
+      // in ascending order per thread, so a strict '<' keeps the lowest index on ties.
+      const int64_t code0 = (s / feat_tiles) * kBlockCodes;
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int64_t code = code0 + warp_n * 32 + ni * 8 + 2 * t + c;
+          if (code < k) {
+            const float cn = code_sqnorm[code];
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+              for (int h = 0; h < 2; ++h) {
+                const int r = mi * 2 + h;
+                const float dist = (zn[r] + cn) - 2.f * acc[mi][ni][h * 2 + c];
+                if (dist < best[r]) {
+                  second[r] = best[r];
+                  best[r] = dist;
+                  index[r] = static_cast<int>(code);
+                } else {
+                  second[r] = fminf(second[r], dist);
+                }
+              }
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) acc[mi][ni][c] = 0.f;
+    }
+    __syncthreads();  // stage `buf` is refilled by the next iteration's prefetch
+  }
+
+  // Merge across the quad (lanes 4g..4g+3 share rows), then across the two warps sharing a row.
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+      const float ob = __shfl_xor_sync(0xffffffffu, best[r], off);
+      const float os = __shfl_xor_sync(0xffffffffu, second[r], off);
+      const int oi = __shfl_xor_sync(0xffffffffu, index[r], off);
+      merge_top2(best[r], index[r], second[r], ob, oi, os);
+    }
+  }
+  if (warp_n == 1 && t == 0) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int lr = warp_m * 32 + (r / 2) * 16 + g + 8 * (r % 2);
+      red_best[lr] = best[r];
+      red_second[lr] = second[r];
+      red_index[lr] = index[r];
+    }
+  }
+  __syncthreads();
+  if (warp_n == 0 && t == 0) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int lr = warp_m * 32 + (r / 2) * 16 + g + 8 * (r % 2);
+      merge_top2(best[r], index[r], second[r], red_best[lr], red_index[lr], red_second[lr]);
+      const int64_t row = row0 + lr;
+      if (row < n) {
+        // No finite or infinite value ever compared below +inf (all NaN): report code 0 with a NaN
+        // distance, which the exact path re-ranks.
+        best_index[row] = index[r] == kNoIndex ? 0 : index[r];
+        best_dist[row] = index[r] == kNoIndex ? __int_as_float(0x7fc00000) : best[r];
+        if (second_dist != nullptr) second_dist[row] = second[r];
+      }
+    }
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_nearest_codeword(const float* z, const float* codebook, const float* z_sqnorm,
+                                    const float* code_sqnorm, int64_t n, int64_t k, int64_t d, Mode mode,
+                                    int64_t* best_index, float* best_dist, float* second_dist, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  if (k <= 0 || k > INT_MAX - kBlockCodes || d <= 0) return cudaErrorInvalidValue;
+  const int64_t blocks = (n + kBlockRows - 1) / kBlockRows;
+  if (blocks > INT_MAX) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(blocks));
+  const bool vec = d % 4 == 0 && reinterpret_cast<uintptr_t>(z) % 16 == 0 && reinterpret_cast<uintptr_t>(codebook) % 16 == 0;
+  auto kernel = mode == Mode::kFastTf32 ? (vec ? nearest_codeword_kernel<true, true> : nearest_codeword_kernel<true, false>)
+                                        : (vec ? nearest_codeword_kernel<false, true> : nearest_codeword_kernel<false, false>);
+  kernel<<<grid, kThreads, 0, stream>>>(z, codebook, z_sqnorm, code_sqnorm, n, k, d, best_index, best_dist, second_dist);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace vqfast

@@ -1,0 +1,329 @@
+"""The CUDA backend: nvcc builds of csrc/cuda/*.cu with a register/spill report, and GPU tests.
+
+The build tests need only nvcc (no GPU, no CUDA torch); they skip where nvcc is absent. The GPU
+tests compare backend="cuda" with the float64 oracle and skip without a CUDA device.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import vqfast
+from vqfast import _ext
+from vqfast.reference import nearest_codeword_reference, normalize_for_metric
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
+CU_FILES = sorted(glob.glob(os.path.join(CUDA_DIR, "*.cu")))
+# Kernels whose register use decides occupancy; they must not spill (a spill goes to local memory).
+MAIN_KERNELS = ("nearest_codeword_kernel",)
+
+
+def _nvcc() -> str | None:
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def parse_ptxas_report(text: str) -> dict[str, dict[str, int]]:
+    """Per kernel (mangled name) from `-Xptxas -v` output: registers, spill stores and loads, stack bytes."""
+    out: dict[str, dict[str, int]] = {}
+    current = None
+    for line in text.splitlines():
+        m = re.search(r"Function properties for (\S+)", line)
+        if m:
+            current = m.group(1)
+            out.setdefault(current, {})
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and current is not None:
+            out[current].update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+            continue
+        m = re.search(r"Compiling entry function '(\S+)'", line)
+        if m:
+            current = m.group(1)
+            out.setdefault(current, {})
+            continue
+        m = re.search(r"Used (\d+) registers", line)
+        if m and current is not None:
+            out[current]["registers"] = int(m.group(1))
+    return out
+
+
+def test_parse_ptxas_report():
+    text = (
+        "ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_80'\n"
+        "ptxas info    : Function properties for _Z3fooPf\n"
+        "    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n"
+        "ptxas info    : Used 96 registers, used 1 barriers, 1024 bytes smem, 368 bytes cmem[0]\n"
+    )
+    assert parse_ptxas_report(text) == {"_Z3fooPf": {"stack": 8, "spill_stores": 4, "spill_loads": 12, "registers": 96}}
+
+
+def test_kernel_sources_include_no_torch_headers():
+    assert CU_FILES, f"no .cu files under {CUDA_DIR}"
+    for path in CU_FILES + glob.glob(os.path.join(CUDA_DIR, "*.h")):
+        text = open(path, encoding="utf-8").read()
+        bad = re.findall(r"#\s*include\s*[<\"]((?:torch|ATen|c10)/[^>\"]*)[>\"]", text)
+        assert not bad, f"{os.path.basename(path)} includes torch headers {bad}; only binding.cpp may"
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found (set CUDA_HOME)")
+@pytest.mark.parametrize("arch", ["80", "90"])
+@pytest.mark.parametrize("source", CU_FILES, ids=os.path.basename)
+def test_nvcc_builds_without_spills(source, arch, tmp_path):
+    cmd = [
+        _nvcc(), "-std=c++17", "-O3", "-c", source, "-o", str(tmp_path / "kernel.o"),
+        f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"nvcc failed for sm_{arch}:\n{proc.stderr[-4000:]}"
+    report = parse_ptxas_report(proc.stdout + proc.stderr)
+    main = {name: r for name, r in report.items() if any(k in name for k in MAIN_KERNELS)}
+    # One instantiation per precision mode (fp32 FMA / TF32 mma) and load width (4 / 16 bytes).
+    assert len(main) >= 4, f"expected the main kernels in the ptxas report, got {sorted(report)}"
+    print(f"\nptxas sm_{arch} {os.path.basename(source)}:")
+    for name, r in sorted(report.items()):
+        print(f"  {name}: {r}")
+    for name, r in main.items():
+        assert r.get("spill_stores", 0) == 0 and r.get("spill_loads", 0) == 0, f"{name} spills on sm_{arch}: {r}"
+        assert r.get("registers", 0) <= 255, f"{name} reports {r.get('registers')} registers on sm_{arch}"
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found (set CUDA_HOME)")
+def test_standalone_check_builds_and_runs_on_a_gpu(tmp_path):
+    """tests/cuda/check_nearest_codeword.cu drives the kernels without torch (also under compute-sanitizer)."""
+    exe = tmp_path / "check_nearest_codeword"
+    cmd = [
+        _nvcc(), "-std=c++17", "-O2", "-I", CUDA_DIR, "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_90,code=sm_90", os.path.join(ROOT, "tests", "cuda", "check_nearest_codeword.cu"),
+        os.path.join(CUDA_DIR, "nearest_codeword.cu"), "-o", str(exe),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"nvcc failed:\n{proc.stderr[-4000:]}"
+    if not torch.cuda.is_available():
+        return  # built and linked; running it needs a GPU
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU tests
+
+# The largest keeps the [N, K, D] float64 oracle of _true_distances near 300 MiB.
+ODD_SHAPES = [(1, 1, 1), (1, 5, 3), (7, 130, 17), (100, 65, 100), (257, 1000, 64), (65, 64, 16), (300, 4099, 33)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _skip_without_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if not _ext.has_cuda_ext():
+        pytest.skip(f"vqfast._C was built without CUDA kernels (rebuild: {_ext.REBUILD_COMMAND})")
+
+
+def _true_distances(z: torch.Tensor, codebook: torch.Tensor, metric: str) -> torch.Tensor:
+    """[N, K] float64 distances computed directly (no expansion), for small test sizes."""
+    a = normalize_for_metric(z.double(), metric)
+    b = normalize_for_metric(codebook.double(), metric)
+    return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+
+
+def _check_outputs(z, codebook, metric, out):
+    idx, cw, dist = out
+    n = z.shape[0]
+    assert idx.dtype == torch.int64 and idx.shape == (n,) and idx.device == z.device
+    assert cw.dtype == z.dtype and cw.shape == z.shape
+    assert dist.dtype == torch.float32 and dist.shape == (n,)
+    assert int(idx.min()) >= 0 and int(idx.max()) < codebook.shape[0]
+    torch.testing.assert_close(cw, codebook[idx].to(z.dtype), rtol=0, atol=0)
+    ref_dist = _true_distances(z, codebook, metric).gather(1, idx[:, None])[:, 0]
+    torch.testing.assert_close(dist.double(), ref_dist, rtol=1e-5, atol=1e-5)
+
+
+def _random_inputs(n, k, d, dtype, device="cuda"):
+    z = torch.randn(n, d, device=device).to(dtype)
+    codebook = torch.randn(k, d, device=device).to(dtype)
+    return z, codebook
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ODD_SHAPES, ids=str)
+@pytest.mark.gpu
+def test_exact_matches_reference(shape, dtype, metric):
+    _skip_without_cuda()
+    n, k, d = shape
+    z, codebook = _random_inputs(n, k, d, dtype)
+    out = vqfast.nearest_codeword(z, codebook, metric=metric, precision="exact", backend="cuda")
+    _check_outputs(z, codebook, metric, out)
+    true = _true_distances(z, codebook, metric)
+    chosen = true.gather(1, out[0][:, None])[:, 0]
+    best = true.min(1).values
+    if metric == "l2":
+        # Inputs are exact in fp32, so the search is exact: same indices as the oracle.
+        ref_idx = nearest_codeword_reference(z, codebook, metric)[0]
+        assert torch.equal(out[0], ref_idx)
+    else:
+        # Cosine normalises in fp32 (the oracle in fp64). Each unit vector is then off by at most
+        # ~(D + 2) u, so each distance by 8 (D + 2) u: the pick is exact up to twice that.
+        assert bool((chosen - best <= 16.0 * (d + 2) * 2.0**-24).all())
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ODD_SHAPES, ids=str)
+@pytest.mark.gpu
+def test_fast_within_tf32_bound(shape, dtype, metric):
+    _skip_without_cuda()
+    n, k, d = shape
+    z, codebook = _random_inputs(n, k, d, dtype)
+    out = vqfast.nearest_codeword(z, codebook, metric=metric, precision="fast", backend="cuda")
+    _check_outputs(z, codebook, metric, out)
+    true = _true_distances(z, codebook, metric)
+    chosen = true.gather(1, out[0][:, None])[:, 0]
+    best = true.min(1).values
+    # TF32 rounds each input to 11 significant bits (u = 2^-11); each product is then off by at most
+    # 2u relative and the fp32 sum adds (D + 3) 2^-24: the pick is within twice that bound of the best.
+    zn = normalize_for_metric(z.double(), metric).norm(dim=1)
+    cmax = normalize_for_metric(codebook.double(), metric).norm(dim=1).max()
+    bound = 2.0 * (2 * 2.0**-11 + (d + 3) * 2.0**-24) * (zn + cmax) ** 2
+    assert bool((chosen - best <= 2.0 * bound).all())
+    # Disagreements are near ties only: with Gaussian data at most a quarter of the rows (the
+    # densest case, K = 4099 at D = 33, has best-to-second gaps near the TF32 error).
+    ref_idx = nearest_codeword_reference(z, codebook, metric)[0]
+    assert (out[0] == ref_idx).double().mean().item() >= 0.75
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_ties_take_the_lowest_index(precision):
+    _skip_without_cuda()
+    d = 17
+    codebook = torch.randn(200, d, device="cuda")
+    codebook[131] = codebook[7]  # duplicate codewords: equal distances to every z
+    codebook[199] = codebook[7]
+    codebook[70] = codebook[64]  # a duplicate across two 64-code tiles
+    z = torch.cat([codebook[[7, 131, 199, 64, 70]], codebook[[7, 64]] + 1e-3 * torch.randn(2, d, device="cuda")])
+    idx = vqfast.nearest_codeword(z, codebook, precision=precision, backend="cuda")[0]
+    assert idx.tolist() == [7, 7, 7, 64, 64, 7, 64]
+
+
+@pytest.mark.gpu
+def test_exact_resolves_near_ties():
+    _skip_without_cuda()
+    # Codewords 1 and 3 are at true distances 2^-8 and (2^-4 - 2^-10)^2 from z, while the fp32
+    # expansion at ||z||^2 = 6.4e7 is only good to ~1e3: the kernel cannot separate them, the re-rank must.
+    d = 64
+    z = torch.full((3, d), 1000.0, device="cuda", dtype=torch.float64)
+    codebook = torch.full((5, d), 1000.0, device="cuda", dtype=torch.float64)
+    codebook[1, 0] += 0.0625  # true distance 2^-8
+    codebook[3, 1] -= 0.0625 - 2.0**-10  # slightly closer
+    codebook[[0, 2, 4]] += 10.0
+    z32, cb32 = z.float(), codebook.float()
+    idx = vqfast.nearest_codeword(z32, cb32, precision="exact", backend="cuda")[0]
+    ref = nearest_codeword_reference(z32, cb32)[0]
+    assert torch.equal(idx, ref) and idx.tolist() == [3, 3, 3]
+
+
+@pytest.mark.gpu
+def test_non_contiguous_and_mixed_dtypes():
+    _skip_without_cuda()
+    big = torch.randn(300, 2 * 19, device="cuda")
+    z = big[:, ::2]  # strided rows
+    codebook = torch.randn(19, 77, device="cuda").t()  # transposed view [77, 19]
+    assert not z.is_contiguous() and not codebook.is_contiguous()
+    for zz, cb in ((z, codebook), (z.half(), codebook), (z, codebook.bfloat16())):
+        out = vqfast.nearest_codeword(zz, cb, backend="cuda")
+        _check_outputs(zz, cb, "l2", out)
+        assert torch.equal(out[0], nearest_codeword_reference(zz, cb)[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_single_row_large_codebook(precision):
+    _skip_without_cuda()
+    z, codebook = _random_inputs(1, 100_003, 8, torch.float32)
+    out = vqfast.nearest_codeword(z, codebook, precision=precision, backend="cuda")
+    _check_outputs(z, codebook, "l2", out)
+    if precision == "exact":
+        assert torch.equal(out[0], nearest_codeword_reference(z, codebook)[0])
+
+
+@pytest.mark.gpu
+def test_large_codebook_many_rows():
+    _skip_without_cuda()
+    z, codebook = _random_inputs(4099, 16_385, 32, torch.float32)
+    idx = vqfast.nearest_codeword(z, codebook, backend="cuda")[0]
+    assert torch.equal(idx, nearest_codeword_reference(z, codebook)[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_float64_inputs(metric):
+    _skip_without_cuda()
+    z, codebook = _random_inputs(130, 70, 5, torch.float64)
+    out = vqfast.nearest_codeword(z, codebook, metric=metric, backend="cuda")
+    _check_outputs(z, codebook, metric, out)
+    assert torch.equal(out[0], nearest_codeword_reference(z, codebook, metric)[0])
+
+
+@pytest.mark.gpu
+def test_runs_on_the_current_stream():
+    _skip_without_cuda()
+    z, codebook = _random_inputs(513, 300, 40, torch.float32)
+    expected = nearest_codeword_reference(z, codebook)[0]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        idx = vqfast.nearest_codeword(z, codebook, backend="cuda")[0]
+    torch.cuda.current_stream().wait_stream(stream)
+    assert torch.equal(idx, expected)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_triton():
+    _skip_without_cuda()
+    if "triton" not in vqfast.available_backends("cuda"):
+        pytest.skip("the triton backend is not available")
+    z, codebook = _random_inputs(777, 513, 48, torch.bfloat16)
+    a = vqfast.nearest_codeword(z, codebook, backend="cuda")[0]
+    b = vqfast.nearest_codeword(z, codebook, backend="triton")[0]
+    assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_opcheck_and_gradients():
+    _skip_without_cuda()
+    z = torch.randn(37, 9, device="cuda")
+    codebook = torch.randn(21, 9, device="cuda")
+    # Schema, fake tensor and AOT dispatch of the CUDA registration; gradients are compared below.
+    torch.library.opcheck(torch.ops.vqfast.nearest_codeword.default, (z, codebook, "l2", "exact"))
+    z.requires_grad_()
+    codebook.requires_grad_()
+    idx, cw, dist = vqfast.nearest_codeword(z, codebook, backend="cuda")
+    (cw.sum() + dist.sum()).backward()
+    z2, cb2 = z.detach().clone().requires_grad_(), codebook.detach().clone().requires_grad_()
+    _, cw2, dist2 = vqfast.nearest_codeword(z2, cb2, backend="torch")
+    (cw2.sum() + dist2.sum()).backward()
+    torch.testing.assert_close(z.grad, z2.grad)
+    torch.testing.assert_close(codebook.grad, cb2.grad)
+
+
+@pytest.mark.gpu
+def test_bad_inputs_raise():
+    _skip_without_cuda()
+    z = torch.randn(4, 3, device="cuda")
+    with pytest.raises(ValueError, match="codebook"):
+        vqfast.nearest_codeword(z, torch.randn(5, 4, device="cuda"), backend="cuda")
+    with pytest.raises(ValueError, match="device"):
+        vqfast.nearest_codeword(z, torch.randn(5, 3), backend="cuda")
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        torch.ops.vqfast.nearest_codeword(z.cpu(), torch.randn(5, 3, device="cuda"))
