@@ -1,6 +1,7 @@
 """Bad input at every public entry: a ValueError/TypeError naming the argument, never a crash or a
 silent wrong answer. Also the defined behaviours at the edges: N = 0, mixed dtypes, huge values."""
 import dataclasses
+import importlib.util
 import math
 
 import pytest
@@ -308,9 +309,19 @@ def test_public_op_reports_32_bit_offset_overflow_without_allocating(monkeypatch
     assert indices.shape == (2**27,) and codewords.shape == (2**27, 16) and distances.dtype == torch.float32
 
 
-def test_gpu_backends_declare_their_32_bit_offsets():
-    for name in ("cuda", "triton"):
-        assert backends.REGISTRY[name].inputs_reason is _validation.int32_offsets_reason
+def test_gpu_backends_take_64_bit_offsets_and_int32_indices():
+    # Both GPU kernels address z and the codebook with 64-bit offsets: N * D >= 2^31 is fine; their
+    # indices are int32, so K >= 2^31 is not. Shapes only (meta tensors, expand()ed views).
+    huge_z = torch.empty(2**27, 32, device="meta")
+    cb = torch.empty(10, 32, device="meta")
+    too_many_codes = torch.zeros(1, 1).expand(2**31, 1)
+    names = ["cuda"] + (["triton"] if importlib.util.find_spec("triton") else [])
+    for name in names:
+        reason = backends.REGISTRY[name].inputs_reason
+        assert reason(huge_z, cb) is None, name
+        assert "K = 2147483648" in reason(torch.zeros(2, 1), too_many_codes), name
+    if "triton" in names:
+        assert "float64" in backends.REGISTRY["triton"].inputs_reason(torch.zeros(2, 3).double(), torch.zeros(4, 3).double())
 
 
 # ---------------------------------------------------------------- the modules

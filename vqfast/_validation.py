@@ -129,6 +129,14 @@ def int32_offsets_reason(z: torch.Tensor, codebook: torch.Tensor) -> str | None:
     return None
 
 
+def int32_indices_reason(z: torch.Tensor, codebook: torch.Tensor) -> str | None:
+    """Why a kernel that keeps codeword indices in int32 (64-bit offsets otherwise) cannot take these inputs."""
+    if codebook.shape[0] > INT32_MAX:
+        return (f"codebook has K = {codebook.shape[0]} codewords, beyond the 2^31 - 1 its int32 indices can hold; "
+                f"use backend='torch' or 'cpu'")
+    return None
+
+
 def check_int32_offsets(z: torch.Tensor, codebook: torch.Tensor, backend: str) -> None:
     """Raise ValueError when a backend with 32-bit offsets cannot index these inputs (see int32_offsets_reason)."""
     reason = int32_offsets_reason(z, codebook)

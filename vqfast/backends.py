@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from vqfast import _ext
-from vqfast._validation import int32_offsets_reason
+from vqfast._validation import int32_indices_reason
 
 BACKEND_NAMES = ("torch", "cpu", "cuda", "triton")
 ENV_VAR = "VQFAST_BACKEND"
@@ -80,10 +80,9 @@ def _triton_reason() -> str | None:
 
 
 def _triton_inputs_reason(z: torch.Tensor, codebook: torch.Tensor) -> str | None:
-    # The Triton kernels use 64-bit row offsets; their only input limit is float64.
     import vqfast.triton
 
-    return vqfast.triton.inputs_reason(z, codebook)
+    return int32_indices_reason(z, codebook) or vqfast.triton.inputs_reason(z, codebook)
 
 
 def _only(*device_types: str, hint: str = "") -> Callable[[str], str | None]:
@@ -107,7 +106,8 @@ REGISTRY: dict[str, Backend] = {
     "torch": Backend("torch", lambda: None, lambda device_type: None),
     "cpu": Backend("cpu", _cpu_reason, _only("cpu")),
     # The GPU kernels are assumed to use 32-bit flat offsets until they declare otherwise.
-    "cuda": Backend("cuda", _cuda_reason, _only("cuda"), int32_offsets_reason),
+    # The CUDA and Triton kernels address memory with 64-bit offsets and keep indices in int32.
+    "cuda": Backend("cuda", _cuda_reason, _only("cuda"), int32_indices_reason),
     "triton": Backend("triton", _triton_reason, _triton_device_reason, _triton_inputs_reason),
 }
 
