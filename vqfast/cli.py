@@ -10,6 +10,7 @@ import sys
 
 SUBCOMMANDS = {
     "demo": ("vqfast.demo", "quantise features of real images and print a backend timing table"),
+    "bench": ("vqfast.bench.cli", "benchmark nearest-codeword search, training steps and memory against peers"),
 }
 
 
