@@ -55,15 +55,11 @@ def main(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was requested but no CUDA device is available; use --device cpu")
     log = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, **k, flush=True))
-    env, records = run_questions(args.preset, device, args.questions, log=log)
-    print("\n" + header_line(env, args.preset))
+    # One question at a time, each saved as soon as it ends, so an interrupted run keeps what it measured.
     for q in args.questions:
-        table = format_table(records, q)
-        if table:
-            print(f"\n## {q}\n\n{table}")
-    if not args.no_save:
-        for q in args.questions:
-            rows = [r for r in records if r["question"] == q]
-            if rows:
-                print(f"appended {len(rows)} records to {append_jsonl(rows, results_path(args.results_dir, q, device.type))}")
+        env, records = run_questions(args.preset, device, [q], log=log)
+        print("\n" + header_line(env, args.preset) + f"\n\n## {q}\n\n{format_table(records, q)}\n", flush=True)
+        if not args.no_save and records:
+            path = append_jsonl(records, results_path(args.results_dir, q, device.type))
+            print(f"appended {len(records)} records to {path}", flush=True)
     return 0

@@ -60,6 +60,8 @@ def run_case(case: dict, preset: Preset, device: torch.device, env: dict, log=pr
     traffic = (n * d + k * d) * elem + n * (8 + d * elem)
     records = []
     for prov, fn in P.forward_providers(device, preset.precisions):
+        if preset.forward_providers is not None and prov.name not in preset.forward_providers:
+            continue
         rec = {**env, "question": "forward", "case": dict(case), "provider": prov.name, "group": prov.group,
                "precision": prov.precision, "metric_name": "ms", "stat": preset.stat, "preset": preset.name,
                "status": "ok", "reason": None}

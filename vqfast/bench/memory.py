@@ -2,9 +2,12 @@
 
 CUDA: torch.cuda.max_memory_allocated above what was allocated before the call. CPU: torch has no
 allocator statistics there, so each (provider, case) runs in a fresh subprocess that builds its
-inputs, reads ru_maxrss, runs the call once and reads ru_maxrss again; the difference is the
-call's peak resident memory beyond its inputs (the process's high-water mark, so it counts every
-temporary, whichever library allocated it).
+inputs, resets the kernel's resident-set high-water mark (writing 5 to /proc/self/clear_refs), runs
+the call once and reads the mark again (VmHWM); the rise above the resident size before the call is
+its peak memory beyond its inputs, counting every temporary whichever library allocated it. The
+reset matters: importing torch and the peers leaves a high-water mark hundreds of MiB above the
+steady resident size, which would hide any smaller peak. Where the reset is not allowed the
+fallback is ru_maxrss, which can only over-report such hidden peaks as zero growth.
 """
 from __future__ import annotations
 
@@ -67,10 +70,29 @@ def _measure_in_process(case: dict, provider: str, device: torch.device) -> int:
             call()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    reset = _reset_peak_rss()
+    base = _status_kib("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with torch.set_grad_enabled(case["kind"] == "train_step"):
         call()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024  # ru_maxrss is in KiB on Linux
+    peak = _status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return max(0, peak - base) * 1024  # both in KiB on Linux
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_kib("VmHWM") >= 0
+    except OSError:
+        return False
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
 
 
 def _measure_subprocess(case: dict, provider: str) -> int:

@@ -33,6 +33,8 @@ class Preset:
     warmup: int
     repeats: int
     stat: str  # which summary the ratios use: "median" or "best"
+    # Forward providers to run (None: all available). quick keeps the four the CPU comparison names.
+    forward_providers: tuple[str, ...] | None = None
 
 
 PRESETS = {
@@ -56,6 +58,7 @@ PRESETS = {
         multiscale_batch=2,
         memory_forward_shapes=((65536, 64, 1024), (16384, 256, 16384)), memory_train_ks=(1024, 16384),
         warmup=1, repeats=3, stat="best",
+        forward_providers=("seeds", "torch-chunked", "faiss-cpu", "vqfast-cpu", "vqfast-cpu-fast"),
     ),
     "full": Preset(
         name="full",
