@@ -63,3 +63,12 @@ def main(args: argparse.Namespace) -> int:
             path = append_jsonl(records, results_path(args.results_dir, q, device.type))
             print(f"appended {len(records)} records to {path}", flush=True)
     return 0
+
+
+def standalone(question: str, argv: list[str]) -> int:
+    """Entry point of benchmarks/bench_<question>.py run as a script: ``vqfast bench`` for one question."""
+    parser = argparse.ArgumentParser(description=f"vqfast benchmark: {question}")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    args.questions = [question]
+    return main(args)

@@ -48,11 +48,17 @@ def _gemm_ms(z: torch.Tensor, codebook: torch.Tensor, precision: str, preset: Pr
     return t.stat(preset.stat)
 
 
-def run_case(case: dict, preset: Preset, device: torch.device, env: dict, log=print) -> list[dict]:
+def make_inputs(case: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded z [N, D] and codebook [K, D] for a case, standard normal, in the case's dtype."""
     n, d, k, dtype = case["n"], case["d"], case["k"], DTYPES[case["dtype"]]
     gen = torch.Generator().manual_seed(n * 31 + d * 7 + k)
     z = torch.randn(n, d, generator=gen).to(device=device, dtype=dtype)
-    codebook = torch.randn(k, d, generator=gen).to(device=device, dtype=dtype)
+    return z, torch.randn(k, d, generator=gen).to(device=device, dtype=dtype)
+
+
+def run_case(case: dict, preset: Preset, device: torch.device, env: dict, log=print) -> list[dict]:
+    n, d, k, dtype = case["n"], case["d"], case["k"], DTYPES[case["dtype"]]
+    z, codebook = make_inputs(case, device)
     exact_idx, _, _ = vqfast.nearest_codeword(z, codebook, precision="exact")
     exact_err = _quant_error(z, codebook, exact_idx)
     gemm: dict[str, float] = {}

@@ -107,9 +107,9 @@ def _measure_subprocess(case: dict, provider: str) -> int:
     return int(json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"])
 
 
-def run(preset: Preset, device: torch.device, env: dict, log=print) -> list[dict]:
+def run(preset: Preset, device: torch.device, env: dict, log=print, case_list: list[dict] | None = None) -> list[dict]:
     records = []
-    for case in cases(preset):
+    for case in case_list if case_list is not None else cases(preset):
         log(f"memory {case['kind']} N={case['n']} D={case['d']} K={case['k']}")
         for prov, _ in _providers(case["kind"], device):
             rec = {**env, "question": "memory", "case": dict(case), "provider": prov.name, "group": prov.group,
