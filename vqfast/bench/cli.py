@@ -16,12 +16,8 @@ from vqfast.bench.presets import PRESETS, get_preset
 from vqfast.bench.results import add_ratios, append_jsonl, environment, results_path
 from vqfast.bench.table import format_table, header_line
 
-QUESTIONS = {
-    "forward": forward.run,
-    "train_step": train_step.run,
-    "multiscale": multiscale.run,
-    "memory": memory.run,
-}
+# Each question module has cases(preset) and run(preset, device, env, log, case_list).
+QUESTIONS = {"forward": forward, "train_step": train_step, "multiscale": multiscale, "memory": memory}
 DEFAULT_RESULTS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
 
@@ -37,8 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="print the tables only, not per-provider progress")
 
 
-def run_questions(preset_name: str, device: torch.device, questions: list[str], log=print) -> tuple[dict, list[dict]]:
-    """Run the questions; returns (environment, records with ratios filled in)."""
+def run_questions(preset_name: str, device: torch.device, questions: list[str], log=print,
+                  on_case=None) -> tuple[dict, list[dict]]:
+    """Run the questions case by case; returns (environment, records with ratios filled in).
+
+    on_case(question, records of one case) is called as each case ends (the CLI saves there).
+    """
     for q in questions:
         if q not in QUESTIONS:
             raise ValueError(f"questions must be among {tuple(QUESTIONS)}, got {q!r}")
@@ -46,7 +46,12 @@ def run_questions(preset_name: str, device: torch.device, questions: list[str], 
     env = environment(device)
     records: list[dict] = []
     for q in questions:
-        records += add_ratios(QUESTIONS[q](preset, device, env, log=log))
+        module = QUESTIONS[q]
+        for case in module.cases(preset):
+            rows = add_ratios(module.run(preset, device, env, log=log, case_list=[case]))
+            if on_case is not None:
+                on_case(q, rows)
+            records += rows
     return env, records
 
 
@@ -55,13 +60,20 @@ def main(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was requested but no CUDA device is available; use --device cpu")
     log = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, **k, flush=True))
-    # One question at a time, each saved as soon as it ends, so an interrupted run keeps what it measured.
+    saved: dict[str, int] = {}
+
+    def save(question: str, rows: list[dict]) -> None:
+        # Each case is appended as soon as it ends, so an interrupted run keeps what it measured.
+        if not args.no_save and rows:
+            append_jsonl(rows, results_path(args.results_dir, question, device.type))
+            saved[question] = saved.get(question, 0) + len(rows)
+
+    env, records = run_questions(args.preset, device, args.questions, log=log, on_case=save)
+    print("\n" + header_line(env, args.preset))
     for q in args.questions:
-        env, records = run_questions(args.preset, device, [q], log=log)
-        print("\n" + header_line(env, args.preset) + f"\n\n## {q}\n\n{format_table(records, q)}\n", flush=True)
-        if not args.no_save and records:
-            path = append_jsonl(records, results_path(args.results_dir, q, device.type))
-            print(f"appended {len(records)} records to {path}", flush=True)
+        print(f"\n## {q}\n\n{format_table(records, q)}")
+    for q, count in saved.items():
+        print(f"appended {count} records to {results_path(args.results_dir, q, device.type)}")
     return 0
 
 

@@ -26,11 +26,12 @@ MEMORY_SHARE = 0.5
 
 
 def cases(preset: Preset) -> list[dict]:
-    out = [{"set": "headline", "n": n, "d": d, "k": k, "dtype": "float32"} for n, d, k in preset.forward_shapes]
+    # Cheapest first (sweep, then the headline shapes in preset order), so an interrupted run keeps most.
+    out = [{"set": "sweep", "n": preset.sweep_n, "d": d, "k": k, "dtype": "float32"}
+           for d in preset.sweep_ds for k in preset.sweep_ks]
+    out += [{"set": "headline", "n": n, "d": d, "k": k, "dtype": "float32"} for n, d, k in preset.forward_shapes]
     n, d, k = preset.forward_shapes[0]
     out += [{"set": "dtype", "n": n, "d": d, "k": k, "dtype": dt} for dt in preset.dtypes if dt != "float32"]
-    out += [{"set": "sweep", "n": preset.sweep_n, "d": d, "k": k, "dtype": "float32"}
-            for d in preset.sweep_ds for k in preset.sweep_ks]
     return out
 
 
@@ -100,9 +101,9 @@ def run_case(case: dict, preset: Preset, device: torch.device, env: dict, log=pr
     return records
 
 
-def run(preset: Preset, device: torch.device, env: dict, log=print) -> list[dict]:
+def run(preset: Preset, device: torch.device, env: dict, log=print, case_list: list[dict] | None = None) -> list[dict]:
     records = []
-    for case in cases(preset):
+    for case in case_list if case_list is not None else cases(preset):
         log(f"forward N={case['n']} D={case['d']} K={case['k']} {case['dtype']} ({case['set']})")
         records += run_case(case, preset, device, env, log)
     return records

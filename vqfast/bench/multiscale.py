@@ -25,8 +25,12 @@ def _model_class():
     return MultiScaleVQVAE
 
 
-def run(preset: Preset, device: torch.device, env: dict, log=print) -> list[dict]:
-    case = {"batch": preset.multiscale_batch, "side": IMAGE_SIDE}
+def cases(preset: Preset) -> list[dict]:
+    return [{"batch": preset.multiscale_batch, "side": IMAGE_SIDE}]
+
+
+def run(preset: Preset, device: torch.device, env: dict, log=print, case_list: list[dict] | None = None) -> list[dict]:
+    case = (case_list or cases(preset))[0]
     base = {**env, "question": "multiscale", "case": case, "group": "vqfast", "precision": "exact",
             "metric_name": "ms", "stat": preset.stat, "preset": preset.name}
     log(f"multiscale img_to_idxBl B={case['batch']} {IMAGE_SIDE}x{IMAGE_SIDE}")

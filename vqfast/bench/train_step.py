@@ -65,9 +65,9 @@ def run_case(case: dict, preset: Preset, device: torch.device, env: dict, log=pr
     return records
 
 
-def run(preset: Preset, device: torch.device, env: dict, log=print) -> list[dict]:
+def run(preset: Preset, device: torch.device, env: dict, log=print, case_list: list[dict] | None = None) -> list[dict]:
     records = []
-    for case in cases(preset):
+    for case in case_list if case_list is not None else cases(preset):
         kind = "residual x%d" % case["stages"] if case["residual"] else "single"
         log(f"train_step N={case['n']} D={case['d']} K={case['k']} {kind}")
         records += run_case(case, preset, device, env, log)
