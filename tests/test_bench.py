@@ -191,3 +191,26 @@ def test_cli_appends_results(tmp_path, capsys):
         cli.run_questions("tiny", torch.device("cpu"), ["nope"])
     with pytest.raises(ValueError, match="preset"):
         presets.get_preset("huge")
+
+
+def test_plot_script_renders_pngs(tiny_records, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "plot.py"
+    spec = importlib.util.spec_from_file_location("vqfast_bench_plot", script)
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    _, records = tiny_records
+    results.append_jsonl([r for r in records if r["question"] == "forward"], tmp_path / "forward_cpu.jsonl")
+    assert plot.main(["--results-dir", str(tmp_path)]) == 0
+    for name in ("forward_time_vs_k_cpu.png", "forward_speedup_cpu.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    assert not (tmp_path / "forward_roofline_cuda.png").exists()  # CPU records: no roofline
+    latest = plot.latest(records)
+    assert len(latest) == len({(r["question"], tuple(sorted(r["case"].items())), r["provider"])
+                               for r in records if r["status"] == "ok"})
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert plot.main(["--results-dir", str(empty)]) == 1
