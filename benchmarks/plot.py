@@ -17,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 from vqfast.bench.results import read_jsonl  # noqa: E402
 
@@ -43,7 +44,8 @@ def latest(records: list[dict]) -> list[dict]:
 
 def _title(rows: list[dict], what: str) -> str:
     r = max(rows, key=lambda x: x["date"])
-    return f"{what}\n{r['device']}, torch {r['torch']}, commit {r['commit']}, {r['date'][:10]}"
+    return (f"{what} (preset {r.get('preset')}, {r.get('stat', 'median')} of {r.get('repeats')})\n"
+            f"{r['device']}, torch {r['torch']}, commit {r['commit']}, {r['date'][:10]}")
 
 
 def plot_time_vs_k(rows: list[dict], out: Path) -> Path | None:
@@ -57,8 +59,11 @@ def plot_time_vs_k(rows: list[dict], out: Path) -> Path | None:
         for prov in sorted({r["provider"] for r in sub}):
             pts = sorted((r["case"]["k"], r["value"]) for r in sub if r["provider"] == prov)
             ax.plot([k for k, _ in pts], [v for _, v in pts], marker="o", label=prov)
-        ax.set(xscale="log", yscale="log", xlabel="K (codebook size)", ylabel="ms",
+        ax.set(xscale="log", yscale="log", xlabel="K (codebook size)", ylabel=f"ms ({sub[0].get('stat', 'median')})",
                title=f"D={d}, N={sub[0]['case']['n']}")
+        ks = sorted({r["case"]["k"] for r in sub})
+        ax.set_xticks(ks, [str(k) for k in ks], minor=False)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(_title(rows, "nearest-codeword forward: time vs K"), fontsize=9)
@@ -75,7 +80,7 @@ def plot_speedup(rows: list[dict], out: Path) -> Path | None:
         return None
     shapes = sorted({(r["case"]["n"], r["case"]["d"], r["case"]["k"]) for r in rows})
     provs = sorted({r["provider"] for r in rows if r["group"] != "seeds"})
-    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(shapes)), 4))
+    fig, ax = plt.subplots(figsize=(max(8, 2.2 * len(shapes)), 4.2))
     width = 0.8 / max(1, len(provs))
     for i, prov in enumerate(provs):
         vals = []
