@@ -4,6 +4,7 @@
 
     forward_time_vs_k_<device>.png   nearest-codeword time vs K, one panel per D (the sweep cases)
     forward_speedup_<device>.png     headline shapes: speedup over the seeds' code per provider
+    latest_<device>.md               the latest table of every question (for the README)
     forward_roofline_cuda.png        GPU only: achieved TFLOP/s vs arithmetic intensity under the
                                      device's compute and bandwidth roofs
 """
@@ -20,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
 from vqfast.bench.results import read_jsonl  # noqa: E402
+from vqfast.bench.table import format_table  # noqa: E402
 
 # Dense peaks from the vendors' datasheets (SXM parts): fp32 non-tensor / tf32 tensor TFLOP/s,
 # HBM TB/s. Used only to draw the roofs; a device not listed gets no roof lines.
@@ -127,6 +129,26 @@ def plot_roofline(rows: list[dict], out: Path) -> Path | None:
     return path
 
 
+def write_latest_tables(results_dir: Path, device_type: str, out: Path) -> Path | None:
+    """Markdown: the latest record of each case and provider, per question, with where it ran."""
+    parts = []
+    for question in ("forward", "train_step", "multiscale", "memory"):
+        path = results_dir / f"{question}_{device_type}.jsonl"
+        if not path.exists():
+            continue
+        records = read_jsonl(path)
+        keep = {(tuple(sorted(r["case"].items())), r["provider"]): r for r in sorted(records, key=lambda r: r["date"])}
+        rows = list(keep.values())
+        runs = sorted({(r["commit"], r["date"][:16], r["device"]) for r in rows})
+        where = "; ".join(f"commit {c} at {d} on {dev}" for c, d, dev in runs)
+        parts.append(f"### {question}\n\n{where}\n\n{format_table(rows, question)}\n")
+    if not parts:
+        return None
+    path = out / f"latest_{device_type}.md"
+    path.write_text("\n".join(parts))
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     here = Path(__file__).resolve().parent / "results"
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -140,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     for path in sorted(results_dir.glob("forward_*.jsonl")):
         rows = latest(read_jsonl(path))
         written += [plot_time_vs_k(rows, out), plot_speedup(rows, out), plot_roofline(rows, out)]
+    for device_type in sorted({p.stem.rsplit("_", 1)[-1] for p in results_dir.glob("*_*.jsonl")}):
+        written.append(write_latest_tables(results_dir, device_type, out))
     written = [p for p in written if p is not None]
     for p in written:
         print(f"wrote {p}")
