@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "demo": ("vqfast.demo", "quantise patches of real photographs and print a backend timing table"),
     "train": ("vqfast.train", "train a multi-scale VQ-VAE tokenizer on bundled real images"),
     "tokenize": ("vqfast.tokenize", "turn images into multi-scale index maps and back with a trained checkpoint"),
+    "bench": ("vqfast.bench.cli", "benchmark nearest-codeword search, training steps and memory against peers"),
 }
 
 

@@ -1,0 +1,216 @@
+"""The benchmark runner's machinery on the tiny preset: records, ratios, tables, results files.
+
+No timing is asserted (timings depend on the machine); what is checked is that every provider
+finds the same codewords as the fp64 reference, that ratios are the quotients they claim to be,
+that skips carry reasons, and that the files and tables hold what the runner measured.
+"""
+import argparse
+import json
+
+import pytest
+import torch
+
+import vqfast
+from vqfast.bench import cli, forward, memory, presets, providers, results, table, timing
+from vqfast.reference import nearest_codeword_reference
+
+ENV_FIELDS = ("device", "device_type", "torch", "triton", "date", "commit")
+
+
+@pytest.fixture(scope="module")
+def tiny_records():
+    env, records = cli.run_questions("tiny", torch.device("cpu"), ["forward", "train_step", "multiscale"],
+                                     log=lambda *a, **k: None)
+    return env, records
+
+
+def test_measure_counts_runs_and_summarises():
+    calls = []
+    t = timing.measure(lambda: calls.append(1), warmup=2, repeats=5)
+    assert len(calls) == 7
+    assert len(t.runs_ms) == 5
+    assert t.best_ms == min(t.runs_ms) and t.best_ms <= t.median_ms <= max(t.runs_ms)
+    assert t.stat("best") == t.best_ms and t.stat("median") == t.median_ms
+    with pytest.raises(ValueError, match="repeats"):
+        timing.measure(lambda: None, repeats=0)
+    with pytest.raises(ValueError, match="warmup"):
+        timing.measure(lambda: None, warmup=-1)
+    with pytest.raises(ValueError, match="stat"):
+        t.stat("mean")
+
+
+def test_add_ratios_are_quotients():
+    case = {"n": 1}
+    recs = [
+        {"question": "q", "case": case, "provider": "seeds", "group": "seeds", "status": "ok", "value": 8.0},
+        {"question": "q", "case": case, "provider": "peerA", "group": "peer", "status": "ok", "value": 4.0},
+        {"question": "q", "case": case, "provider": "peerB", "group": "peer", "status": "skipped", "value": None},
+        {"question": "q", "case": case, "provider": "mine", "group": "vqfast", "status": "ok", "value": 2.0},
+        {"question": "q", "case": {"n": 2}, "provider": "alone", "group": "vqfast", "status": "ok", "value": 1.0},
+    ]
+    results.add_ratios(recs)
+    seeds, peer_a, peer_b, mine, alone = recs
+    assert mine["ratio_vs_seeds"] == 4.0 and mine["ratio_vs_best_peer"] == 2.0 and mine["best_peer"] == "peerA"
+    assert peer_a["ratio_vs_seeds"] == 2.0 and peer_a["ratio_vs_best_peer"] == 2.0  # best other peer: seeds
+    assert seeds["ratio_vs_seeds"] == 1.0 and seeds["ratio_vs_best_peer"] == 0.5
+    assert peer_b["ratio_vs_seeds"] is None and peer_b["ratio_vs_best_peer"] is None
+    assert alone["ratio_vs_seeds"] is None and alone["ratio_vs_best_peer"] is None
+
+
+@pytest.mark.parametrize("n,d,k", [(1, 1, 1), (37, 3, 5), (300, 17, 129), (65, 100, 7)])
+def test_peer_searches_match_reference(n, d, k):
+    z, cb = torch.randn(n, d), torch.randn(k, d)
+    ref_idx, ref_q, _ = nearest_codeword_reference(z, cb)
+    fns = [providers.seeds_forward, providers.torch_chunked_forward]
+    if providers._faiss_reason(torch.device("cpu"), torch.float32) is None:
+        fns.append(providers.faiss_forward)
+    for fn in fns:
+        idx, q = fn(z, cb)
+        assert torch.equal(idx, ref_idx), fn.__name__
+        torch.testing.assert_close(q, ref_q, rtol=0, atol=0)
+
+
+def test_torch_chunked_spans_several_chunks(monkeypatch):
+    monkeypatch.setattr(providers, "CHUNK_ELEMENTS", 64)  # 64 // K=9 = 7 rows per chunk over 50 rows
+    z, cb = torch.randn(50, 3), torch.randn(9, 3)
+    idx, _ = providers.torch_chunked_forward(z, cb)
+    assert torch.equal(idx, nearest_codeword_reference(z, cb)[0])
+
+
+def test_forward_records(tiny_records):
+    env, records = tiny_records
+    rows = [r for r in records if r["question"] == "forward"]
+    expected_cases = forward.cases(presets.get_preset("tiny"))
+    names = {p.name for p, _ in providers.forward_providers(torch.device("cpu"), ("exact", "fast"))}
+    assert {"seeds", "torch-chunked", "vqfast-torch", "vqfast-torch-fast"} <= names
+    assert len(rows) == len(expected_cases) * len(names)
+    for r in rows:
+        for f in ENV_FIELDS:
+            assert r[f] == env[f]
+        assert r["preset"] == "tiny" and r["metric_name"] == "ms"
+        if r["status"] != "ok":
+            assert r["reason"] and r["value"] is None
+            continue
+        assert r["value"] == r[r["stat"] + "_ms"] > 0 and r["repeats"] == 2
+        c = r["case"]
+        assert r["tflops"] == pytest.approx(2 * c["n"] * c["k"] * c["d"] / (r["value"] * 1e-3) / 1e12)
+        assert 0.0 <= r["index_mismatch"] <= 1.0
+        if r["group"] == "vqfast" and r["precision"] == "exact":
+            # vqfast's exact search is the reference the mismatch is measured against.
+            assert r["index_mismatch"] == 0.0 and r["qerr_increase"] == 0.0
+        assert r["qerr_increase"] >= -1e-12  # nothing beats the exact nearest codeword
+    # faiss is skipped off float32 with its reason, never silently dropped.
+    bf16 = [r for r in rows if r["case"]["dtype"] == "bfloat16" and r["provider"] == "faiss-cpu"]
+    assert all(r["status"] == "skipped" and "float32" in r["reason"] for r in bf16)
+
+
+def test_ratios_and_table(tiny_records):
+    _, records = tiny_records
+    by_case = {}
+    for r in records:
+        by_case.setdefault(results.case_key(r), []).append(r)
+    checked = 0
+    for rows in by_case.values():
+        ok = [r for r in rows if r["status"] == "ok"]
+        seeds = [r for r in ok if r["group"] == "seeds"]
+        for r in ok:
+            if seeds:
+                assert r["ratio_vs_seeds"] == pytest.approx(seeds[0]["value"] / r["value"])
+                checked += 1
+            others = [p["value"] for p in ok if p["group"] != "vqfast" and p is not r]
+            if others:
+                assert r["ratio_vs_best_peer"] == pytest.approx(min(others) / r["value"])
+    assert checked > 0
+    text = table.format_table(records, "forward")
+    lines = [line for line in text.splitlines() if line.startswith("| N=")]
+    assert len(lines) == len([r for r in records if r["question"] == "forward"])
+    ok_row = next(r for r in records if r["question"] == "forward" and r["provider"] == "vqfast-torch")
+    assert f"{ok_row['ratio_vs_seeds']:.2f}x" in text and "x best peer" in text
+    assert "skipped" in text and "float32 vectors only" in text
+
+
+def test_train_step_records(tiny_records):
+    _, records = tiny_records
+    rows = [r for r in records if r["question"] == "train_step"]
+    names = {r["provider"] for r in rows}
+    assert {"seeds-vq", "seeds-rvq", "vqfast-vq-torch", "vqfast-rvq-torch"} <= names
+    assert all(r["status"] == "ok" and r["value"] > 0 for r in rows if r["provider"].startswith(("seeds", "vqfast")))
+    assert "RVQ x2" in table.format_table(records, "train_step")
+
+
+def test_train_step_updates_parameters():
+    module = vqfast.VectorQuantizer(7, 3)
+    z = torch.randn(2, 3, 4, 4, requires_grad=True)
+    before_z, before_cb = z.detach().clone(), module.embedding.weight.detach().clone()
+    providers.train_step_fn(module, z)()
+    assert not torch.equal(z.detach(), before_z)
+    assert not torch.equal(module.embedding.weight.detach(), before_cb)
+
+
+def test_multiscale_record(tiny_records):
+    _, records = tiny_records
+    rows = [r for r in records if r["question"] == "multiscale"]
+    assert rows
+    for r in rows:
+        if r["status"] == "skipped":
+            assert r["reason"] == "vqfast.models not available"
+        else:
+            assert r["tokens_per_image"] == 680 and r["value"] > 0
+
+
+def test_memory_guard_skips_with_reason(monkeypatch):
+    monkeypatch.setattr(forward, "available_memory_bytes", lambda device: 0)
+    recs = forward.run_case({"set": "headline", "n": 9, "d": 2, "k": 3, "dtype": "float32"},
+                            presets.get_preset("tiny"), torch.device("cpu"), {}, log=lambda *a: None)
+    assert recs and all(r["status"] == "skipped" and "GiB of working memory" in r["reason"] for r in recs)
+
+
+def test_memory_subprocess_measures_seeds_n_by_k():
+    # The seeds' forward holds N x K fp32 temporaries: 4096 x 4096 x 4 B = 64 MiB each (three at
+    # its peak); the chunked search holds one 16 MiB block and its scaled copy, so the subprocess
+    # measurement must tell them apart by well over 2x.
+    case = {"kind": "forward", "n": 4096, "d": 4, "k": 4096}
+    seeds_peak = memory._measure_subprocess(case, "seeds")
+    assert seeds_peak >= 2 * 64 * 2**20
+    chunked_peak = memory._measure_subprocess(case, "torch-chunked")
+    assert 0 <= chunked_peak < seeds_peak / 2
+
+
+def test_cli_appends_results(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--preset", "tiny", "--device", "cpu", "--questions", "train_step",
+                              "--results-dir", str(tmp_path), "--quiet"])
+    assert cli.main(args) == 0
+    path = results.results_path(tmp_path, "train_step", "cpu")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    out = capsys.readouterr().out
+    assert rows and all(r["question"] == "train_step" for r in rows)
+    assert "## train_step" in out and rows[0]["commit"] in out
+    with pytest.raises(ValueError, match="questions"):
+        cli.run_questions("tiny", torch.device("cpu"), ["nope"])
+    with pytest.raises(ValueError, match="preset"):
+        presets.get_preset("huge")
+
+
+def test_plot_script_renders_pngs(tiny_records, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "plot.py"
+    spec = importlib.util.spec_from_file_location("vqfast_bench_plot", script)
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    _, records = tiny_records
+    results.append_jsonl([r for r in records if r["question"] == "forward"], tmp_path / "forward_cpu.jsonl")
+    assert plot.main(["--results-dir", str(tmp_path)]) == 0
+    for name in ("forward_time_vs_k_cpu.png", "forward_speedup_cpu.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    assert not (tmp_path / "forward_roofline_cuda.png").exists()  # CPU records: no roofline
+    latest = plot.latest(records)
+    assert len(latest) == len({(r["question"], tuple(sorted(r["case"].items())), r["provider"])
+                               for r in records if r["status"] == "ok"})
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert plot.main(["--results-dir", str(empty)]) == 1

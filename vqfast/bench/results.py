@@ -1,0 +1,128 @@
+"""Result records: one dict per (question, case, provider), stamped with where and when it ran.
+
+Every record carries device, torch / triton versions, date and git commit, so runs appended to the
+same file under benchmarks/results/ stay comparable. Ratios are speedups (or memory savings):
+``ratio_vs_seeds = seeds / this`` and ``ratio_vs_best_peer = best peer / this``, so > 1 means this
+provider is faster (smaller) than the other. Peers are every provider outside vqfast, the seeds'
+code included.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+GROUPS = ("seeds", "peer", "vqfast")
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu} ({torch.get_num_threads()} threads)"
+
+
+def git_commit(repo: str | Path | None = None) -> str:
+    """The checkout's commit (with a "-dirty" suffix for uncommitted changes), or "unknown"."""
+    repo = Path(repo) if repo is not None else Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=repo, capture_output=True,
+                             text=True, check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
+
+
+def environment(device: torch.device | str) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": device_name(device),
+        "device_type": torch.device(device).type,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+    }
+
+
+def case_key(record: dict) -> tuple:
+    return (record["question"], tuple(sorted(record["case"].items())), record.get("metric_name", "ms"))
+
+
+def add_ratios(records: list[dict], value_key: str = "value") -> list[dict]:
+    """Fill ratio_vs_seeds and ratio_vs_best_peer on every "ok" record, per case (in place)."""
+    by_case: dict[tuple, list[dict]] = {}
+    for r in records:
+        by_case.setdefault(case_key(r), []).append(r)
+    for rows in by_case.values():
+        ok = [r for r in rows if r["status"] == "ok"]
+        seeds = [r[value_key] for r in ok if r["group"] == "seeds"]
+        for r in rows:
+            r["ratio_vs_seeds"] = None
+            r["ratio_vs_best_peer"] = r["best_peer"] = None
+            if r["status"] != "ok" or r[value_key] <= 0:
+                continue
+            if seeds:
+                r["ratio_vs_seeds"] = min(seeds) / r[value_key]
+            peers = [p for p in ok if p["group"] != "vqfast" and p is not r]
+            if peers:
+                best = min(peers, key=lambda p: p[value_key])
+                r["ratio_vs_best_peer"] = best[value_key] / r[value_key]
+                r["best_peer"] = best["provider"]
+    return records
+
+
+def append_jsonl(records: Iterable[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        for r in records:
+            f.write(json.dumps(r, sort_keys=True) + "\n")
+    return path
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def results_path(results_dir: str | Path, question: str, device_type: str) -> Path:
+    return Path(results_dir) / f"{question}_{device_type}.jsonl"
+
+
+def available_memory_bytes(device: torch.device | str) -> int:
+    """Free memory that one provider may use: free GPU memory, or MemAvailable on the host."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
