@@ -223,7 +223,13 @@ def test_float64_values_that_overflow_float64_distances_raise(backend, which):
     limit = _validation.magnitude_limit(17, torch.float64)
     z, cb = z / 1e160 * limit * 0.5, cb / 1e160 * limit * 0.5
     indices, _, _ = vqfast.nearest_codeword(z, cb, backend=backend)
-    assert torch.equal(indices, nearest_codeword_reference(z, cb)[0])
+    # The row holding the huge value is nearest to several codewords at float64 resolution of the
+    # direct distance (|z|^2 swamps their differences): any of those is a correct answer there.
+    ref = nearest_codeword_reference(z, cb)[0]
+    others = torch.arange(z.shape[0]) != 2
+    assert torch.equal(indices[others], ref[others])
+    d = ((z[2] - cb) ** 2).sum(1)
+    assert d[indices[2]] <= d.min() * (1 + 1e-15)
 
 
 def test_magnitude_limit_matches_its_documented_numbers():

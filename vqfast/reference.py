@@ -10,13 +10,14 @@ Contract of ``nearest_codeword`` (every backend honours it):
 with dist the squared L2 distance, or for metric="cosine" the squared L2 distance between the
 L2-normalised vectors (2 - 2 cos). Memory beyond inputs and outputs is O(chunk x K), never N x K.
 
-Exactness. Computing ||z||^2 + ||c||^2 - 2 z.c in floating point loses digits to cancellation, so a
-plain `argmin` can pick a codeword whose true distance is not the minimum. For any summation order
-the error of that expression is at most gamma_{D+3} * (||z|| + ||c||)^2 with
-gamma_n = n u / (1 - n u) and u the unit roundoff (Higham, "Accuracy and Stability of Numerical
-Algorithms", 3.1). "exact" precision therefore keeps, per row, every codeword whose computed
-distance lies within twice that bound of the row minimum, and re-ranks those candidates by the
-directly computed sum((z - c)^2) in float64; ties in that exact ranking go to the lowest index.
+Exactness. The ranking value v_k = ||c_k||^2 - 2 z.c_k (the distance less the row constant ||z||^2),
+computed in floating point, loses digits to cancellation, so a plain `argmin` can pick a codeword
+whose true distance is not the minimum. For any summation order its error is at most
+gamma_{D+3} * max||c|| * (2 ||z|| + max||c||) with gamma_n = n u / (1 - n u) and u the unit
+roundoff (Higham, "Accuracy and Stability of Numerical Algorithms", 3.1). "exact" precision
+therefore keeps, per row, every codeword whose computed value lies within twice that bound of the
+row minimum, and re-ranks those candidates by the directly computed sum((z - c)^2) in float64; ties
+in that ranking go to the lowest index.
 "fast" precision takes the argmin of the matrix-unit product as it is (tf32/bf16 on CUDA).
 """
 from __future__ import annotations
@@ -63,8 +64,9 @@ def _search_chunk(
         dots = (zc.to(matmul_dtype) @ cb.to(matmul_dtype).T).to(zc.dtype)
     else:
         dots = zc @ cb.T
-    z_sqnorm = (zc * zc).sum(1, keepdim=True)
-    dist = (z_sqnorm + cb_sqnorm) - 2.0 * dots  # [M, K], one chunk only
+    # ||z||^2 is the same for every codeword of a row: rank by ||c||^2 - 2 z.c, which also keeps the
+    # rounding of a large ||z||^2 out of the comparison.
+    dist = cb_sqnorm - 2.0 * dots  # [M, K], one chunk only
     best = dist.argmin(1)
     if not exact:
         return best
@@ -73,7 +75,8 @@ def _search_chunk(
     # The relative bound assumes no underflow; products below the smallest normal number (float32:
     # |z_j|, |c_j| < 1e-19) each lose up to half a subnormal spacing, so add that absolute error too.
     underflow = 8.0 * (zc.shape[1] + 3) * torch.finfo(zc.dtype).smallest_normal * torch.finfo(zc.dtype).eps
-    tol = 2.0 * gamma * (z_sqnorm.sqrt() + cb_maxnorm) ** 2 + underflow  # [M, 1]
+    z_norm = (zc * zc).sum(1, keepdim=True).sqrt()
+    tol = 2.0 * gamma * cb_maxnorm * (2.0 * z_norm + cb_maxnorm) + underflow  # [M, 1]
     dmin = dist.gather(1, best[:, None])
     limit = dmin + tol
     # A non-finite bound (overflowing magnitudes) makes every codeword a candidate for that row.

@@ -53,7 +53,7 @@ template <typename T>
 struct RowState {
   T best;
   int64_t best_k;
-  T tol;  // 2 * gamma_{D+3} * (||z|| + max ||c||)^2, or 0 in "fast" precision
+  T tol;  // 2 * gamma_{D+3} * max||c|| (2 ||z|| + max||c||), or 0 in "fast" precision
   int n;
   bool overflow;
   int64_t cand_k[CAND_CAP];
@@ -416,8 +416,13 @@ void search(const at::Tensor& z_src, const T* cb, int64_t K, int64_t D, bool cos
       for (int64_t r = 0; r < mt; ++r) {
         double s = 0.0;
         for (int64_t j = 0; j < D; ++j) s += static_cast<double>(zt[r * D + j]) * zt[r * D + j];
-        const double a = std::sqrt(s) + cmax;
-        state[r].reset(exact ? static_cast<T>(2.0 * gamma * a * a) : T(0));
+        // v_k = ||c_k||^2 - 2 z.c_k carries no ||z||^2 term, so each computed v_k is within
+        // gamma_{D+3} (max||c||^2 + 2 ||z|| max||c||) of its true value (products, sums and the final
+        // add); two of them compare safely beyond twice that. Dropping the ||z||^2 term of the
+        // reference's bound matters when the codebook is tiny next to z (the classic uniform
+        // [-1/K, 1/K] initialisation): there the looser bound made every row ambiguous.
+        const double a = cmax * (2.0 * std::sqrt(s) + cmax);
+        state[r].reset(exact ? static_cast<T>(2.0 * gamma * a) : T(0));
       }
 
       at::Tensor z_tile;

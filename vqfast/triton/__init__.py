@@ -101,7 +101,7 @@ def rerank_rows(z: Tensor, codebook: Tensor, indices: Tensor, best: Tensor, seco
     gamma = reference._expansion_error_bound(z.shape[1], torch.float32)
     zn = z.float().norm(dim=1)
     cmax = codebook.float().norm(dim=1).max()
-    tol = 2.0 * gamma * (zn + cmax) ** 2
+    tol = 2.0 * gamma * cmax * (2.0 * zn + cmax)  # the kernel ranks ||c||^2 - 2 z.c (no ||z||^2 term)
     ambiguous = ~(second.double() > best.double() + tol.double())  # also catches NaN / inf
     out = indices.clone()
     rows = ambiguous.nonzero().squeeze(1)
