@@ -185,6 +185,12 @@ def train_providers(device: torch.device) -> list[tuple[Provider, Callable[[int,
                     lambda r, k, d, b=backend: vqfast.VectorQuantizer(k, d, backend=b), False))
         out.append((Provider(f"vqfast-rvq-{backend}", "vqfast", _always, vqfast_bytes),
                     lambda r, k, d, b=backend: vqfast.ResidualVectorQuantizer(r, k, d, backend=b), True))
+    # EMA codebooks (the codebook moves in forward, as vector-quantize-pytorch's default does): the
+    # like-for-like comparison with the peer. Its search runs on the fastest backend for the device.
+    out.append((Provider("vqfast-vq-ema", "vqfast", _always, vqfast_bytes),
+                lambda r, k, d: vqfast.VectorQuantizer(k, d, ema=True), False))
+    out.append((Provider("vqfast-rvq-ema", "vqfast", _always, vqfast_bytes),
+                lambda r, k, d: vqfast.ResidualVectorQuantizer(r, k, d, ema=True), True))
     return out
 
 
