@@ -90,3 +90,25 @@ def test_presets_build():
     assert demo.num_tokens == 130 and demo.image_size == 32
     var = vtrain.PRESETS["var"]["model"]
     assert sum(p * p for p in var["patch_nums"]) == 680 and var["vocab_size"] == 4096 and var["Cvae"] == 32
+
+
+def test_kill_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    # First run: a complete checkpoint at step 3.
+    vtrain.train(tiny(6), tmp_path, progress=False, stop_after=3, checkpoint_every=1, finish=False)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    real_save = torch.save
+
+    def dying_save(obj, f, *args, **kwargs):  # the process dies half-way through writing
+        real_save(obj, f, *args, **kwargs)
+        with open(f, "r+b") as fh:
+            fh.truncate(max(1, len(before) // 2))
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(vtrain.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        vtrain.train(tiny(6), tmp_path, resume=True, progress=False, checkpoint_every=1, finish=False)
+    monkeypatch.setattr(vtrain.torch, "save", real_save)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before  # nothing lost: the old file is intact
+    full = vtrain.train(tiny(6), tmp_path / "ref", progress=False, finish=False)
+    rest = vtrain.train(tiny(6), tmp_path, resume=True, progress=False, finish=False)
+    assert [h["loss"] for h in rest["history"]] == [h["loss"] for h in full["history"]]
