@@ -375,3 +375,19 @@ def test_module_with_empty_batch_returns_empty_outputs():
     vq = VectorQuantizer(16, 4)
     quantized, loss, indices = vq(torch.randn(0, 4, 5, 5))
     assert quantized.shape == (0, 4, 5, 5) and indices.shape == (0,)
+
+
+# ---------------------------------------------------------------- the models
+
+
+def test_models_reject_wrong_images():
+    from vqfast.models import ImprovedVQVAE, MultiScaleVQVAE, SimpleVQVAE
+
+    ms = MultiScaleVQVAE(vocab_size=37, Cvae=5, ch=8, ch_mult=(1, 2), patch_nums=(1, 3, 4, 7), image_size=14, num_phi=3)
+    for model, size in ((SimpleVQVAE(), 32), (ImprovedVQVAE(), 32), (ms, 14)):
+        with pytest.raises(TypeError, match="img must be a floating-point tensor"):
+            model(torch.zeros(1, 3, size, size, dtype=torch.uint8))
+        with pytest.raises(ValueError, match=r"img must be \[B, 3"):
+            model(torch.zeros(3, size, size))
+        with pytest.raises(TypeError, match="img must be a torch.Tensor"):
+            model([[0.0]])

@@ -175,6 +175,8 @@ class MultiScaleVQVAE(nn.Module):
     def _check_img(self, img) -> None:
         if not isinstance(img, torch.Tensor):
             raise TypeError(f"img must be a torch.Tensor, got {type(img).__name__}")
+        if not img.is_floating_point():
+            raise TypeError(f"img must be a floating-point tensor, got {img.dtype}; convert it with img.float() / 255")
         if img.dim() != 4 or img.shape[1] != 3 or tuple(img.shape[2:]) != (self.image_size, self.image_size):
             raise ValueError(f"img must be [B, 3, {self.image_size}, {self.image_size}], got {tuple(img.shape)}")
 

@@ -26,6 +26,8 @@ def _check_positive_int(name: str, value) -> None:
 def _check_image(img) -> None:
     if not isinstance(img, torch.Tensor):
         raise TypeError(f"img must be a torch.Tensor, got {type(img).__name__}")
+    if not img.is_floating_point():
+        raise TypeError(f"img must be a floating-point tensor, got {img.dtype}; convert it with img.float() / 255")
     if img.dim() != 4 or img.shape[1] != 3:
         raise ValueError(f"img must be [B, 3, H, W], got shape {tuple(img.shape)}")
     if img.shape[2] % 4 or img.shape[3] % 4:
