@@ -47,6 +47,18 @@ def _expansion_error_bound(dim: int, dtype: torch.dtype) -> float:
     return n * u / (1.0 - n * u)
 
 
+def ranking_tolerance(z_norm: torch.Tensor, cb_maxnorm: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """How far apart two computed values of ||c||^2 - 2 z.c must be to be ordered with certainty.
+
+    Twice the bound gamma_{D+3} max||c|| (2 ||z|| + max||c||) of the module docstring, plus an absolute
+    term for underflow: products below the smallest normal number (float32: |z_j|, |c_j| < 1e-19)
+    each lose up to half a subnormal spacing, which the relative bound does not cover.
+    """
+    gamma = _expansion_error_bound(dim, dtype)
+    underflow = 8.0 * (dim + 3) * torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    return 2.0 * gamma * cb_maxnorm * (2.0 * z_norm + cb_maxnorm) + underflow
+
+
 @torch.no_grad()
 def _search_chunk(
     zc: torch.Tensor,
@@ -71,12 +83,7 @@ def _search_chunk(
     if not exact:
         return best
     # Candidates: computed distance within 2 * error bound of the row minimum.
-    gamma = _expansion_error_bound(zc.shape[1], zc.dtype)
-    # The relative bound assumes no underflow; products below the smallest normal number (float32:
-    # |z_j|, |c_j| < 1e-19) each lose up to half a subnormal spacing, so add that absolute error too.
-    underflow = 8.0 * (zc.shape[1] + 3) * torch.finfo(zc.dtype).smallest_normal * torch.finfo(zc.dtype).eps
-    z_norm = (zc * zc).sum(1, keepdim=True).sqrt()
-    tol = 2.0 * gamma * cb_maxnorm * (2.0 * z_norm + cb_maxnorm) + underflow  # [M, 1]
+    tol = ranking_tolerance((zc * zc).sum(1, keepdim=True).sqrt(), cb_maxnorm, zc.shape[1], zc.dtype)  # [M, 1]
     dmin = dist.gather(1, best[:, None])
     limit = dmin + tol
     # A non-finite bound (overflowing magnitudes) makes every codeword a candidate for that row.

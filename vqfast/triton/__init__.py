@@ -6,9 +6,9 @@ other backends (vqfast.ops.register_nearest_codeword_op).
 
 Precision:
   exact  the search kernel computes IEEE fp32 dot products (fp16/bf16 inputs are widened to fp32),
-         so the rigorous bound gamma_{D+3} (||z|| + max||c||)^2 of vqfast/reference.py holds for every
-         computed distance. Rows whose second-best distance lies within twice that bound of the best
-         are re-ranked exactly (vqfast::rerank_rows, fp64 direct distances); all others are provably
+         so the rigorous bound of vqfast/reference.py (reference.ranking_tolerance) holds for every
+         computed value. Rows whose second-best value lies within that tolerance of the best are
+         re-ranked exactly (vqfast::rerank_rows, fp64 direct distances); all others are provably
          exact already. tf32x3 would run on tensor cores, but its error is not covered by that bound
          without a separate analysis; it is the candidate to measure on a GPU.
   fast   tf32 tensor cores for fp32 inputs, native fp16/bf16 tensor cores for half inputs, fp32
@@ -98,10 +98,10 @@ def rerank_rows(z: Tensor, codebook: Tensor, indices: Tensor, best: Tensor, seco
 
     z [N, D], codebook [K, D] as searched (normalised for cosine), indices/best/second [N] -> indices [N].
     """
-    gamma = reference._expansion_error_bound(z.shape[1], torch.float32)
+    # The kernel ranks ||c||^2 - 2 z.c in fp32, as the reference does.
     zn = z.float().norm(dim=1)
     cmax = codebook.float().norm(dim=1).max()
-    tol = 2.0 * gamma * cmax * (2.0 * zn + cmax)  # the kernel ranks ||c||^2 - 2 z.c (no ||z||^2 term)
+    tol = reference.ranking_tolerance(zn, cmax, z.shape[1], torch.float32)
     ambiguous = ~(second.double() > best.double() + tol.double())  # also catches NaN / inf
     out = indices.clone()
     rows = ambiguous.nonzero().squeeze(1)
