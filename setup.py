@@ -32,7 +32,17 @@ def build_cuda() -> bool:
     if os.environ.get("VQFAST_SKIP_CUDA_BUILD", "0") == "1":
         return False
     # Gate on the toolkit (a CUDA torch + nvcc), never on torch.cuda.is_available().
-    return torch.version.cuda is not None and _nvcc() is not None
+    if torch.version.cuda is None or _nvcc() is None:
+        return False
+    # torch derives CUDA_HOME from nvcc's path; a wrapper script (say /usr/local/bin/nvcc) makes it
+    # a folder with no CUDA headers, and the compile would fail deep inside torch's headers.
+    if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_runtime_api.h")):
+        raise SystemExit(
+            f"vqfast: found a CUDA torch ({torch.version.cuda}) and nvcc, but CUDA_HOME={CUDA_HOME!r} has no "
+            "include/cuda_runtime_api.h. Set CUDA_HOME to the CUDA toolkit root (the folder with bin/nvcc and "
+            "include/), or set VQFAST_SKIP_CUDA_BUILD=1 to build without the CUDA kernels."
+        )
+    return True
 
 
 def cuda_arch_flags():

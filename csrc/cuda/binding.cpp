@@ -7,8 +7,8 @@
 // (near ties, exact duplicates, non-finite values) are searched again here in float64 by the
 // reference algorithm: expansion, candidates within the float64 bound, direct sum((z - c)^2).
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <climits>
@@ -112,12 +112,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nearest_codeword(const at::Tensor
     const at::Tensor best_dist = at::empty({n}, z.options().dtype(at::kFloat));
     at::Tensor second_dist;
     if (exact) second_dist = at::empty({n}, z.options().dtype(at::kFloat));
+    // Few rows (VAR's first scales, single queries): split the codebook over more thread blocks.
+    const int splits = choose_code_splits(n, k);
+    at::Tensor workspace;
+    if (splits > 1) {
+      workspace = at::empty({static_cast<int64_t>(split_workspace_bytes(n, splits))}, z.options().dtype(at::kByte));
+    }
     const cudaError_t status = launch_nearest_codeword(
         zf.data_ptr<float>(), cf.data_ptr<float>(), z_sqnorm.data_ptr<float>(), code_sqnorm.data_ptr<float>(), n, k,
         d, exact ? Mode::kExactFma : Mode::kFastTf32, indices.data_ptr<int64_t>(), best_dist.data_ptr<float>(),
-        exact ? second_dist.data_ptr<float>() : nullptr, at::cuda::getCurrentCUDAStream());
+        exact ? second_dist.data_ptr<float>() : nullptr, splits, splits > 1 ? workspace.data_ptr() : nullptr,
+        c10::cuda::getCurrentCUDAStream(z.device().index()).stream());
     TORCH_CHECK(status == cudaSuccess, "vqfast::nearest_codeword: CUDA kernel launch failed (N=", n, ", K=", k,
-                ", D=", d, "): ", cudaGetErrorString(status));
+                ", D=", d, ", splits=", splits, "): ", cudaGetErrorString(status));
     if (exact) {
       const double gamma = expansion_error_bound(d, 0x1p-24);
       const at::Tensor tol = 2.0 * gamma * (z_sqnorm.sqrt() + code_sqnorm.max().sqrt()).pow(2);

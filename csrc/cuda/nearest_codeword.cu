@@ -15,6 +15,7 @@
 // the FMA loads.
 #include "nearest_codeword.h"
 
+#include <algorithm>
 #include <climits>
 #include <cstdint>
 
@@ -123,7 +124,7 @@ template <bool kTf32, bool kVec>
 __global__ void __launch_bounds__(kThreads) nearest_codeword_kernel(
     const float* __restrict__ z, const float* __restrict__ codebook, const float* __restrict__ z_sqnorm,
     const float* __restrict__ code_sqnorm, int64_t n, int64_t k, int64_t d, int64_t* __restrict__ best_index,
-    float* __restrict__ best_dist, float* __restrict__ second_dist) {
+    float* __restrict__ best_dist, float* __restrict__ second_dist, int64_t tiles_per_split, bool partial) {
   __shared__ __align__(16) float as[2][kBlockRows][kStride];
   __shared__ __align__(16) float bs[2][kBlockCodes][kStride];
   __shared__ float red_best[kBlockRows];
@@ -161,17 +162,19 @@ __global__ void __launch_bounds__(kThreads) nearest_codeword_kernel(
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[mi][ni][c] = 0.f;
 
+  // This block's share of the codebook: code tiles [tile0, tile0 + code_tiles) of split blockIdx.y.
   const int64_t feat_tiles = (d + kBlockFeatures - 1) / kBlockFeatures;
-  const int64_t code_tiles = (k + kBlockCodes - 1) / kBlockCodes;
+  const int64_t tile0 = static_cast<int64_t>(blockIdx.y) * tiles_per_split;
+  const int64_t code_tiles = min((k + kBlockCodes - 1) / kBlockCodes - tile0, tiles_per_split);
   const int64_t steps = feat_tiles * code_tiles;  // one flat pipeline over (code tile, feature tile)
 
-  load_stage<kVec>(as[0], bs[0], z, codebook, n, k, d, row0, 0, 0);
+  load_stage<kVec>(as[0], bs[0], z, codebook, n, k, d, row0, tile0 * kBlockCodes, 0);
   cp_async_commit();
 
   for (int64_t s = 0; s < steps; ++s) {
     const int buf = static_cast<int>(s & 1);
     if (s + 1 < steps) {
-      const int64_t ct = (s + 1) / feat_tiles, ft = (s + 1) % feat_tiles;
+      const int64_t ct = tile0 + (s + 1) / feat_tiles, ft = (s + 1) % feat_tiles;
       load_stage<kVec>(as[buf ^ 1], bs[buf ^ 1], z, codebook, n, k, d, row0, ct * kBlockCodes, ft * kBlockFeatures);
     }
     cp_async_commit();  // an empty group on the last step keeps wait_group<1> meaning "stage s landed"
@@ -228,7 +231,7 @@ __global__ void __launch_bounds__(kThreads) nearest_codeword_kernel(
     if (s % feat_tiles == feat_tiles - 1) {
       // Epilogue of one code tile: norms in, top-2 update, accumulators reset. Codes are visited
       // in ascending order per thread, so a strict '<' keeps the lowest index on ties.
-      const int64_t code0 = (s / feat_tiles) * kBlockCodes;
+      const int64_t code0 = (tile0 + s / feat_tiles) * kBlockCodes;
 #pragma unroll
       for (int ni = 0; ni < 4; ++ni) {
 #pragma unroll
@@ -291,7 +294,13 @@ __global__ void __launch_bounds__(kThreads) nearest_codeword_kernel(
       const int lr = warp_m * 32 + (r / 2) * 16 + g + 8 * (r % 2);
       merge_top2(best[r], index[r], second[r], red_best[lr], red_index[lr], red_second[lr]);
       const int64_t row = row0 + lr;
-      if (row < n) {
+      if (row < n && partial) {
+        // One split of several: the raw top-2 goes to the workspace [splits, N] for merge_splits_kernel.
+        const int64_t at = static_cast<int64_t>(blockIdx.y) * n + row;
+        best_index[at] = index[r];
+        best_dist[at] = best[r];
+        second_dist[at] = second[r];
+      } else if (row < n) {
         // No finite or infinite value ever compared below +inf (all NaN): report code 0 with a NaN
         // distance, which the exact path re-ranks.
         best_index[row] = index[r] == kNoIndex ? 0 : index[r];
@@ -302,20 +311,85 @@ __global__ void __launch_bounds__(kThreads) nearest_codeword_kernel(
   }
 }
 
+// Fold the per-split top-2 of every row (splits ascending, so ties keep the lowest index) and write
+// the outputs as the single-split kernel does.
+__global__ void __launch_bounds__(256) merge_splits_kernel(const int64_t* __restrict__ ws_index,
+                                                           const float* __restrict__ ws_best,
+                                                           const float* __restrict__ ws_second, int64_t n, int splits,
+                                                           int64_t* __restrict__ best_index,
+                                                           float* __restrict__ best_dist,
+                                                           float* __restrict__ second_dist) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= n) return;
+  float best = __int_as_float(0x7f800000), second = __int_as_float(0x7f800000);
+  int index = kNoIndex;
+  for (int s = 0; s < splits; ++s) {
+    const int64_t at = static_cast<int64_t>(s) * n + row;
+    merge_top2(best, index, second, ws_best[at], static_cast<int>(ws_index[at]), ws_second[at]);
+  }
+  best_index[row] = index == kNoIndex ? 0 : index;
+  best_dist[row] = index == kNoIndex ? __int_as_float(0x7fc00000) : best;
+  if (second_dist != nullptr) second_dist[row] = second;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 }  // namespace
+
+int choose_code_splits(int64_t n, int64_t k) {
+  int device = 0, sms = 0;
+  if (n <= 0 || k <= 0 || cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) {
+    cudaGetLastError();  // a failed query is not the caller's error: search unsplit
+    return 1;
+  }
+  const int64_t row_blocks = ceil_div(n, kBlockRows);
+  const int64_t target_blocks = int64_t{kSplitBlocksPerSm} * sms;
+  if (row_blocks >= target_blocks) return 1;
+  int64_t splits = ceil_div(target_blocks, row_blocks);
+  splits = std::min(splits, ceil_div(ceil_div(k, kBlockCodes), kMinTilesPerSplit));
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(splits, kMaxSplits)));
+}
+
+size_t split_workspace_bytes(int64_t n, int splits) {
+  if (splits <= 1 || n <= 0) return 0;
+  return static_cast<size_t>(splits) * static_cast<size_t>(n) * (sizeof(int64_t) + 2 * sizeof(float));
+}
 
 cudaError_t launch_nearest_codeword(const float* z, const float* codebook, const float* z_sqnorm,
                                     const float* code_sqnorm, int64_t n, int64_t k, int64_t d, Mode mode,
-                                    int64_t* best_index, float* best_dist, float* second_dist, cudaStream_t stream) {
+                                    int64_t* best_index, float* best_dist, float* second_dist, int splits,
+                                    void* workspace, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
-  if (k <= 0 || k > INT_MAX - kBlockCodes || d <= 0) return cudaErrorInvalidValue;
-  const int64_t blocks = (n + kBlockRows - 1) / kBlockRows;
+  if (k <= 0 || k > INT_MAX - kBlockCodes || d <= 0 || splits < 1 || splits > kMaxSplits) return cudaErrorInvalidValue;
+  if (splits > 1 && workspace == nullptr) return cudaErrorInvalidValue;
+  const int64_t blocks = ceil_div(n, kBlockRows);
   if (blocks > INT_MAX) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>(blocks));
+  // Even shares of whole code tiles; rounding can leave fewer splits than asked (never an empty one).
+  const int64_t code_tiles = ceil_div(k, kBlockCodes);
+  const int64_t tiles_per_split = ceil_div(code_tiles, splits);
+  const int used = static_cast<int>(ceil_div(code_tiles, tiles_per_split));
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(used));
   const bool vec = d % 4 == 0 && reinterpret_cast<uintptr_t>(z) % 16 == 0 && reinterpret_cast<uintptr_t>(codebook) % 16 == 0;
   auto kernel = mode == Mode::kFastTf32 ? (vec ? nearest_codeword_kernel<true, true> : nearest_codeword_kernel<true, false>)
                                         : (vec ? nearest_codeword_kernel<false, true> : nearest_codeword_kernel<false, false>);
-  kernel<<<grid, kThreads, 0, stream>>>(z, codebook, z_sqnorm, code_sqnorm, n, k, d, best_index, best_dist, second_dist);
+  if (used == 1) {
+    kernel<<<grid, kThreads, 0, stream>>>(z, codebook, z_sqnorm, code_sqnorm, n, k, d, best_index, best_dist,
+                                          second_dist, tiles_per_split, false);
+    return cudaGetLastError();
+  }
+  // Workspace [used, N] of indices, best and second distances (split_workspace_bytes(n, splits)).
+  int64_t* ws_index = static_cast<int64_t*>(workspace);
+  float* ws_best = reinterpret_cast<float*>(ws_index + static_cast<int64_t>(used) * n);
+  float* ws_second = ws_best + static_cast<int64_t>(used) * n;
+  kernel<<<grid, kThreads, 0, stream>>>(z, codebook, z_sqnorm, code_sqnorm, n, k, d, ws_index, ws_best, ws_second,
+                                        tiles_per_split, true);
+  cudaError_t status = cudaGetLastError();
+  if (status != cudaSuccess) return status;
+  constexpr int kMergeThreads = 256;
+  const int64_t merge_blocks = ceil_div(n, kMergeThreads);
+  merge_splits_kernel<<<static_cast<unsigned>(merge_blocks), kMergeThreads, 0, stream>>>(
+      ws_index, ws_best, ws_second, n, used, best_index, best_dist, second_dist);
   return cudaGetLastError();
 }
 
