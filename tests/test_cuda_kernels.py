@@ -23,6 +23,12 @@ CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
 CU_FILES = sorted(glob.glob(os.path.join(CUDA_DIR, "*.cu")))
 # Kernels whose register use decides occupancy; they must not spill (a spill goes to local memory).
 MAIN_KERNELS = ("nearest_codeword_kernel",)
+# torch.utils.cpp_extension passes these to every nvcc call of the extension build: the kernels must
+# compile under them (no implicit half / bfloat16 conversions or operators).
+TORCH_NVCC_FLAGS = [
+    "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr",
+]
 
 
 def _nvcc() -> str | None:
@@ -80,15 +86,16 @@ def test_kernel_sources_include_no_torch_headers():
 @pytest.mark.parametrize("source", CU_FILES, ids=os.path.basename)
 def test_nvcc_builds_without_spills(source, arch, tmp_path):
     cmd = [
-        _nvcc(), "-std=c++17", "-O3", "-c", source, "-o", str(tmp_path / "kernel.o"),
+        _nvcc(), "-std=c++17", "-O3", *TORCH_NVCC_FLAGS, "-c", source, "-o", str(tmp_path / "kernel.o"),
         f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"nvcc failed for sm_{arch}:\n{proc.stderr[-4000:]}"
     report = parse_ptxas_report(proc.stdout + proc.stderr)
     main = {name: r for name, r in report.items() if any(k in name for k in MAIN_KERNELS)}
-    # One instantiation per precision mode (fp32 FMA / TF32 mma) and load width (4 / 16 bytes).
-    assert len(main) >= 4, f"expected the main kernels in the ptxas report, got {sorted(report)}"
+    # One instantiation per element type (fp32 / fp16 / bf16), precision mode (fp32 FMA / TF32 mma)
+    # and load width (element / 16 bytes).
+    assert len(main) >= 12, f"expected the main kernels in the ptxas report, got {sorted(report)}"
     print(f"\nptxas sm_{arch} {os.path.basename(source)}:")
     for name, r in sorted(report.items()):
         print(f"  {name}: {r}")
@@ -102,7 +109,7 @@ def test_standalone_check_builds_and_runs_on_a_gpu(tmp_path):
     """tests/cuda/check_nearest_codeword.cu drives the kernels without torch (also under compute-sanitizer)."""
     exe = tmp_path / "check_nearest_codeword"
     cmd = [
-        _nvcc(), "-std=c++17", "-O2", "-I", CUDA_DIR, "-gencode=arch=compute_80,code=sm_80",
+        _nvcc(), "-std=c++17", "-O2", *TORCH_NVCC_FLAGS, "-I", CUDA_DIR, "-gencode=arch=compute_80,code=sm_80",
         "-gencode=arch=compute_90,code=sm_90", os.path.join(ROOT, "tests", "cuda", "check_nearest_codeword.cu"),
         os.path.join(CUDA_DIR, "nearest_codeword.cu"), "-o", str(exe),
     ]

@@ -1,5 +1,7 @@
-// Torch side of the CUDA backend: input checks, fp32 staging, the kernel launch on the current
-// stream, exact re-ranking of the rows the kernel cannot prove, and the outputs.
+// Torch side of the CUDA backend: input checks, the kernel launches on the current stream (row
+// norms, search, gather + distance epilogue), and exact re-ranking of the rows the search cannot
+// prove. fp32 / fp16 / bf16 operands of one dtype reach the kernels as they are; mixed dtypes and
+// the cosine metric are staged once in fp32.
 //
 // Exact precision. The kernel's fp32 FMA distance ||z||^2 + ||c||^2 - 2 z.c is off by at most
 // gamma_{D+3} (||z|| + max ||c||)^2 (vqfast/reference.py), so a row whose second-best computed
@@ -96,50 +98,83 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nearest_codeword(const at::Tensor
   const bool exact = precision == "exact";
   const bool f64 = z.scalar_type() == at::kDouble || codebook.scalar_type() == at::kDouble;
 
-  at::Tensor zf, cf, indices;
   if (f64) {
     // float64 has no kernel here (GPUs run it at 1/2 to 1/64 of fp32): the float64 reference
     // algorithm in ATen ops, chunked, gives the same contract.
-    zf = normalize_for_metric(z.to(at::kDouble), cosine).contiguous();
-    cf = normalize_for_metric(codebook.to(at::kDouble), cosine).contiguous();
-    indices = search_fp64(zf, cf);
-  } else {
-    zf = normalize_for_metric(z.to(at::kFloat), cosine).contiguous();
-    cf = normalize_for_metric(codebook.to(at::kFloat), cosine).contiguous();
-    const at::Tensor z_sqnorm = (zf * zf).sum(1);
-    const at::Tensor code_sqnorm = (cf * cf).sum(1);
-    indices = at::empty({n}, z.options().dtype(at::kLong));
-    const at::Tensor best_dist = at::empty({n}, z.options().dtype(at::kFloat));
-    at::Tensor second_dist;
-    if (exact) second_dist = at::empty({n}, z.options().dtype(at::kFloat));
-    // Few rows (VAR's first scales, single queries): split the codebook over more thread blocks.
-    const int splits = choose_code_splits(n, k);
-    at::Tensor workspace;
-    if (splits > 1) {
-      workspace = at::empty({static_cast<int64_t>(split_workspace_bytes(n, splits))}, z.options().dtype(at::kByte));
+    const at::Tensor zf = normalize_for_metric(z.to(at::kDouble), cosine).contiguous();
+    const at::Tensor cf = normalize_for_metric(codebook.to(at::kDouble), cosine).contiguous();
+    const at::Tensor indices = search_fp64(zf, cf);
+    at::Tensor codewords = codebook.index_select(0, indices).to(z.scalar_type());
+    at::Tensor distances = (zf - cf.index_select(0, indices)).pow(2).sum(1).to(at::kFloat);
+    return {indices, codewords, distances};
+  }
+
+  // The kernels read fp32, fp16 and bf16 directly. Mixed dtypes, other float types and the cosine
+  // metric (normalised vectors) go through one fp32 copy of each operand.
+  const auto kernel_dtype = [](at::ScalarType t) -> int {
+    switch (t) {
+      case at::kFloat: return static_cast<int>(DType::kFloat32);
+      case at::kHalf: return static_cast<int>(DType::kFloat16);
+      case at::kBFloat16: return static_cast<int>(DType::kBFloat16);
+      default: return -1;
     }
-    const cudaError_t status = launch_nearest_codeword(
-        zf.data_ptr<float>(), cf.data_ptr<float>(), z_sqnorm.data_ptr<float>(), code_sqnorm.data_ptr<float>(), n, k,
-        d, exact ? Mode::kExactFma : Mode::kFastTf32, indices.data_ptr<int64_t>(), best_dist.data_ptr<float>(),
-        exact ? second_dist.data_ptr<float>() : nullptr, splits, splits > 1 ? workspace.data_ptr() : nullptr,
-        c10::cuda::getCurrentCUDAStream(z.device().index()).stream());
-    TORCH_CHECK(status == cudaSuccess, "vqfast::nearest_codeword: CUDA kernel launch failed (N=", n, ", K=", k,
-                ", D=", d, ", splits=", splits, "): ", cudaGetErrorString(status));
-    if (exact) {
-      const double gamma = expansion_error_bound(d, 0x1p-24);
-      const at::Tensor tol = 2.0 * gamma * (z_sqnorm.sqrt() + code_sqnorm.max().sqrt()).pow(2);
-      // NaN or infinite distances fail the comparison and are re-ranked.
-      const at::Tensor proven = second_dist.gt(best_dist + tol);
-      const at::Tensor rows = proven.logical_not().nonzero().squeeze(1);
-      if (rows.numel() > 0) {
-        indices.index_copy_(0, rows, search_fp64(zf.index_select(0, rows), cf.to(at::kDouble)));
-      }
+  };
+  const bool direct = !cosine && z.scalar_type() == codebook.scalar_type() && kernel_dtype(z.scalar_type()) >= 0;
+  const at::Tensor zs = direct ? z.contiguous() : normalize_for_metric(z.to(at::kFloat), cosine).contiguous();
+  const at::Tensor cs = direct ? codebook.contiguous() : normalize_for_metric(codebook.to(at::kFloat), cosine).contiguous();
+  const DType dtype = static_cast<DType>(kernel_dtype(zs.scalar_type()));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(z.device().index()).stream();
+  const auto check = [&](cudaError_t status, const char* what) {
+    TORCH_CHECK(status == cudaSuccess, "vqfast::nearest_codeword: CUDA ", what, " kernel failed to launch (N=", n,
+                ", K=", k, ", D=", d, "): ", cudaGetErrorString(status));
+  };
+
+  const at::Tensor z_sqnorm = at::empty({n}, z.options().dtype(at::kFloat));
+  const at::Tensor code_sqnorm = at::empty({k}, z.options().dtype(at::kFloat));
+  check(launch_row_sqnorms(zs.data_ptr(), dtype, n, d, z_sqnorm.data_ptr<float>(), stream), "row-norm");
+  check(launch_row_sqnorms(cs.data_ptr(), dtype, k, d, code_sqnorm.data_ptr<float>(), stream), "row-norm");
+
+  at::Tensor indices = at::empty({n}, z.options().dtype(at::kLong));
+  const at::Tensor best_dist = at::empty({n}, z.options().dtype(at::kFloat));
+  at::Tensor second_dist;
+  if (exact) second_dist = at::empty({n}, z.options().dtype(at::kFloat));
+  // Few rows (VAR's first scales, single queries): split the codebook over more thread blocks.
+  const int splits = choose_code_splits(n, k);
+  at::Tensor workspace;
+  if (splits > 1) {
+    workspace = at::empty({static_cast<int64_t>(split_workspace_bytes(n, splits))}, z.options().dtype(at::kByte));
+  }
+  check(launch_nearest_codeword(zs.data_ptr(), cs.data_ptr(), dtype, z_sqnorm.data_ptr<float>(),
+                                code_sqnorm.data_ptr<float>(), n, k, d, exact ? Mode::kExactFma : Mode::kFastTf32,
+                                indices.data_ptr<int64_t>(), best_dist.data_ptr<float>(),
+                                exact ? second_dist.data_ptr<float>() : nullptr, splits,
+                                splits > 1 ? workspace.data_ptr() : nullptr, stream),
+        "search");
+  if (exact) {
+    const double gamma = expansion_error_bound(d, 0x1p-24);
+    const at::Tensor tol = 2.0 * gamma * (z_sqnorm.sqrt() + code_sqnorm.max().sqrt()).pow(2);
+    // NaN or infinite distances fail the comparison and are re-ranked.
+    const at::Tensor proven = second_dist.gt(best_dist + tol);
+    const at::Tensor rows = proven.logical_not().nonzero().squeeze(1);
+    if (rows.numel() > 0) {
+      indices.index_copy_(0, rows, search_fp64(zs.index_select(0, rows), cs.to(at::kDouble)));
     }
   }
 
-  at::Tensor codewords = codebook.index_select(0, indices).to(z.scalar_type());
-  // Distances of the chosen codewords computed directly (no cancellation), as reference.py does.
-  at::Tensor distances = (zf - cf.index_select(0, indices)).pow(2).sum(1).to(at::kFloat);
+  // Epilogue, one pass: the chosen codewords and their distances computed directly (no cancellation).
+  const at::Tensor distances = at::empty({n}, z.options().dtype(at::kFloat));
+  at::Tensor codewords;
+  if (direct) {
+    codewords = at::empty({n, d}, z.options());
+    check(launch_gather_distance(zs.data_ptr(), cs.data_ptr(), dtype, indices.data_ptr<int64_t>(), n, d,
+                                 codewords.data_ptr(), distances.data_ptr<float>(), stream),
+          "gather");
+  } else {
+    check(launch_gather_distance(zs.data_ptr(), cs.data_ptr(), dtype, indices.data_ptr<int64_t>(), n, d, nullptr,
+                                 distances.data_ptr<float>(), stream),
+          "distance");
+    codewords = codebook.index_select(0, indices).to(z.scalar_type());
+  }
   return {indices, codewords, distances};
 }
 

@@ -1,9 +1,11 @@
 // CUDA nearest-codeword search: distance tile + running top-2 argmin in one kernel, no N x K buffer.
 //
 // One thread block owns 64 rows of z and sweeps the whole codebook in tiles of 64 codewords x 16
-// features. Tiles stream through a two-stage cp.async pipeline with zero fill (features past D read
-// as 0): 16-byte copies when D % 4 == 0 and the bases are 16-byte aligned, else 4-byte copies, so any
-// D and any alignment works. Four warps split the 64 x 64 dot-product tile 2 x 2; every thread owns
+// features. Tiles stream through a two-stage pipeline into fp32 shared memory with zero fill (features
+// past D read as 0). fp32 inputs: cp.async, 16-byte copies when D % 4 == 0 and the bases are 16-byte
+// aligned, else 4-byte copies. fp16 / bf16 inputs: the thread loads its elements of the next stage
+// (8 in one 16-byte load when D % 8 == 0 and aligned) and stores them converted to fp32, which is
+// exact; no fp32 copy of z or the codebook is ever made. Any D and any alignment works. Four warps split the 64 x 64 dot-product tile 2 x 2; every thread owns
 // the same 32 accumulators in both modes, laid out as the C fragments of mma.m16n8k8, so one
 // epilogue serves both:
 //   rows warp_m*32 + mi*16 + g + 8h, codes warp_n*32 + ni*8 + 2t + c  (g = lane/4, t = lane%4).
@@ -15,9 +17,13 @@
 // the FMA loads.
 #include "nearest_codeword.h"
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 
 namespace vqfast {
 namespace cuda {
@@ -33,6 +39,24 @@ static_assert((kBlockRows * kBlockFeatures) % kThreads == 0, "tile loads split e
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// The two 16-bit elements of a 32-bit word (the lower address in the low half), as fp32.
+template <typename T>
+__device__ __forceinline__ float4 unpack4(unsigned lo_word, unsigned hi_word) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {  // bf16 is the top half of an fp32
+    return make_float4(__uint_as_float(lo_word << 16), __uint_as_float(lo_word & 0xffff0000u),
+                       __uint_as_float(hi_word << 16), __uint_as_float(hi_word & 0xffff0000u));
+  } else {
+    return make_float4(__half2float(__ushort_as_half(static_cast<unsigned short>(lo_word & 0xffffu))),
+                       __half2float(__ushort_as_half(static_cast<unsigned short>(lo_word >> 16))),
+                       __half2float(__ushort_as_half(static_cast<unsigned short>(hi_word & 0xffffu))),
+                       __half2float(__ushort_as_half(static_cast<unsigned short>(hi_word >> 16))));
+  }
 }
 
 // 4-byte asynchronous copy global -> shared; src_bytes = 0 writes a zero without reading.
@@ -84,11 +108,57 @@ __device__ __forceinline__ void merge_top2(float& best, int& index, float& secon
 // kVec (D % 4 == 0, 16-byte aligned bases): 16-byte copies, 4x fewer copy instructions; a
 // 4-feature chunk then lies wholly inside or wholly past D. Shared rows are 80 bytes, so every
 // chunk destination is 16-byte aligned too.
-template <bool kVec>
-__device__ __forceinline__ void load_stage(float (*as)[kStride], float (*bs)[kStride], const float* __restrict__ z,
-                                           const float* __restrict__ codebook, int64_t n, int64_t k, int64_t d,
-                                           int64_t row0, int64_t code0, int64_t feat0) {
+//
+// 16-bit T: plain loads converted to fp32 and stored. Every thread issues all its loads before its
+// first store; the stage's buffer was released by the previous iteration's closing barrier.
+template <typename T, bool kVec>
+__device__ __forceinline__ void load_stage_16bit(float (*as)[kStride], float (*bs)[kStride], const T* __restrict__ z,
+                                                 const T* __restrict__ codebook, int64_t n, int64_t k, int64_t d,
+                                                 int64_t row0, int64_t code0, int64_t feat0) {
+  static_assert(sizeof(T) == 2, "16-bit inputs only");
   if constexpr (kVec) {
+    // 64 rows x 2 chunks of 8 features per tile: one 16-byte load per thread per tile.
+    static_assert(kBlockRows * (kBlockFeatures / 8) == kThreads, "one chunk per thread");
+    const int r = threadIdx.x / 2;
+    const int f = (threadIdx.x % 2) * 8;
+    const int64_t feat = feat0 + f;
+    const int64_t row = row0 + r;
+    const int64_t code = code0 + r;
+    uint4 zv = make_uint4(0, 0, 0, 0), cv = make_uint4(0, 0, 0, 0);
+    if (row < n && feat < d) zv = *reinterpret_cast<const uint4*>(z + row * d + feat);
+    if (code < k && feat < d) cv = *reinterpret_cast<const uint4*>(codebook + code * d + feat);
+    *reinterpret_cast<float4*>(&as[r][f]) = unpack4<T>(zv.x, zv.y);
+    *reinterpret_cast<float4*>(&as[r][f + 4]) = unpack4<T>(zv.z, zv.w);
+    *reinterpret_cast<float4*>(&bs[r][f]) = unpack4<T>(cv.x, cv.y);
+    *reinterpret_cast<float4*>(&bs[r][f + 4]) = unpack4<T>(cv.z, cv.w);
+  } else {
+    constexpr int kPerThread = kBlockRows * kBlockFeatures / kThreads;
+    float zr[kPerThread], cr[kPerThread];
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int e = threadIdx.x + j * kThreads;
+      const int64_t feat = feat0 + e % kBlockFeatures;
+      const int64_t row = row0 + e / kBlockFeatures;
+      const int64_t code = code0 + e / kBlockFeatures;
+      zr[j] = row < n && feat < d ? to_float(z[row * d + feat]) : 0.f;
+      cr[j] = code < k && feat < d ? to_float(codebook[code * d + feat]) : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int e = threadIdx.x + j * kThreads;
+      as[e / kBlockFeatures][e % kBlockFeatures] = zr[j];
+      bs[e / kBlockFeatures][e % kBlockFeatures] = cr[j];
+    }
+  }
+}
+
+template <typename T, bool kVec>
+__device__ __forceinline__ void load_stage(float (*as)[kStride], float (*bs)[kStride], const T* __restrict__ z,
+                                           const T* __restrict__ codebook, int64_t n, int64_t k, int64_t d,
+                                           int64_t row0, int64_t code0, int64_t feat0) {
+  if constexpr (!std::is_same_v<T, float>) {
+    load_stage_16bit<T, kVec>(as, bs, z, codebook, n, k, d, row0, code0, feat0);
+  } else if constexpr (kVec) {
     constexpr int kChunks = kBlockFeatures / 4;
 #pragma unroll
     for (int j = 0; j < kBlockRows * kChunks / kThreads; ++j) {
@@ -120,9 +190,10 @@ __device__ __forceinline__ void load_stage(float (*as)[kStride], float (*bs)[kSt
   }
 }
 
-template <bool kTf32, bool kVec>
-__global__ void __launch_bounds__(kThreads) nearest_codeword_kernel(
-    const float* __restrict__ z, const float* __restrict__ codebook, const float* __restrict__ z_sqnorm,
+template <typename T, bool kTf32, bool kVec>
+// At most 170 registers a thread: kResidentBlocks blocks of 128 threads fit one SM's 64K registers.
+__global__ void __launch_bounds__(kThreads, kResidentBlocks) nearest_codeword_kernel(
+    const T* __restrict__ z, const T* __restrict__ codebook, const float* __restrict__ z_sqnorm,
     const float* __restrict__ code_sqnorm, int64_t n, int64_t k, int64_t d, int64_t* __restrict__ best_index,
     float* __restrict__ best_dist, float* __restrict__ second_dist, int64_t tiles_per_split, bool partial) {
   __shared__ __align__(16) float as[2][kBlockRows][kStride];
@@ -168,14 +239,14 @@ __global__ void __launch_bounds__(kThreads) nearest_codeword_kernel(
   const int64_t code_tiles = min((k + kBlockCodes - 1) / kBlockCodes - tile0, tiles_per_split);
   const int64_t steps = feat_tiles * code_tiles;  // one flat pipeline over (code tile, feature tile)
 
-  load_stage<kVec>(as[0], bs[0], z, codebook, n, k, d, row0, tile0 * kBlockCodes, 0);
+  load_stage<T, kVec>(as[0], bs[0], z, codebook, n, k, d, row0, tile0 * kBlockCodes, 0);
   cp_async_commit();
 
   for (int64_t s = 0; s < steps; ++s) {
     const int buf = static_cast<int>(s & 1);
     if (s + 1 < steps) {
       const int64_t ct = tile0 + (s + 1) / feat_tiles, ft = (s + 1) % feat_tiles;
-      load_stage<kVec>(as[buf ^ 1], bs[buf ^ 1], z, codebook, n, k, d, row0, ct * kBlockCodes, ft * kBlockFeatures);
+      load_stage<T, kVec>(as[buf ^ 1], bs[buf ^ 1], z, codebook, n, k, d, row0, ct * kBlockCodes, ft * kBlockFeatures);
     }
     cp_async_commit();  // an empty group on the last step keeps wait_group<1> meaning "stage s landed"
     cp_async_wait<1>();
@@ -344,7 +415,7 @@ int choose_code_splits(int64_t n, int64_t k) {
     return 1;
   }
   const int64_t row_blocks = ceil_div(n, kBlockRows);
-  const int64_t target_blocks = int64_t{kSplitBlocksPerSm} * sms;
+  const int64_t target_blocks = int64_t{kResidentBlocks} * sms;
   if (row_blocks >= target_blocks) return 1;
   int64_t splits = ceil_div(target_blocks, row_blocks);
   splits = std::min(splits, ceil_div(ceil_div(k, kBlockCodes), kMinTilesPerSplit));
@@ -356,13 +427,12 @@ size_t split_workspace_bytes(int64_t n, int splits) {
   return static_cast<size_t>(splits) * static_cast<size_t>(n) * (sizeof(int64_t) + 2 * sizeof(float));
 }
 
-cudaError_t launch_nearest_codeword(const float* z, const float* codebook, const float* z_sqnorm,
-                                    const float* code_sqnorm, int64_t n, int64_t k, int64_t d, Mode mode,
-                                    int64_t* best_index, float* best_dist, float* second_dist, int splits,
-                                    void* workspace, cudaStream_t stream) {
-  if (n <= 0) return cudaSuccess;
-  if (k <= 0 || k > INT_MAX - kBlockCodes || d <= 0 || splits < 1 || splits > kMaxSplits) return cudaErrorInvalidValue;
-  if (splits > 1 && workspace == nullptr) return cudaErrorInvalidValue;
+namespace {
+
+template <typename T>
+cudaError_t launch_search(const T* z, const T* codebook, const float* z_sqnorm, const float* code_sqnorm, int64_t n,
+                          int64_t k, int64_t d, Mode mode, int64_t* best_index, float* best_dist, float* second_dist,
+                          int splits, void* workspace, cudaStream_t stream) {
   const int64_t blocks = ceil_div(n, kBlockRows);
   if (blocks > INT_MAX) return cudaErrorInvalidValue;
   // Even shares of whole code tiles; rounding can leave fewer splits than asked (never an empty one).
@@ -370,9 +440,12 @@ cudaError_t launch_nearest_codeword(const float* z, const float* codebook, const
   const int64_t tiles_per_split = ceil_div(code_tiles, splits);
   const int used = static_cast<int>(ceil_div(code_tiles, tiles_per_split));
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(used));
-  const bool vec = d % 4 == 0 && reinterpret_cast<uintptr_t>(z) % 16 == 0 && reinterpret_cast<uintptr_t>(codebook) % 16 == 0;
-  auto kernel = mode == Mode::kFastTf32 ? (vec ? nearest_codeword_kernel<true, true> : nearest_codeword_kernel<true, false>)
-                                        : (vec ? nearest_codeword_kernel<false, true> : nearest_codeword_kernel<false, false>);
+  // Vector loads: 16 bytes = 16 / sizeof(T) features must divide D, and both bases be 16-byte aligned.
+  const bool vec = d % (16 / sizeof(T)) == 0 && reinterpret_cast<uintptr_t>(z) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(codebook) % 16 == 0;
+  auto kernel = mode == Mode::kFastTf32
+                    ? (vec ? nearest_codeword_kernel<T, true, true> : nearest_codeword_kernel<T, true, false>)
+                    : (vec ? nearest_codeword_kernel<T, false, true> : nearest_codeword_kernel<T, false, false>);
   if (used == 1) {
     kernel<<<grid, kThreads, 0, stream>>>(z, codebook, z_sqnorm, code_sqnorm, n, k, d, best_index, best_dist,
                                           second_dist, tiles_per_split, false);
@@ -384,13 +457,116 @@ cudaError_t launch_nearest_codeword(const float* z, const float* codebook, const
   float* ws_second = ws_best + static_cast<int64_t>(used) * n;
   kernel<<<grid, kThreads, 0, stream>>>(z, codebook, z_sqnorm, code_sqnorm, n, k, d, ws_index, ws_best, ws_second,
                                         tiles_per_split, true);
-  cudaError_t status = cudaGetLastError();
+  const cudaError_t status = cudaGetLastError();
   if (status != cudaSuccess) return status;
   constexpr int kMergeThreads = 256;
-  const int64_t merge_blocks = ceil_div(n, kMergeThreads);
-  merge_splits_kernel<<<static_cast<unsigned>(merge_blocks), kMergeThreads, 0, stream>>>(
+  merge_splits_kernel<<<static_cast<unsigned>(ceil_div(n, kMergeThreads)), kMergeThreads, 0, stream>>>(
       ws_index, ws_best, ws_second, n, used, best_index, best_dist, second_dist);
   return cudaGetLastError();
+}
+
+// Rows per block of the row kernels below: one warp per row.
+constexpr int kRowWarps = 8;
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// out[i] = sum_j x[i, j]^2 in fp32. Any summation order keeps the error within the gamma_{D+3}
+// budget of the ranking bound.
+template <typename T>
+__global__ void __launch_bounds__(kRowWarps * 32) row_sqnorms_kernel(const T* __restrict__ x, int64_t rows, int64_t d,
+                                                                     float* __restrict__ out) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / 32;
+  if (row >= rows) return;  // whole warps leave together
+  const int lane = threadIdx.x % 32;
+  const T* xr = x + row * d;
+  float acc = 0.f;
+  for (int64_t j = lane; j < d; j += 32) {
+    const float v = to_float(xr[j]);
+    acc = fmaf(v, v, acc);
+  }
+  acc = warp_sum(acc);
+  if (lane == 0) out[row] = acc;
+}
+
+// codewords[i, :] = codebook[indices[i], :] (when codewords != nullptr) and
+// distances[i] = sum_j (z[i, j] - codebook[indices[i], j])^2 in fp32, computed directly.
+template <typename T>
+__global__ void __launch_bounds__(kRowWarps * 32) gather_distance_kernel(
+    const T* __restrict__ z, const T* __restrict__ codebook, const int64_t* __restrict__ indices, int64_t n,
+    int64_t d, T* __restrict__ codewords, float* __restrict__ distances) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / 32;
+  if (row >= n) return;
+  const int lane = threadIdx.x % 32;
+  const T* zr = z + row * d;
+  const T* cr = codebook + indices[row] * d;
+  T* out = codewords == nullptr ? nullptr : codewords + row * d;
+  float acc = 0.f;
+  for (int64_t j = lane; j < d; j += 32) {
+    const T c = cr[j];
+    if (out != nullptr) out[j] = c;
+    const float diff = to_float(zr[j]) - to_float(c);
+    acc = fmaf(diff, diff, acc);
+  }
+  acc = warp_sum(acc);
+  if (lane == 0) distances[row] = acc;
+}
+
+template <typename F>
+cudaError_t dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return f(float{});
+    case DType::kFloat16:
+      return f(__half{});
+    case DType::kBFloat16:
+      return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+unsigned row_blocks(int64_t rows) { return static_cast<unsigned>(ceil_div(rows, kRowWarps)); }
+
+}  // namespace
+
+cudaError_t launch_nearest_codeword(const void* z, const void* codebook, DType dtype, const float* z_sqnorm,
+                                    const float* code_sqnorm, int64_t n, int64_t k, int64_t d, Mode mode,
+                                    int64_t* best_index, float* best_dist, float* second_dist, int splits,
+                                    void* workspace, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  if (k <= 0 || k > INT_MAX - kBlockCodes || d <= 0 || splits < 1 || splits > kMaxSplits) return cudaErrorInvalidValue;
+  if (splits > 1 && workspace == nullptr) return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return launch_search<T>(static_cast<const T*>(z), static_cast<const T*>(codebook), z_sqnorm, code_sqnorm, n, k, d,
+                            mode, best_index, best_dist, second_dist, splits, workspace, stream);
+  });
+}
+
+cudaError_t launch_row_sqnorms(const void* x, DType dtype, int64_t rows, int64_t d, float* out, cudaStream_t stream) {
+  if (rows <= 0) return cudaSuccess;
+  if (d <= 0 || ceil_div(rows, kRowWarps) > INT_MAX) return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    row_sqnorms_kernel<T><<<row_blocks(rows), kRowWarps * 32, 0, stream>>>(static_cast<const T*>(x), rows, d, out);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_gather_distance(const void* z, const void* codebook, DType dtype, const int64_t* indices,
+                                   int64_t n, int64_t d, void* codewords, float* distances, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  if (d <= 0 || ceil_div(n, kRowWarps) > INT_MAX) return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    gather_distance_kernel<T><<<row_blocks(n), kRowWarps * 32, 0, stream>>>(
+        static_cast<const T*>(z), static_cast<const T*>(codebook), indices, n, d, static_cast<T*>(codewords),
+        distances);
+    return cudaGetLastError();
+  });
 }
 
 }  // namespace cuda

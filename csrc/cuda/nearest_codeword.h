@@ -18,10 +18,12 @@ constexpr int kBlockCodes = 64;
 constexpr int kBlockFeatures = 16;
 constexpr int kThreads = 128;
 
+// Thread blocks of the search kernel resident on one SM (its launch bounds).
+constexpr int kResidentBlocks = 3;
+
 // Small N: when the row blocks cannot fill the GPU the codebook is split across blockIdx.y, up to
-// kSplitBlocksPerSm blocks per SM in all, each split sweeping at least kMinTilesPerSplit code tiles;
+// kResidentBlocks blocks per SM in all, each split sweeping at least kMinTilesPerSplit code tiles;
 // a second kernel merges the per-split top-2 of every row.
-constexpr int kSplitBlocksPerSm = 2;
 constexpr int kMinTilesPerSplit = 4;
 constexpr int kMaxSplits = 4096;
 
@@ -34,7 +36,11 @@ enum class Mode : int {
   kFastTf32 = 1,
 };
 
-// For every row i of z [N, D] (fp32, row-major, contiguous) against codebook [K, D] (same layout):
+// Element type of z and the codebook (both the same): every kernel computes in fp32, converting
+// fp16 / bf16 elements exactly as it loads them.
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// For every row i of z [N, D] against codebook [K, D] (dtype `dtype`, row-major, contiguous):
 //   d(i, k)       = z_sqnorm[i] + code_sqnorm[k] - 2 * <z_i, c_k>   (computed, fp32)
 //   best_index[i] = argmin_k d(i, k), the lowest k on equal computed values
 //   best_dist[i]  = d(i, best_index[i])
@@ -43,10 +49,19 @@ enum class Mode : int {
 // on `splits` (1 to kMaxSplits; `workspace` holds split_workspace_bytes(n, splits) device bytes when
 // splits > 1, else may be nullptr).
 // Launched on `stream`; returns the launch status (cudaGetLastError right after each launch).
-cudaError_t launch_nearest_codeword(const float* z, const float* codebook, const float* z_sqnorm,
+cudaError_t launch_nearest_codeword(const void* z, const void* codebook, DType dtype, const float* z_sqnorm,
                                     const float* code_sqnorm, int64_t n, int64_t k, int64_t d, Mode mode,
                                     int64_t* best_index, float* best_dist, float* second_dist, int splits,
                                     void* workspace, cudaStream_t stream);
+
+// out[i] = sum_j x[i, j]^2 in fp32 for x [rows, d] (contiguous).
+cudaError_t launch_row_sqnorms(const void* x, DType dtype, int64_t rows, int64_t d, float* out, cudaStream_t stream);
+
+// The epilogue after the search, one pass over z: codewords[i, :] = codebook[indices[i], :] (skipped
+// when codewords is nullptr) and distances[i] = sum_j (z[i, j] - codebook[indices[i], j])^2 in fp32,
+// computed directly (no cancellation). indices must lie in [0, K).
+cudaError_t launch_gather_distance(const void* z, const void* codebook, DType dtype, const int64_t* indices,
+                                   int64_t n, int64_t d, void* codewords, float* distances, cudaStream_t stream);
 
 // The number of codebook splits for n rows and k codewords on the current device (1 when the row
 // blocks alone fill it, or when the device cannot be queried).

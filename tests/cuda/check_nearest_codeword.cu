@@ -4,13 +4,21 @@
 //   nvcc -std=c++17 -O2 -I csrc/cuda tests/cuda/check_nearest_codeword.cu csrc/cuda/nearest_codeword.cu -o check
 //   ./check && compute-sanitizer --tool memcheck ./check && compute-sanitizer --tool racecheck ./check
 //
-// For odd shapes it compares the kernel with a float64 brute force on the host:
+// For odd shapes, fp32 / fp16 / bf16 elements and both modes it compares the kernels with a float64
+// computation on the host:
+//   row norms:  within the fp32 summation bound of the exact sum of squares.
 //   exact mode: a row whose top-2 gap exceeds twice the fp32 expansion bound (the rows the binding
 //               does not re-rank) must hold the true argmin; every row: best <= second.
 //   fast mode:  the true distance of the pick is within twice the TF32 error bound of the minimum.
-//   both:       the codebook split over 2, 3, 7 and the automatic number of thread blocks gives
+//   splits:     the codebook split over 2, 3, 7 and the automatic number of thread blocks gives
 //               bit-identical outputs to the unsplit search.
+//   16-bit:     fp16 / bf16 inputs give bit-identical outputs to fp32 inputs holding the same values
+//               (the kernels convert exactly and compute in fp32).
+//   epilogue:   gathered codewords equal codebook[index] bit for bit; distances within gamma_{D+3}
+//               relative of the float64 direct sum.
 // Exits 0 when every check holds.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -18,6 +26,7 @@
 #include <cstdio>
 #include <cstring>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 #include "nearest_codeword.h"
@@ -33,87 +42,160 @@
 
 namespace {
 
+using vqfast::cuda::DType;
+using vqfast::cuda::Mode;
+
 struct Shape {
   int64_t n, k, d;
 };
 
-int run_case(const Shape& s, vqfast::cuda::Mode mode, std::mt19937& rng) {
+// Host <-> element conversions; the test values are first rounded to the element type, so the
+// float64 oracle sees exactly what the kernel sees.
+template <typename T> T from_float(float x);
+template <> float from_float<float>(float x) { return x; }
+template <> __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <> __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+float as_float(float x) { return x; }
+float as_float(__half x) { return __half2float(x); }
+float as_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> DType dtype_of();
+template <> DType dtype_of<float>() { return DType::kFloat32; }
+template <> DType dtype_of<__half>() { return DType::kFloat16; }
+template <> DType dtype_of<__nv_bfloat16>() { return DType::kBFloat16; }
+template <typename T> const char* name_of();
+template <> const char* name_of<float>() { return "fp32"; }
+template <> const char* name_of<__half>() { return "fp16"; }
+template <> const char* name_of<__nv_bfloat16>() { return "bf16"; }
+
+template <typename T>
+T* to_device(const std::vector<T>& v) {
+  T* p = nullptr;
+  CHECK_CUDA(cudaMalloc(&p, v.size() * sizeof(T) + 16));  // +16: never a zero-byte allocation
+  CHECK_CUDA(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return p;
+}
+
+template <typename T>
+std::vector<T> to_host(const T* p, size_t count) {
+  std::vector<T> v(count);
+  CHECK_CUDA(cudaMemcpy(v.data(), p, count * sizeof(T), cudaMemcpyDeviceToHost));
+  return v;
+}
+
+struct Result {
+  std::vector<int64_t> index;
+  std::vector<float> best, second, znorm, cnorm;
+};
+
+bool same_bits(float a, float b) { return std::memcmp(&a, &b, sizeof(float)) == 0; }
+
+// Element-type T inputs holding the float values zf / cbf (already representable in T).
+template <typename T>
+Result search(const Shape& s, Mode mode, const std::vector<float>& zf, const std::vector<float>& cbf, int splits,
+              int& failures) {
+  std::vector<T> zt(zf.size()), ct(cbf.size());
+  for (size_t i = 0; i < zf.size(); ++i) zt[i] = from_float<T>(zf[i]);
+  for (size_t i = 0; i < cbf.size(); ++i) ct[i] = from_float<T>(cbf[i]);
+  T* dz = to_device(zt);
+  T* dcb = to_device(ct);
+  float *dzn, *dcn, *dbest, *dsecond, *ddist;
+  int64_t* didx;
+  void* dworkspace = nullptr;
+  CHECK_CUDA(cudaMalloc(&dzn, s.n * sizeof(float)));
+  CHECK_CUDA(cudaMalloc(&dcn, s.k * sizeof(float)));
+  CHECK_CUDA(cudaMalloc(&dbest, s.n * sizeof(float)));
+  CHECK_CUDA(cudaMalloc(&dsecond, s.n * sizeof(float)));
+  CHECK_CUDA(cudaMalloc(&ddist, s.n * sizeof(float)));
+  CHECK_CUDA(cudaMalloc(&didx, s.n * sizeof(int64_t)));
+  T* dcw;
+  CHECK_CUDA(cudaMalloc(&dcw, s.n * s.d * sizeof(T)));
+  if (splits > 1) CHECK_CUDA(cudaMalloc(&dworkspace, vqfast::cuda::split_workspace_bytes(s.n, splits)));
+  CHECK_CUDA(cudaMemset(didx, 0xff, s.n * sizeof(int64_t)));  // stale outputs must not pass
+
+  const DType dt = dtype_of<T>();
+  CHECK_CUDA(vqfast::cuda::launch_row_sqnorms(dz, dt, s.n, s.d, dzn, 0));
+  CHECK_CUDA(vqfast::cuda::launch_row_sqnorms(dcb, dt, s.k, s.d, dcn, 0));
+  CHECK_CUDA(vqfast::cuda::launch_nearest_codeword(dz, dcb, dt, dzn, dcn, s.n, s.k, s.d, mode, didx, dbest, dsecond,
+                                                   splits, dworkspace, 0));
+  CHECK_CUDA(vqfast::cuda::launch_gather_distance(dz, dcb, dt, didx, s.n, s.d, dcw, ddist, 0));
+  CHECK_CUDA(cudaDeviceSynchronize());
+
+  Result r{to_host(didx, s.n), to_host(dbest, s.n), to_host(dsecond, s.n), to_host(dzn, s.n), to_host(dcn, s.k)};
+  const std::vector<T> cw = to_host(dcw, s.n * s.d);
+  const std::vector<float> dist = to_host(ddist, s.n);
+  // Epilogue: exact gather, direct distance.
+  for (int64_t i = 0; i < s.n; ++i) {
+    const int64_t c = r.index[i];
+    if (c < 0 || c >= s.k) continue;  // reported by the search checks
+    double exact = 0.0;
+    bool same = true;
+    for (int64_t j = 0; j < s.d; ++j) {
+      same = same && std::memcmp(&cw[i * s.d + j], &ct[c * s.d + j], sizeof(T)) == 0;
+      const double t = static_cast<double>(zf[i * s.d + j]) - cbf[c * s.d + j];
+      exact += t * t;
+    }
+    // d + 2 roundings per term at most (difference, square, sum): gamma_{D+3} relative.
+    const bool close = std::fabs(dist[i] - exact) <= (s.d + 3) * 0x1p-24 * exact * 1.01;
+    if ((!same || !close) && failures++ < 5) {
+      std::fprintf(stderr, "  epilogue row %lld: codeword %s, distance %.9g vs %.9g\n", static_cast<long long>(i),
+                   same ? "ok" : "differs", dist[i], exact);
+    }
+  }
+  for (void* p : {static_cast<void*>(dz), static_cast<void*>(dcb), static_cast<void*>(dzn), static_cast<void*>(dcn),
+                  static_cast<void*>(dbest), static_cast<void*>(dsecond), static_cast<void*>(ddist),
+                  static_cast<void*>(didx), static_cast<void*>(dcw), dworkspace})
+    CHECK_CUDA(cudaFree(p));
+  return r;
+}
+
+int compare_bits(const Result& a, const Result& b, const char* what) {
+  int mismatches = 0;
+  for (size_t i = 0; i < a.index.size(); ++i) {
+    if (a.index[i] == b.index[i] && same_bits(a.best[i], b.best[i]) && same_bits(a.second[i], b.second[i])) continue;
+    if (mismatches++ < 5) {
+      std::fprintf(stderr, "  %s row %zu: %lld (%.9g, %.9g) vs %lld (%.9g, %.9g)\n", what, i,
+                   static_cast<long long>(a.index[i]), a.best[i], a.second[i], static_cast<long long>(b.index[i]),
+                   b.best[i], b.second[i]);
+    }
+  }
+  return mismatches;
+}
+
+template <typename T>
+int run_case(const Shape& s, Mode mode, std::mt19937& rng) {
   std::normal_distribution<float> normal;
-  std::vector<float> z(s.n * s.d), cb(s.k * s.d), zn(s.n), cn(s.k);
-  for (auto& v : z) v = normal(rng);
-  for (auto& v : cb) v = normal(rng);
+  std::vector<float> z(s.n * s.d), cb(s.k * s.d);
+  for (auto& v : z) v = as_float(from_float<T>(normal(rng)));
+  for (auto& v : cb) v = as_float(from_float<T>(normal(rng)));
   if (s.k > 3) {  // an exact duplicate: the lower index must win when it is the nearest
     for (int64_t j = 0; j < s.d; ++j) cb[(s.k - 1) * s.d + j] = cb[1 * s.d + j];
     for (int64_t j = 0; j < s.d; ++j) z[j] = cb[1 * s.d + j];
   }
-  for (int64_t i = 0; i < s.n; ++i) {
-    float acc = 0.f;
-    for (int64_t j = 0; j < s.d; ++j) acc += z[i * s.d + j] * z[i * s.d + j];
-    zn[i] = acc;
-  }
-  float cmax = 0.f;
-  for (int64_t c = 0; c < s.k; ++c) {
-    float acc = 0.f;
-    for (int64_t j = 0; j < s.d; ++j) acc += cb[c * s.d + j] * cb[c * s.d + j];
-    cn[c] = acc;
-    cmax = std::fmax(cmax, acc);
+
+  int failures = 0;
+  const Result r = search<T>(s, mode, z, cb, 1, failures);
+  if (!std::is_same_v<T, float>) failures += compare_bits(search<float>(s, mode, z, cb, 1, failures), r, "fp32 vs 16-bit");
+  for (int splits : {2, 3, 7, vqfast::cuda::choose_code_splits(s.n, s.k)}) {
+    if (splits > 1) failures += compare_bits(search<T>(s, mode, z, cb, splits, failures), r, "split vs unsplit");
   }
 
-  float *dz, *dcb, *dzn, *dcn, *dbest, *dsecond;
-  int64_t* didx;
-  void* dworkspace;
-  const int auto_splits = vqfast::cuda::choose_code_splits(s.n, s.k);
-  const int max_splits = auto_splits > 7 ? auto_splits : 7;
-  CHECK_CUDA(cudaMalloc(&dz, z.size() * sizeof(float)));
-  CHECK_CUDA(cudaMalloc(&dcb, cb.size() * sizeof(float)));
-  CHECK_CUDA(cudaMalloc(&dzn, zn.size() * sizeof(float)));
-  CHECK_CUDA(cudaMalloc(&dcn, cn.size() * sizeof(float)));
-  CHECK_CUDA(cudaMalloc(&dbest, s.n * sizeof(float)));
-  CHECK_CUDA(cudaMalloc(&dsecond, s.n * sizeof(float)));
-  CHECK_CUDA(cudaMalloc(&didx, s.n * sizeof(int64_t)));
-  CHECK_CUDA(cudaMalloc(&dworkspace, vqfast::cuda::split_workspace_bytes(s.n, max_splits)));
-  CHECK_CUDA(cudaMemcpy(dz, z.data(), z.size() * sizeof(float), cudaMemcpyHostToDevice));
-  CHECK_CUDA(cudaMemcpy(dcb, cb.data(), cb.size() * sizeof(float), cudaMemcpyHostToDevice));
-  CHECK_CUDA(cudaMemcpy(dzn, zn.data(), zn.size() * sizeof(float), cudaMemcpyHostToDevice));
-  CHECK_CUDA(cudaMemcpy(dcn, cn.data(), cn.size() * sizeof(float), cudaMemcpyHostToDevice));
-  std::vector<int64_t> idx(s.n), idx_split(s.n);
-  std::vector<float> best(s.n), second(s.n), best_split(s.n), second_split(s.n);
-  auto search = [&](int splits, std::vector<int64_t>& i_out, std::vector<float>& b_out, std::vector<float>& s_out) {
-    CHECK_CUDA(cudaMemset(didx, 0xff, s.n * sizeof(int64_t)));  // stale outputs must not pass
-    CHECK_CUDA(vqfast::cuda::launch_nearest_codeword(dz, dcb, dzn, dcn, s.n, s.k, s.d, mode, didx, dbest, dsecond,
-                                                     splits, splits > 1 ? dworkspace : nullptr, 0));
-    CHECK_CUDA(cudaDeviceSynchronize());
-    CHECK_CUDA(cudaMemcpy(i_out.data(), didx, s.n * sizeof(int64_t), cudaMemcpyDeviceToHost));
-    CHECK_CUDA(cudaMemcpy(b_out.data(), dbest, s.n * sizeof(float), cudaMemcpyDeviceToHost));
-    CHECK_CUDA(cudaMemcpy(s_out.data(), dsecond, s.n * sizeof(float), cudaMemcpyDeviceToHost));
-  };
-  search(1, idx, best, second);
-  // Splitting the codebook (forced here, chosen by choose_code_splits in the binding) must not change
-  // a single output bit: every distance is computed the same way and merged by (value, index).
-  int split_mismatches = 0;
-  for (int splits : {2, 3, 7, auto_splits}) {
-    search(splits, idx_split, best_split, second_split);
-    for (int64_t i = 0; i < s.n; ++i) {
-      const bool same = idx_split[i] == idx[i] && std::memcmp(&best_split[i], &best[i], sizeof(float)) == 0 &&
-                        std::memcmp(&second_split[i], &second[i], sizeof(float)) == 0;
-      if (!same && split_mismatches++ < 5) {
-        std::fprintf(stderr, "  splits=%d row %lld: %lld (%.9g, %.9g) vs unsplit %lld (%.9g, %.9g)\n", splits,
-                     static_cast<long long>(i), static_cast<long long>(idx_split[i]), best_split[i], second_split[i],
-                     static_cast<long long>(idx[i]), best[i], second[i]);
-      }
-    }
-  }
-  for (void* p : {static_cast<void*>(dz), static_cast<void*>(dcb), static_cast<void*>(dzn), static_cast<void*>(dcn),
-                  static_cast<void*>(dbest), static_cast<void*>(dsecond), static_cast<void*>(didx), dworkspace})
-    CHECK_CUDA(cudaFree(p));
-
-  const bool exact = mode == vqfast::cuda::Mode::kExactFma;
+  const bool exact = mode == Mode::kExactFma;
   const double dim = static_cast<double>(s.d + 3);
   const double gamma = exact ? dim * 0x1p-24 / (1.0 - dim * 0x1p-24) : 2 * 0x1p-11 + dim * 0x1p-24;
-  int failures = split_mismatches, proven = 0;
+  double cmax = 0.0;
+  for (int64_t c = 0; c < s.k; ++c) {
+    double acc = 0.0;
+    for (int64_t j = 0; j < s.d; ++j) acc += static_cast<double>(cb[c * s.d + j]) * cb[c * s.d + j];
+    cmax = std::fmax(cmax, acc);
+    if (std::fabs(r.cnorm[c] - acc) > dim * 0x1p-24 * acc * 1.01 && failures++ < 5) {
+      std::fprintf(stderr, "  code %lld: norm %.9g vs %.9g\n", static_cast<long long>(c), r.cnorm[c], acc);
+    }
+  }
+  int proven = 0;
   for (int64_t i = 0; i < s.n; ++i) {
-    double dmin = INFINITY;
+    double dmin = INFINITY, zn = 0.0;
     int64_t arg = 0;
+    for (int64_t j = 0; j < s.d; ++j) zn += static_cast<double>(z[i * s.d + j]) * z[i * s.d + j];
     for (int64_t c = 0; c < s.k; ++c) {
       double acc = 0.0;
       for (int64_t j = 0; j < s.d; ++j) {
@@ -122,30 +204,31 @@ int run_case(const Shape& s, vqfast::cuda::Mode mode, std::mt19937& rng) {
       }
       if (acc < dmin) dmin = acc, arg = c;
     }
-    const double bound = 2.0 * gamma * std::pow(std::sqrt(zn[i]) + std::sqrt(cmax), 2);
-    bool ok = idx[i] >= 0 && idx[i] < s.k && best[i] <= second[i];
-    if (exact) {
-      if (second[i] > best[i] + bound) {
+    const double bound = 2.0 * gamma * std::pow(std::sqrt(zn) + std::sqrt(cmax), 2);
+    bool ok = r.index[i] >= 0 && r.index[i] < s.k && r.best[i] <= r.second[i] &&
+              std::fabs(r.znorm[i] - zn) <= dim * 0x1p-24 * zn * 1.01;
+    if (ok && exact) {
+      if (r.second[i] > r.best[i] + bound) {
         ++proven;
-        ok = ok && idx[i] == arg;
+        ok = r.index[i] == arg;
       }
-    } else {
+    } else if (ok) {
       double picked = 0.0;
-      for (int64_t j = 0; ok && j < s.d; ++j) {
-        const double t = static_cast<double>(z[i * s.d + j]) - cb[idx[i] * s.d + j];
+      for (int64_t j = 0; j < s.d; ++j) {
+        const double t = static_cast<double>(z[i * s.d + j]) - cb[r.index[i] * s.d + j];
         picked += t * t;
       }
-      ok = ok && picked - dmin <= 2.0 * bound;
+      ok = picked - dmin <= 2.0 * bound;
     }
     if (!ok && failures++ < 5) {
-      std::fprintf(stderr, "  row %lld: kernel %lld (best %.9g, second %.9g), true argmin %lld (%.9g)\n",
-                   static_cast<long long>(i), static_cast<long long>(idx[i]), best[i], second[i],
+      std::fprintf(stderr, "  row %lld: kernel %lld (best %.9g, second %.9g, norm %.9g), true argmin %lld (%.9g)\n",
+                   static_cast<long long>(i), static_cast<long long>(r.index[i]), r.best[i], r.second[i], r.znorm[i],
                    static_cast<long long>(arg), dmin);
     }
   }
-  std::printf("%-5s N=%-5lld K=%-6lld D=%-4lld %s (%d of %lld rows proven without re-rank)\n", exact ? "exact" : "fast",
-              static_cast<long long>(s.n), static_cast<long long>(s.k), static_cast<long long>(s.d),
-              failures ? "FAIL" : "ok", proven, static_cast<long long>(s.n));
+  std::printf("%s %-5s N=%-5lld K=%-6lld D=%-4lld %s (%d of %lld rows proven without re-rank)\n", name_of<T>(),
+              exact ? "exact" : "fast", static_cast<long long>(s.n), static_cast<long long>(s.k),
+              static_cast<long long>(s.d), failures ? "FAIL" : "ok", proven, static_cast<long long>(s.n));
   return failures;
 }
 
@@ -153,12 +236,16 @@ int run_case(const Shape& s, vqfast::cuda::Mode mode, std::mt19937& rng) {
 
 int main() {
   std::mt19937 rng(0);
+  // D = 8 and 64 take the 16-byte loads for every element type, D = 4 and 100 only for fp32.
   const Shape shapes[] = {{1, 1, 1}, {1, 5, 3}, {7, 130, 17}, {100, 65, 100}, {257, 1000, 64}, {65, 64, 16},
-                          {300, 4099, 33}, {3, 70000, 8}, {1, 100003, 64}};
+                          {300, 4099, 33}, {3, 70000, 8}, {1, 100003, 64}, {129, 200, 4}};
   int failures = 0;
   for (const Shape& s : shapes) {
-    failures += run_case(s, vqfast::cuda::Mode::kExactFma, rng);
-    failures += run_case(s, vqfast::cuda::Mode::kFastTf32, rng);
+    for (Mode mode : {Mode::kExactFma, Mode::kFastTf32}) {
+      failures += run_case<float>(s, mode, rng);
+      failures += run_case<__half>(s, mode, rng);
+      failures += run_case<__nv_bfloat16>(s, mode, rng);
+    }
   }
   std::printf(failures ? "FAILED\n" : "all checks passed\n");
   return failures ? 1 : 0;
