@@ -334,3 +334,18 @@ def test_bad_inputs_raise():
         vqfast.nearest_codeword(z, torch.randn(5, 3), backend="cuda")
     with pytest.raises(RuntimeError, match="CUDA tensors"):
         torch.ops.vqfast.nearest_codeword(z.cpu(), torch.randn(5, 3, device="cuda"))
+
+
+def test_gpu_check_script_parses_and_names_existing_files():
+    """scripts/gpu_check.sh only runs on a GPU machine: check here that it parses and that the
+    sources it compiles and the command it benchmarks with still exist."""
+    script = os.path.join(ROOT, "scripts", "gpu_check.sh")
+    proc = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    text = open(script, encoding="utf-8").read()
+    for path in re.findall(r"\b(?:csrc|tests)/[\w/]+\.\w+", text):
+        assert os.path.exists(os.path.join(ROOT, path)), f"gpu_check.sh names a missing file: {path}"
+    from vqfast.bench import presets
+
+    assert "full" in presets.PRESETS
+    assert "--preset full --device cuda" in text

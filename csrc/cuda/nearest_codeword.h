@@ -1,7 +1,7 @@
 // Launcher API of the CUDA nearest-codeword kernels (csrc/cuda/nearest_codeword.cu).
 //
 // Plain C++: no torch headers, so the .cu file compiles with nvcc alone and binding.cpp does the
-// torch side (checks, dtype conversion, cosine normalisation, exact re-ranking, outputs).
+// torch side (checks, allocation, mixed-dtype staging and cosine normalisation, exact re-ranking).
 #pragma once
 
 #include <cuda_runtime.h>

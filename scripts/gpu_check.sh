@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# GPU validation of vqfast, in stages that each fit a short session on a GPU machine:
+#
+#   scripts/gpu_check.sh build      build vqfast._C with the CUDA kernels (pip install -e .)
+#   scripts/gpu_check.sh test       the whole test suite, GPU tests included
+#   scripts/gpu_check.sh sanitize   compute-sanitizer memcheck / racecheck / synccheck / initcheck on
+#                                   the torch-free kernel check, memcheck on the torch op
+#   scripts/gpu_check.sh bench      vqfast bench --preset full (results appended under RESULTS)
+#   scripts/gpu_check.sh all        the four in order
+#
+# Logs go to LOGS (default ./gpu-logs), benchmark records to RESULTS (default benchmarks/results).
+# Every stage needs a CUDA torch and nvcc; the build uses the torch already installed.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+LOGS=${LOGS:-gpu-logs}
+RESULTS=${RESULTS:-benchmarks/results}
+PY=${PYTHON:-python3}
+mkdir -p "$LOGS"
+
+need_gpu() {
+  "$PY" - <<'EOF'
+import sys, torch
+if not torch.cuda.is_available():
+    sys.exit("gpu_check.sh: torch sees no CUDA device")
+print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} (CUDA {torch.version.cuda})")
+EOF
+}
+
+stage_build() {
+  need_gpu
+  "$PY" -m pip install --no-build-isolation --no-deps -e . >"$LOGS/build.log" 2>&1 || {
+    tail -50 "$LOGS/build.log"
+    exit 1
+  }
+  "$PY" - <<'EOF'
+import torch, vqfast
+from vqfast import _ext
+assert _ext.has_cuda_ext(), "vqfast._C has no CUDA kernels"
+print("built; backends on cuda:", vqfast.available_backends("cuda"))
+EOF
+}
+
+stage_test() {
+  need_gpu
+  "$PY" -m pytest tests -q -rs -p no:cacheprovider 2>&1 | tee "$LOGS/test.log" | tail -40
+}
+
+stage_sanitize() {
+  need_gpu
+  local exe="$LOGS/check_nearest_codeword"
+  local cap
+  cap=$("$PY" -c "import torch; print(''.join(map(str, torch.cuda.get_device_capability())))")
+  nvcc -std=c++17 -O2 -lineinfo -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
+    -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -I csrc/cuda "-gencode=arch=compute_$cap,code=sm_$cap" \
+    tests/cuda/check_nearest_codeword.cu csrc/cuda/nearest_codeword.cu -o "$exe"
+  "$exe" >"$LOGS/check.log" 2>&1 || { tail -30 "$LOGS/check.log"; exit 1; }
+  tail -1 "$LOGS/check.log"
+  local status=0
+  for tool in memcheck racecheck synccheck initcheck; do
+    if compute-sanitizer --tool "$tool" --error-exitcode 1 "$exe" >"$LOGS/sanitizer-$tool.log" 2>&1; then
+      echo "compute-sanitizer $tool: clean ($(grep -c ' ok ' "$LOGS/sanitizer-$tool.log") cases)"
+    else
+      echo "compute-sanitizer $tool: ERRORS (see $LOGS/sanitizer-$tool.log)"
+      grep -m 20 "=========" "$LOGS/sanitizer-$tool.log" || true
+      status=1
+    fi
+  done
+  # The torch op end to end (norms, search, split-K merge, re-rank, epilogue) on both GPU backends.
+  if compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" - >"$LOGS/sanitizer-op.log" 2>&1 <<'EOF'
+import torch, vqfast
+for backend in vqfast.available_backends("cuda"):
+    for n, k, d, dtype in [(1, 70001, 64, torch.float32), (300, 4099, 33, torch.float16), (257, 1000, 64, torch.bfloat16)]:
+        z = torch.randn(n, d, device="cuda").to(dtype)
+        cb = torch.randn(k, d, device="cuda").to(dtype)
+        for precision in ("exact", "fast"):
+            vqfast.nearest_codeword(z, cb, precision=precision, backend=backend)
+torch.cuda.synchronize()
+print("op ok")
+EOF
+  then
+    echo "compute-sanitizer memcheck (torch op): clean"
+  else
+    echo "compute-sanitizer memcheck (torch op): ERRORS (see $LOGS/sanitizer-op.log)"
+    grep -m 20 "=========" "$LOGS/sanitizer-op.log" || true
+    status=1
+  fi
+  return $status
+}
+
+stage_bench() {
+  need_gpu
+  "$PY" -m vqfast.cli bench --preset full --device cuda --results-dir "$RESULTS" --quiet 2>&1 | tee "$LOGS/bench.log" | tail -80
+}
+
+case "${1:-all}" in
+  build) stage_build ;;
+  test) stage_test ;;
+  sanitize) stage_sanitize ;;
+  bench) stage_bench ;;
+  all) stage_build && stage_test && stage_sanitize && stage_bench ;;
+  *) echo "usage: $0 build|test|sanitize|bench|all" >&2; exit 2 ;;
+esac
