@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -349,3 +350,72 @@ def test_gpu_check_script_parses_and_names_existing_files():
 
     assert "full" in presets.PRESETS
     assert "--preset full --device cuda" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernels under the host emulator (tests/cuda/emulation): their logic runs here, with no GPU.
+
+EMULATOR_DIR = os.path.join(ROOT, "tests", "cuda", "emulation")
+CHECK_SOURCE = os.path.join(ROOT, "tests", "cuda", "check_nearest_codeword.cu")
+
+
+def _build_emulated_check(kernel_dir: str, out: str) -> subprocess.CompletedProcess:
+    cmd = [
+        shutil.which("g++") or "g++", "-std=c++17", "-O1", "-U_FORTIFY_SOURCE", "-x", "c++", "-DVQFAST_CUDA_EMULATION",
+        "-I", EMULATOR_DIR, "-I", kernel_dir, CHECK_SOURCE, os.path.join(kernel_dir, "nearest_codeword.cu"), "-o", out,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+needs_emulator = pytest.mark.skipif(
+    shutil.which("g++") is None or not sys.platform.startswith("linux"),
+    reason="the host emulator needs g++ on Linux",
+)
+
+
+@pytest.fixture(scope="module")
+def emulated_check(tmp_path_factory):
+    exe = str(tmp_path_factory.mktemp("emulated") / "check_nearest_codeword")
+    proc = _build_emulated_check(CUDA_DIR, exe)
+    assert proc.returncode == 0, f"g++ failed on the emulated kernels:\n{proc.stderr[-4000:]}"
+    return exe
+
+
+@needs_emulator
+@pytest.mark.parametrize("copies", ["deferred", "eager"])
+def test_kernels_pass_the_check_under_the_host_emulator(emulated_check, copies):
+    """Every kernel of csrc/cuda (norms, search in both modes for fp32/fp16/bf16, split search and
+    merge, gather + distance) runs its real code under the emulator and passes the same checks as on
+    a GPU. cp.async copies land as late as the hardware may land them (deferred) or at issue."""
+    env = dict(os.environ, VQFAST_EMU_CP_ASYNC=copies)
+    run = subprocess.run([emulated_check], capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert "all checks passed" in run.stdout
+    assert run.stdout.count(" ok ") == 9 * 2 * 3  # shapes x modes x element types
+
+
+# Planted bugs the emulated check must catch: (what, original text, replacement).
+MUTATIONS = [
+    ("mma A fragment rows/columns swapped", "a[mi][1] = to_tf32(as[buf][r + 8][kk + t]);",
+     "a[mi][1] = to_tf32(as[buf][r][kk + t + 4]);"),
+    ("waiting for one cp.async stage too few", "    cp_async_wait<1>();", "    cp_async_wait<2>();"),
+    ("split search ignores its code offset", "const int64_t code0 = (tile0 + s / feat_tiles) * kBlockCodes;",
+     "const int64_t code0 = (s / feat_tiles) * kBlockCodes;"),
+    ("fp16/bf16 z chunk loaded out of order", "*reinterpret_cast<float4*>(&as[r][f]) = unpack4<T>(zv.x, zv.y);",
+     "*reinterpret_cast<float4*>(&as[r][f]) = unpack4<T>(zv.y, zv.x);"),
+]
+
+
+@needs_emulator
+@pytest.mark.parametrize("what,original,replacement", MUTATIONS, ids=[m[0] for m in MUTATIONS])
+def test_emulated_check_catches_planted_bugs(tmp_path, what, original, replacement):
+    source = open(os.path.join(CUDA_DIR, "nearest_codeword.cu"), encoding="utf-8").read()
+    assert source.count(original) == 1, f"the kernel no longer contains {original!r}: update MUTATIONS"
+    (tmp_path / "nearest_codeword.cu").write_text(source.replace(original, replacement), encoding="utf-8")
+    shutil.copy(os.path.join(CUDA_DIR, "nearest_codeword.h"), tmp_path / "nearest_codeword.h")
+    exe = str(tmp_path / "check")
+    proc = _build_emulated_check(str(tmp_path), exe)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    env = dict(os.environ, VQFAST_CHECK_FAIL_FAST="1")
+    run = subprocess.run([exe], capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode != 0 and "FAIL" in run.stdout, f"the check missed: {what}"

@@ -11,8 +11,40 @@ triton = pytest.importorskip("triton")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# A kernel that loops over a scalar argument, nothing of vqfast: some triton releases' interpreters
+# fail on it with newer NumPy (triton 3.6 with NumPy >= 2.4: "only 0-dimensional arrays can be
+# converted to Python scalars").
+_PROBE = """
+import torch, triton, triton.language as tl
+
+@triton.jit
+def probe(out_ptr, n):
+    acc = 0
+    for i in range(0, n, 1):
+        acc += i
+    tl.store(out_ptr, acc)
+
+out = torch.zeros(1, dtype=torch.int32)
+probe[(1,)](out, 4)
+assert int(out[0]) == 6, out
+"""
+
+
+def _interpreter_broken_reason(env: dict) -> str | None:
+    probe = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env, timeout=300)
+    if probe.returncode == 0:
+        return None
+    import numpy
+
+    last = (probe.stderr.strip().splitlines() or ["?"])[-1]
+    return f"triton {triton.__version__}'s interpreter fails a plain loop kernel with NumPy {numpy.__version__}: {last}"
+
+
 def test_interpreter_suite():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    reason = _interpreter_broken_reason(env)
+    if reason is not None:
+        pytest.skip(reason)
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(REPO, "tests", "test_triton_interpreter.py")],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=900,

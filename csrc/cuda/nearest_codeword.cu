@@ -37,10 +37,6 @@ static_assert(kThreads == 128, "the 2 x 2 warp layout below assumes four warps")
 static_assert(kBlockRows == 64 && kBlockCodes == 64, "each warp owns a 32 x 32 sub-tile");
 static_assert((kBlockRows * kBlockFeatures) % kThreads == 0, "tile loads split evenly over the threads");
 
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -57,6 +53,29 @@ __device__ __forceinline__ float4 unpack4(unsigned lo_word, unsigned hi_word) {
                        __half2float(__ushort_as_half(static_cast<unsigned short>(hi_word & 0xffffu))),
                        __half2float(__ushort_as_half(static_cast<unsigned short>(hi_word >> 16))));
   }
+}
+
+#if defined(VQFAST_CUDA_EMULATION)
+// Host emulation (tests/cuda/emulation/cuda_runtime.h): the same operations, carried out by the
+// emulator, so the kernels' logic runs in the CPU test suite.
+__device__ __forceinline__ void cp_async_f32(float* dst, const float* src, bool valid) {
+  vqfast_emu::cp_async(dst, src, 4, valid ? 4 : 0);
+}
+__device__ __forceinline__ void cp_async_f32x4(float* dst, const float* src, bool valid) {
+  vqfast_emu::cp_async(dst, src, 16, valid ? 16 : 0);
+}
+__device__ __forceinline__ void cp_async_commit() { vqfast_emu::cp_async_commit(); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  vqfast_emu::cp_async_wait(kPending);
+}
+__device__ __forceinline__ unsigned to_tf32(float x) { return vqfast_emu::to_tf32(x); }
+__device__ __forceinline__ void mma_tf32(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+  vqfast_emu::mma_m16n8k8_tf32(c, a, b);
+}
+#else
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
 
 // 4-byte asynchronous copy global -> shared; src_bytes = 0 writes a zero without reading.
@@ -91,6 +110,9 @@ __device__ __forceinline__ void mma_tf32(float (&c)[4], const unsigned (&a)[4], 
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+
+#define VQFAST_LAUNCH(kernel, grid, threads, stream) kernel<<<grid, threads, 0, stream>>>
+#endif  // VQFAST_CUDA_EMULATION
 
 // Fold candidate (v, i, v2) into (best, index, second). Ties on value go to the lower index, and
 // the loser's value becomes the second best, so an exact tie shows up as a zero top-2 gap.
@@ -447,20 +469,20 @@ cudaError_t launch_search(const T* z, const T* codebook, const float* z_sqnorm, 
                     ? (vec ? nearest_codeword_kernel<T, true, true> : nearest_codeword_kernel<T, true, false>)
                     : (vec ? nearest_codeword_kernel<T, false, true> : nearest_codeword_kernel<T, false, false>);
   if (used == 1) {
-    kernel<<<grid, kThreads, 0, stream>>>(z, codebook, z_sqnorm, code_sqnorm, n, k, d, best_index, best_dist,
-                                          second_dist, tiles_per_split, false);
+    VQFAST_LAUNCH(kernel, grid, kThreads, stream)(z, codebook, z_sqnorm, code_sqnorm, n, k, d, best_index, best_dist,
+                                                  second_dist, tiles_per_split, false);
     return cudaGetLastError();
   }
   // Workspace [used, N] of indices, best and second distances (split_workspace_bytes(n, splits)).
   int64_t* ws_index = static_cast<int64_t*>(workspace);
   float* ws_best = reinterpret_cast<float*>(ws_index + static_cast<int64_t>(used) * n);
   float* ws_second = ws_best + static_cast<int64_t>(used) * n;
-  kernel<<<grid, kThreads, 0, stream>>>(z, codebook, z_sqnorm, code_sqnorm, n, k, d, ws_index, ws_best, ws_second,
-                                        tiles_per_split, true);
+  VQFAST_LAUNCH(kernel, grid, kThreads, stream)(z, codebook, z_sqnorm, code_sqnorm, n, k, d, ws_index, ws_best,
+                                                ws_second, tiles_per_split, true);
   const cudaError_t status = cudaGetLastError();
   if (status != cudaSuccess) return status;
   constexpr int kMergeThreads = 256;
-  merge_splits_kernel<<<static_cast<unsigned>(ceil_div(n, kMergeThreads)), kMergeThreads, 0, stream>>>(
+  VQFAST_LAUNCH(merge_splits_kernel, static_cast<unsigned>(ceil_div(n, kMergeThreads)), kMergeThreads, stream)(
       ws_index, ws_best, ws_second, n, used, best_index, best_dist, second_dist);
   return cudaGetLastError();
 }
@@ -551,7 +573,8 @@ cudaError_t launch_row_sqnorms(const void* x, DType dtype, int64_t rows, int64_t
   if (d <= 0 || ceil_div(rows, kRowWarps) > INT_MAX) return cudaErrorInvalidValue;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    row_sqnorms_kernel<T><<<row_blocks(rows), kRowWarps * 32, 0, stream>>>(static_cast<const T*>(x), rows, d, out);
+    VQFAST_LAUNCH(row_sqnorms_kernel<T>, row_blocks(rows), kRowWarps * 32, stream)(static_cast<const T*>(x), rows, d,
+                                                                                  out);
     return cudaGetLastError();
   });
 }
@@ -562,7 +585,7 @@ cudaError_t launch_gather_distance(const void* z, const void* codebook, DType dt
   if (d <= 0 || ceil_div(n, kRowWarps) > INT_MAX) return cudaErrorInvalidValue;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    gather_distance_kernel<T><<<row_blocks(n), kRowWarps * 32, 0, stream>>>(
+    VQFAST_LAUNCH(gather_distance_kernel<T>, row_blocks(n), kRowWarps * 32, stream)(
         static_cast<const T*>(z), static_cast<const T*>(codebook), indices, n, d, static_cast<T*>(codewords),
         distances);
     return cudaGetLastError();

@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <type_traits>
@@ -236,15 +237,29 @@ int run_case(const Shape& s, Mode mode, std::mt19937& rng) {
 
 int main() {
   std::mt19937 rng(0);
-  // D = 8 and 64 take the 16-byte loads for every element type, D = 4 and 100 only for fp32.
+  // D = 8, 16 and 64 take the 16-byte loads for every element type, D = 4 and 100 only for fp32.
+#if defined(VQFAST_CUDA_EMULATION)
+  // The host emulator (tests/cuda/emulation) runs a block's threads one at a time: smaller shapes,
+  // still with partial row and code tiles, every load path, and the split search (4 emulated SMs).
+  const Shape shapes[] = {{1, 1, 1},     {1, 5, 3},     {7, 130, 17}, {100, 65, 100}, {65, 64, 16},
+                          {129, 200, 4}, {3, 1500, 8},  {70, 300, 24}, {1, 777, 64}};
+#else
   const Shape shapes[] = {{1, 1, 1}, {1, 5, 3}, {7, 130, 17}, {100, 65, 100}, {257, 1000, 64}, {65, 64, 16},
                           {300, 4099, 33}, {3, 70000, 8}, {1, 100003, 64}, {129, 200, 4}};
+#endif
+  // VQFAST_CHECK_FAIL_FAST=1 stops at the first failing case (the planted-bug tests).
+  const char* fail_fast_env = std::getenv("VQFAST_CHECK_FAIL_FAST");
+  const bool fail_fast = fail_fast_env != nullptr && std::strcmp(fail_fast_env, "1") == 0;
   int failures = 0;
   for (const Shape& s : shapes) {
     for (Mode mode : {Mode::kExactFma, Mode::kFastTf32}) {
       failures += run_case<float>(s, mode, rng);
       failures += run_case<__half>(s, mode, rng);
       failures += run_case<__nv_bfloat16>(s, mode, rng);
+      if (fail_fast && failures) {
+        std::printf("FAILED\n");
+        return 1;
+      }
     }
   }
   std::printf(failures ? "FAILED\n" : "all checks passed\n");

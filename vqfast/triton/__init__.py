@@ -71,6 +71,18 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _wrap(kernel):
+    """wrap_triton(kernel). Under the interpreter, torch releases before 2.13 reject interpreted kernels
+    (wrap_triton accepts only JITFunction / Autotuner there); they are then launched directly, which
+    eager execution, the only use of the interpreter, allows."""
+    if _interpret():
+        try:
+            return wrap_triton(kernel)
+        except RuntimeError:
+            return kernel
+    return wrap_triton(kernel)
+
+
 def k_bucket(k: int) -> int:
     """Codebook sizes tune together within a power of two."""
     return 1 << max(0, math.ceil(math.log2(max(1, k))))
@@ -134,19 +146,19 @@ def nearest_codeword_triton(
     if _interpret():
         bn, bk, bd, _, _ = INTERPRET_CONFIG
         grid = (triton.cdiv(n, bn),)
-        wrap_triton(kernels._search_kernel)[grid](
+        _wrap(kernels._search_kernel)[grid](
             *args, k_bucket(k), BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd, INPUT_PRECISION=input_precision, CAST_FP32=cast_fp32
         )
     else:
         kernel = _search_small if n <= SMALL_N else _search_large
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        wrap_triton(kernel)[grid](*args, K_BUCKET=k_bucket(k), INPUT_PRECISION=input_precision, CAST_FP32=cast_fp32)
+        _wrap(kernel)[grid](*args, K_BUCKET=k_bucket(k), INPUT_PRECISION=input_precision, CAST_FP32=cast_fp32)
     if exact:
         indices = torch.ops.vqfast.rerank_rows(zs, cbs, indices, best, second)
     codewords = torch.empty((n, d), dtype=z.dtype, device=z.device)
     distances = torch.empty(n, dtype=torch.float32, device=z.device)
     gz, gcb = (zs, cbs) if metric == "cosine" else (z, codebook)
-    wrap_triton(kernels._gather_kernel)[(triton.cdiv(n, GATHER_BLOCK_N),)](
+    _wrap(kernels._gather_kernel)[(triton.cdiv(n, GATHER_BLOCK_N),)](
         gz, gcb, indices, codewords, distances, n, d, gz.stride(0), gz.stride(1), gcb.stride(0), gcb.stride(1),
         BLOCK_N=GATHER_BLOCK_N, BLOCK_D=GATHER_BLOCK_D,
     )
