@@ -391,7 +391,7 @@ def test_kernels_pass_the_check_under_the_host_emulator(emulated_check, copies):
     run = subprocess.run([emulated_check], capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert "all checks passed" in run.stdout
-    assert run.stdout.count(" ok ") == 9 * 2 * 3  # shapes x modes x element types
+    assert run.stdout.count(" ok ") == 10 * 2 * 3  # shapes x modes x element types
 
 
 # Planted bugs the emulated check must catch: (what, original text, replacement).

@@ -3,9 +3,9 @@
 // prove. fp32 / fp16 / bf16 operands of one dtype reach the kernels as they are; mixed dtypes and
 // the cosine metric are staged once in fp32.
 //
-// Exact precision. The kernel's fp32 FMA distance ||z||^2 + ||c||^2 - 2 z.c is off by at most
-// gamma_{D+3} (||z|| + max ||c||)^2 (vqfast/reference.py), so a row whose second-best computed
-// distance exceeds the best by more than twice that is provably right. The few rows that are not
+// Exact precision. The kernel ranks ||c||^2 - 2 z.c in fp32 FMA, off by at most gamma_{D+3} max||c||
+// (2 ||z|| + max||c||) (vqfast/reference.py, ranking_tolerance), so a row whose second-best value
+// exceeds the best by more than twice that, plus an underflow allowance, is provably right. The few rows that are not
 // (near ties, exact duplicates, non-finite values) are searched again here in float64 by the
 // reference algorithm: expansion, candidates within the float64 bound, direct sum((z - c)^2).
 #include <ATen/ATen.h>
@@ -144,15 +144,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nearest_codeword(const at::Tensor
   if (splits > 1) {
     workspace = at::empty({static_cast<int64_t>(split_workspace_bytes(n, splits))}, z.options().dtype(at::kByte));
   }
-  check(launch_nearest_codeword(zs.data_ptr(), cs.data_ptr(), dtype, z_sqnorm.data_ptr<float>(),
-                                code_sqnorm.data_ptr<float>(), n, k, d, exact ? Mode::kExactFma : Mode::kFastTf32,
+  check(launch_nearest_codeword(zs.data_ptr(), cs.data_ptr(), dtype, code_sqnorm.data_ptr<float>(), n, k, d, exact ? Mode::kExactFma : Mode::kFastTf32,
                                 indices.data_ptr<int64_t>(), best_dist.data_ptr<float>(),
                                 exact ? second_dist.data_ptr<float>() : nullptr, splits,
                                 splits > 1 ? workspace.data_ptr() : nullptr, stream),
         "search");
   if (exact) {
+    // The tolerance of reference.ranking_tolerance: no ||z||^2 term, so a codebook that is tiny next
+    // to z (the classic uniform [-1/K, 1/K] initialisation) does not send every row to the re-rank.
     const double gamma = expansion_error_bound(d, 0x1p-24);
-    const at::Tensor tol = 2.0 * gamma * (z_sqnorm.sqrt() + code_sqnorm.max().sqrt()).pow(2);
+    const double underflow = 8.0 * static_cast<double>(d + 3) * std::numeric_limits<float>::min() *
+                             std::numeric_limits<float>::epsilon();
+    const at::Tensor cmax = code_sqnorm.max().sqrt();
+    const at::Tensor tol = 2.0 * gamma * cmax * (2.0 * z_sqnorm.sqrt() + cmax) + underflow;
     // NaN or infinite distances fail the comparison and are re-ranked.
     const at::Tensor proven = second_dist.gt(best_dist + tol);
     const at::Tensor rows = proven.logical_not().nonzero().squeeze(1);

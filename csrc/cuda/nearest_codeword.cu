@@ -9,8 +9,10 @@
 // the same 32 accumulators in both modes, laid out as the C fragments of mma.m16n8k8, so one
 // epilogue serves both:
 //   rows warp_m*32 + mi*16 + g + 8h, codes warp_n*32 + ni*8 + 2t + c  (g = lane/4, t = lane%4).
-// The epilogue adds the norms and folds the tile into per-row (best, index, second best) held in
-// registers; after the sweep the 4 lanes of a quad and the 2 warps sharing a row merge theirs.
+// The epilogue ranks r(i, k) = ||c_k||^2 - 2 <z_i, c_k> (||z_i||^2 is the same for the whole row, and
+// leaving it out keeps the rounding bound small when the codebook is tiny next to z) and folds the
+// tile into per-row (best, index, second best) held in registers; after the sweep the 4 lanes of a
+// quad and the 2 warps sharing a row merge theirs.
 //
 // Shared rows are padded from 16 to 20 floats: with a 20-word stride the 8 rows (or the 4 code
 // columns 2t) read by one warp instruction fall in distinct banks, for both the mma fragments and
@@ -215,8 +217,7 @@ __device__ __forceinline__ void load_stage(float (*as)[kStride], float (*bs)[kSt
 template <typename T, bool kTf32, bool kVec>
 // At most 170 registers a thread: kResidentBlocks blocks of 128 threads fit one SM's 64K registers.
 __global__ void __launch_bounds__(kThreads, kResidentBlocks) nearest_codeword_kernel(
-    const T* __restrict__ z, const T* __restrict__ codebook, const float* __restrict__ z_sqnorm,
-    const float* __restrict__ code_sqnorm, int64_t n, int64_t k, int64_t d, int64_t* __restrict__ best_index,
+    const T* __restrict__ z, const T* __restrict__ codebook, const float* __restrict__ code_sqnorm, int64_t n, int64_t k, int64_t d, int64_t* __restrict__ best_index,
     float* __restrict__ best_dist, float* __restrict__ second_dist, int64_t tiles_per_split, bool partial) {
   __shared__ __align__(16) float as[2][kBlockRows][kStride];
   __shared__ __align__(16) float bs[2][kBlockCodes][kStride];
@@ -232,19 +233,14 @@ __global__ void __launch_bounds__(kThreads, kResidentBlocks) nearest_codeword_ke
   const int t = lane % 4;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBlockRows;
 
-  // Per owned row r = mi*2 + h: the row's squared norm and its running top-2.
-  float zn[4], best[4], second[4];
+  // Per owned row r = mi*2 + h (row warp_m*32 + mi*16 + g + 8h): its running top-2.
+  float best[4], second[4];
   int index[4];
 #pragma unroll
-  for (int mi = 0; mi < 2; ++mi) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t row = row0 + warp_m * 32 + mi * 16 + g + 8 * h;
-      zn[mi * 2 + h] = row < n ? z_sqnorm[row] : 0.f;
-      best[mi * 2 + h] = __int_as_float(0x7f800000);  // +inf
-      second[mi * 2 + h] = __int_as_float(0x7f800000);
-      index[mi * 2 + h] = kNoIndex;
-    }
+  for (int r = 0; r < 4; ++r) {
+    best[r] = __int_as_float(0x7f800000);  // +inf
+    second[r] = __int_as_float(0x7f800000);
+    index[r] = kNoIndex;
   }
 
   float acc[2][4][4];
@@ -337,7 +333,7 @@ __global__ void __launch_bounds__(kThreads, kResidentBlocks) nearest_codeword_ke
 #pragma unroll
               for (int h = 0; h < 2; ++h) {
                 const int r = mi * 2 + h;
-                const float dist = (zn[r] + cn) - 2.f * acc[mi][ni][h * 2 + c];
+                const float dist = cn - 2.f * acc[mi][ni][h * 2 + c];
                 if (dist < best[r]) {
                   second[r] = best[r];
                   best[r] = dist;
@@ -452,7 +448,7 @@ size_t split_workspace_bytes(int64_t n, int splits) {
 namespace {
 
 template <typename T>
-cudaError_t launch_search(const T* z, const T* codebook, const float* z_sqnorm, const float* code_sqnorm, int64_t n,
+cudaError_t launch_search(const T* z, const T* codebook, const float* code_sqnorm, int64_t n,
                           int64_t k, int64_t d, Mode mode, int64_t* best_index, float* best_dist, float* second_dist,
                           int splits, void* workspace, cudaStream_t stream) {
   const int64_t blocks = ceil_div(n, kBlockRows);
@@ -469,7 +465,7 @@ cudaError_t launch_search(const T* z, const T* codebook, const float* z_sqnorm, 
                     ? (vec ? nearest_codeword_kernel<T, true, true> : nearest_codeword_kernel<T, true, false>)
                     : (vec ? nearest_codeword_kernel<T, false, true> : nearest_codeword_kernel<T, false, false>);
   if (used == 1) {
-    VQFAST_LAUNCH(kernel, grid, kThreads, stream)(z, codebook, z_sqnorm, code_sqnorm, n, k, d, best_index, best_dist,
+    VQFAST_LAUNCH(kernel, grid, kThreads, stream)(z, codebook, code_sqnorm, n, k, d, best_index, best_dist,
                                                   second_dist, tiles_per_split, false);
     return cudaGetLastError();
   }
@@ -477,7 +473,7 @@ cudaError_t launch_search(const T* z, const T* codebook, const float* z_sqnorm, 
   int64_t* ws_index = static_cast<int64_t*>(workspace);
   float* ws_best = reinterpret_cast<float*>(ws_index + static_cast<int64_t>(used) * n);
   float* ws_second = ws_best + static_cast<int64_t>(used) * n;
-  VQFAST_LAUNCH(kernel, grid, kThreads, stream)(z, codebook, z_sqnorm, code_sqnorm, n, k, d, ws_index, ws_best,
+  VQFAST_LAUNCH(kernel, grid, kThreads, stream)(z, codebook, code_sqnorm, n, k, d, ws_index, ws_best,
                                                 ws_second, tiles_per_split, true);
   const cudaError_t status = cudaGetLastError();
   if (status != cudaSuccess) return status;
@@ -554,8 +550,7 @@ unsigned row_blocks(int64_t rows) { return static_cast<unsigned>(ceil_div(rows, 
 
 }  // namespace
 
-cudaError_t launch_nearest_codeword(const void* z, const void* codebook, DType dtype, const float* z_sqnorm,
-                                    const float* code_sqnorm, int64_t n, int64_t k, int64_t d, Mode mode,
+cudaError_t launch_nearest_codeword(const void* z, const void* codebook, DType dtype, const float* code_sqnorm, int64_t n, int64_t k, int64_t d, Mode mode,
                                     int64_t* best_index, float* best_dist, float* second_dist, int splits,
                                     void* workspace, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
@@ -563,7 +558,7 @@ cudaError_t launch_nearest_codeword(const void* z, const void* codebook, DType d
   if (splits > 1 && workspace == nullptr) return cudaErrorInvalidValue;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    return launch_search<T>(static_cast<const T*>(z), static_cast<const T*>(codebook), z_sqnorm, code_sqnorm, n, k, d,
+    return launch_search<T>(static_cast<const T*>(z), static_cast<const T*>(codebook), code_sqnorm, n, k, d,
                             mode, best_index, best_dist, second_dist, splits, workspace, stream);
   });
 }

@@ -41,16 +41,17 @@ enum class Mode : int {
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // For every row i of z [N, D] against codebook [K, D] (dtype `dtype`, row-major, contiguous):
-//   d(i, k)       = z_sqnorm[i] + code_sqnorm[k] - 2 * <z_i, c_k>   (computed, fp32)
-//   best_index[i] = argmin_k d(i, k), the lowest k on equal computed values
-//   best_dist[i]  = d(i, best_index[i])
-//   second_dist[i]= min over k != best_index[i] of d(i, k)  (+inf when K == 1; may be nullptr)
+//   r(i, k)       = code_sqnorm[k] - 2 * <z_i, c_k>   (computed, fp32; the distance less ||z_i||^2)
+//   best_index[i] = argmin_k r(i, k), the lowest k on equal computed values
+//   best_dist[i]  = r(i, best_index[i])
+//   second_dist[i]= min over k != best_index[i] of r(i, k)  (+inf when K == 1; may be nullptr)
+// In exact mode (fp32 FMA in feature order) each r is within gamma_{D+3} max||c|| (2 ||z_i|| +
+// max||c||) of its exact value, so a top-2 gap above twice that proves the row (vqfast/reference.py).
 // Every split computes each distance exactly as the unsplit kernel does, so the outputs do not depend
 // on `splits` (1 to kMaxSplits; `workspace` holds split_workspace_bytes(n, splits) device bytes when
 // splits > 1, else may be nullptr).
 // Launched on `stream`; returns the launch status (cudaGetLastError right after each launch).
-cudaError_t launch_nearest_codeword(const void* z, const void* codebook, DType dtype, const float* z_sqnorm,
-                                    const float* code_sqnorm, int64_t n, int64_t k, int64_t d, Mode mode,
+cudaError_t launch_nearest_codeword(const void* z, const void* codebook, DType dtype, const float* code_sqnorm, int64_t n, int64_t k, int64_t d, Mode mode,
                                     int64_t* best_index, float* best_dist, float* second_dist, int splits,
                                     void* workspace, cudaStream_t stream);
 
