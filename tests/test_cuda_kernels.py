@@ -398,6 +398,8 @@ def test_kernels_pass_the_check_under_the_host_emulator(emulated_check, copies):
 MUTATIONS = [
     ("mma A fragment rows/columns swapped", "a[mi][1] = to_tf32(as[buf][r + 8][kk + t]);",
      "a[mi][1] = to_tf32(as[buf][r][kk + t + 4]);"),
+    ("native 16-bit mma A fragment rows/columns swapped", "a[mi][1] = load_pair(&as[buf][r + 8][2 * t]);",
+     "a[mi][1] = load_pair(&as[buf][r][2 * t + 8]);"),
     ("waiting for one cp.async stage too few", "    cp_async_wait<1>();", "    cp_async_wait<2>();"),
     ("split search ignores its code offset", "const int64_t code0 = (tile0 + s / feat_tiles) * kBlockCodes;",
      "const int64_t code0 = (s / feat_tiles) * kBlockCodes;"),

@@ -63,7 +63,7 @@ __device__ __forceinline__ float4 unpack4(unsigned lo_word, unsigned hi_word) {
 __device__ __forceinline__ void cp_async_f32(float* dst, const float* src, bool valid) {
   vqfast_emu::cp_async(dst, src, 4, valid ? 4 : 0);
 }
-__device__ __forceinline__ void cp_async_f32x4(float* dst, const float* src, bool valid) {
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
   vqfast_emu::cp_async(dst, src, 16, valid ? 16 : 0);
 }
 __device__ __forceinline__ void cp_async_commit() { vqfast_emu::cp_async_commit(); }
@@ -74,6 +74,10 @@ __device__ __forceinline__ void cp_async_wait() {
 __device__ __forceinline__ unsigned to_tf32(float x) { return vqfast_emu::to_tf32(x); }
 __device__ __forceinline__ void mma_tf32(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
   vqfast_emu::mma_m16n8k8_tf32(c, a, b);
+}
+template <typename T>
+__device__ __forceinline__ void mma_16bit(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+  vqfast_emu::mma_m16n8k16<T>(c, a, b);
 }
 #else
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
@@ -87,7 +91,7 @@ __device__ __forceinline__ void cp_async_f32(float* dst, const float* src, bool 
 }
 
 // 16-byte asynchronous copy global -> shared (both 16-byte aligned); src_bytes = 0 writes zeros.
-__device__ __forceinline__ void cp_async_f32x4(float* dst, const float* src, bool valid) {
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
   const int src_bytes = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
 }
@@ -111,6 +115,25 @@ __device__ __forceinline__ void mma_tf32(float (&c)[4], const unsigned (&a)[4], 
       "{%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// mma.m16n8k16 with fp16 or bf16 operands (two per register, the lower index in the low half) and
+// fp32 accumulation: the products of 16-bit values are exact.
+template <typename T>
+__device__ __forceinline__ void mma_16bit(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
 }
 
 #define VQFAST_LAUNCH(kernel, grid, threads, stream) kernel<<<grid, threads, 0, stream>>>
@@ -176,6 +199,53 @@ __device__ __forceinline__ void load_stage_16bit(float (*as)[kStride], float (*b
   }
 }
 
+// Fast mode with fp16 / bf16 operands keeps them 16-bit in shared memory for mma.m16n8k16: rows of
+// 16 elements padded to 24 (48 bytes), so the 8 rows x 4 words a fragment load touches fall in 32
+// distinct banks. 16-byte cp.async when kVec (8 elements), else 2-byte loads and stores (cp.async
+// copies 4 bytes at least).
+constexpr int kStride16 = kBlockFeatures + 8;
+
+template <typename T, bool kVec>
+__device__ __forceinline__ void load_stage_raw16(unsigned short (*as)[kStride16], unsigned short (*bs)[kStride16],
+                                                 const T* __restrict__ z, const T* __restrict__ codebook, int64_t n,
+                                                 int64_t k, int64_t d, int64_t row0, int64_t code0, int64_t feat0) {
+  static_assert(sizeof(T) == 2, "16-bit inputs only");
+  const unsigned short* zb = reinterpret_cast<const unsigned short*>(z);
+  const unsigned short* cb = reinterpret_cast<const unsigned short*>(codebook);
+  if constexpr (kVec) {
+    static_assert(kBlockRows * (kBlockFeatures / 8) == kThreads, "one 16-byte chunk per thread");
+    const int r = threadIdx.x / 2;
+    const int f = (threadIdx.x % 2) * 8;
+    const int64_t feat = feat0 + f;
+    const int64_t row = row0 + r;
+    const int64_t code = code0 + r;
+    const bool zv = row < n && feat < d;
+    const bool cv = code < k && feat < d;
+    cp_async_16(&as[r][f], zv ? zb + row * d + feat : zb, zv);
+    cp_async_16(&bs[r][f], cv ? cb + code * d + feat : cb, cv);
+  } else {
+    constexpr int kPerThread = kBlockRows * kBlockFeatures / kThreads;
+    unsigned short zr[kPerThread], cr[kPerThread];
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int e = threadIdx.x + j * kThreads;
+      const int64_t feat = feat0 + e % kBlockFeatures;
+      const int64_t row = row0 + e / kBlockFeatures;
+      const int64_t code = code0 + e / kBlockFeatures;
+      zr[j] = row < n && feat < d ? zb[row * d + feat] : static_cast<unsigned short>(0);  // +0 in both formats
+      cr[j] = code < k && feat < d ? cb[code * d + feat] : static_cast<unsigned short>(0);
+    }
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int e = threadIdx.x + j * kThreads;
+      as[e / kBlockFeatures][e % kBlockFeatures] = zr[j];
+      bs[e / kBlockFeatures][e % kBlockFeatures] = cr[j];
+    }
+  }
+}
+
+__device__ __forceinline__ unsigned load_pair(const unsigned short* p) { return *reinterpret_cast<const unsigned*>(p); }
+
 template <typename T, bool kVec>
 __device__ __forceinline__ void load_stage(float (*as)[kStride], float (*bs)[kStride], const T* __restrict__ z,
                                            const T* __restrict__ codebook, int64_t n, int64_t k, int64_t d,
@@ -194,8 +264,8 @@ __device__ __forceinline__ void load_stage(float (*as)[kStride], float (*bs)[kSt
       const int64_t code = code0 + r;
       const bool zv = row < n && feat < d;
       const bool cv = code < k && feat < d;
-      cp_async_f32x4(&as[r][f], zv ? z + row * d + feat : z, zv);
-      cp_async_f32x4(&bs[r][f], cv ? codebook + code * d + feat : codebook, cv);
+      cp_async_16(&as[r][f], zv ? z + row * d + feat : z, zv);
+      cp_async_16(&bs[r][f], cv ? codebook + code * d + feat : codebook, cv);
     }
   } else {
 #pragma unroll
@@ -219,8 +289,12 @@ template <typename T, bool kTf32, bool kVec>
 __global__ void __launch_bounds__(kThreads, kResidentBlocks) nearest_codeword_kernel(
     const T* __restrict__ z, const T* __restrict__ codebook, const float* __restrict__ code_sqnorm, int64_t n, int64_t k, int64_t d, int64_t* __restrict__ best_index,
     float* __restrict__ best_dist, float* __restrict__ second_dist, int64_t tiles_per_split, bool partial) {
-  __shared__ __align__(16) float as[2][kBlockRows][kStride];
-  __shared__ __align__(16) float bs[2][kBlockCodes][kStride];
+  // Native 16-bit tensor-core path: fast mode with fp16 / bf16 operands.
+  constexpr bool kNative16 = kTf32 && sizeof(T) == 2;
+  using S = std::conditional_t<kNative16, unsigned short, float>;
+  constexpr int kStrideS = kNative16 ? kStride16 : kStride;
+  __shared__ __align__(16) S as[2][kBlockRows][kStrideS];
+  __shared__ __align__(16) S bs[2][kBlockCodes][kStrideS];
   __shared__ float red_best[kBlockRows];
   __shared__ float red_second[kBlockRows];
   __shared__ int red_index[kBlockRows];
@@ -257,20 +331,50 @@ __global__ void __launch_bounds__(kThreads, kResidentBlocks) nearest_codeword_ke
   const int64_t code_tiles = min((k + kBlockCodes - 1) / kBlockCodes - tile0, tiles_per_split);
   const int64_t steps = feat_tiles * code_tiles;  // one flat pipeline over (code tile, feature tile)
 
-  load_stage<T, kVec>(as[0], bs[0], z, codebook, n, k, d, row0, tile0 * kBlockCodes, 0);
+  const auto stage = [&](int b, int64_t code0, int64_t feat0) {
+    if constexpr (kNative16) {
+      load_stage_raw16<T, kVec>(as[b], bs[b], z, codebook, n, k, d, row0, code0, feat0);
+    } else {
+      load_stage<T, kVec>(as[b], bs[b], z, codebook, n, k, d, row0, code0, feat0);
+    }
+  };
+  stage(0, tile0 * kBlockCodes, 0);
   cp_async_commit();
 
   for (int64_t s = 0; s < steps; ++s) {
     const int buf = static_cast<int>(s & 1);
     if (s + 1 < steps) {
       const int64_t ct = tile0 + (s + 1) / feat_tiles, ft = (s + 1) % feat_tiles;
-      load_stage<T, kVec>(as[buf ^ 1], bs[buf ^ 1], z, codebook, n, k, d, row0, ct * kBlockCodes, ft * kBlockFeatures);
+      stage(buf ^ 1, ct * kBlockCodes, ft * kBlockFeatures);
     }
     cp_async_commit();  // an empty group on the last step keeps wait_group<1> meaning "stage s landed"
     cp_async_wait<1>();
     __syncthreads();
 
-    if constexpr (kTf32) {
+    if constexpr (kNative16) {
+      // One m16n8k16 step covers the 16 features of the stage (PTX fragment layouts: A rows g / g+8,
+      // columns 2t, 2t+1 and 2t+8, 2t+9; B columns k = 2t, 2t+1 and 2t+8, 2t+9 of code g).
+      static_assert(kBlockFeatures == 16, "one k16 step per stage");
+      unsigned a[2][4], b[4][2];
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) {
+        const int r = warp_m * 32 + mi * 16 + g;
+        a[mi][0] = load_pair(&as[buf][r][2 * t]);
+        a[mi][1] = load_pair(&as[buf][r + 8][2 * t]);
+        a[mi][2] = load_pair(&as[buf][r][2 * t + 8]);
+        a[mi][3] = load_pair(&as[buf][r + 8][2 * t + 8]);
+      }
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni) {
+        const int c = warp_n * 32 + ni * 8 + g;
+        b[ni][0] = load_pair(&bs[buf][c][2 * t]);
+        b[ni][1] = load_pair(&bs[buf][c][2 * t + 8]);
+      }
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) mma_16bit<T>(acc[mi][ni], a[mi], b[ni]);
+    } else if constexpr (kTf32) {
 #pragma unroll
       for (int kk = 0; kk < kBlockFeatures; kk += 8) {
         unsigned a[2][4], b[4][2];

@@ -17,3 +17,6 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
   const unsigned rounded = u + 0x7fffu + ((u >> 16) & 1u);
   return __nv_bfloat16{static_cast<unsigned short>(rounded >> 16)};
 }
+
+// For the emulated mma (cuda_runtime.h).
+inline float emu_float(__nv_bfloat16 h) { return __bfloat162float(h); }

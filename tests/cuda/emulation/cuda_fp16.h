@@ -41,3 +41,6 @@ inline __half __float2half_rn(float f) {
   const unsigned exponent = static_cast<unsigned>(e - 1 + 15);
   return __half{static_cast<unsigned short>(sign | (exponent << 10) | (static_cast<unsigned>(q) - 1024u))};
 }
+
+// For the emulated mma (cuda_runtime.h).
+inline float emu_float(__half h) { return __half2float(h); }

@@ -366,6 +366,41 @@ inline void mma_m16n8k8_tf32(float (&c)[4], const unsigned (&a)[4], const unsign
   warp_sync(0xffffffffu);
 }
 
+// mma.sync.m16n8k16 with fp16 / bf16 operands, two per 32-bit register (lower index in the low half):
+// PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type":
+// A: a0,a1 (g, 2t + {0,1}), a2,a3 (g + 8, 2t + {0,1}), a4,a5 (g, 2t + 8 + {0,1}), a6,a7 (g + 8, 2t + 8 + {0,1});
+// B: b0,b1 (k = 2t + {0,1}, n = g), b2,b3 (k = 2t + 8 + {0,1}, n = g); C/D as for m16n8k8.
+// T is __half or __nv_bfloat16 (declared in this folder's cuda_fp16.h / cuda_bf16.h).
+template <typename T>
+inline void mma_m16n8k16(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+  Warp& w = warp();
+  const unsigned me = lane();
+  for (int i = 0; i < 4; ++i) w.a[me][i] = a[i], w.c[me][i] = c[i];
+  for (int i = 0; i < 2; ++i) w.b[me][i] = b[i];
+  warp_sync(0xffffffffu);
+  // emu_float: __half2float / __bfloat162float, found by argument-dependent lookup at instantiation.
+  const auto lo = [](unsigned word) { return emu_float(T{static_cast<unsigned short>(word & 0xffffu)}); };
+  const auto hi = [](unsigned word) { return emu_float(T{static_cast<unsigned short>(word >> 16)}); };
+  double A[16][16], B[16][8];
+  for (unsigned l = 0; l < 32; ++l) {
+    const unsigned g = l >> 2, t = l % 4;
+    for (unsigned half = 0; half < 2; ++half) {  // registers {0, 1} hold columns 2t.., {2, 3} columns 2t + 8..
+      const unsigned col = 2 * t + 8 * half;
+      A[g][col] = lo(w.a[l][2 * half]), A[g][col + 1] = hi(w.a[l][2 * half]);
+      A[g + 8][col] = lo(w.a[l][2 * half + 1]), A[g + 8][col + 1] = hi(w.a[l][2 * half + 1]);
+      B[col][g] = lo(w.b[l][half]), B[col + 1][g] = hi(w.b[l][half]);
+    }
+  }
+  const unsigned g = me >> 2, t = me % 4;
+  for (int i = 0; i < 4; ++i) {
+    const unsigned row = g + 8 * (i / 2), col = 2 * t + (i & 1);
+    double acc = w.c[me][i];
+    for (int kk = 0; kk < 16; ++kk) acc += A[row][kk] * B[kk][col];
+    c[i] = static_cast<float>(acc);
+  }
+  warp_sync(0xffffffffu);
+}
+
 // cvt.rna.tf32.f32: round to nearest, ties away from zero, to 10 explicit mantissa bits.
 inline unsigned to_tf32(float x) {
   unsigned u = __float_as_uint(x);
