@@ -81,3 +81,29 @@ def test_kmeans_init_then_fullgraph():
     assert fresh._kmeans_pending
     fresh.load_state_dict(twin.state_dict())
     assert not fresh._kmeans_pending
+
+
+def _gpu_backends() -> list[str]:
+    return [b for b in ("cuda", "triton") if torch.cuda.is_available() and b in vqfast.available_backends("cuda")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("options", [{}, {"ema": True, "dead_code_threshold": 0.5}], ids=["default", "ema-dead"])
+def test_vector_quantizer_fullgraph_on_gpu(backend, options):
+    """The GPU backends under torch.compile (inductor), forward + backward, against eager on the GPU."""
+    if backend not in _gpu_backends():
+        pytest.skip(f"backend {backend!r} needs a CUDA device and its kernels")
+    torch._dynamo.reset()
+    eager, twin = _twins(lambda: VectorQuantizer(37, 17, backend=backend, **options).cuda())
+    gen = torch.Generator().manual_seed(4)
+    compiled = torch.compile(twin, fullgraph=True)
+    for _ in range(2):
+        z = (torch.randn(2, 17, 3, 5, generator=gen) / 37).cuda()
+        torch.manual_seed(7)
+        a = _run(eager, z)
+        torch.manual_seed(7)
+        b = _run(compiled, z)
+        assert torch.equal(a[2], b[2])
+        for x, y in ((a[0], b[0]), (a[1], b[1]), (a[3], b[3])):
+            torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-7)
