@@ -391,20 +391,22 @@ def test_kernels_pass_the_check_under_the_host_emulator(emulated_check, copies):
     run = subprocess.run([emulated_check], capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert "all checks passed" in run.stdout
-    assert run.stdout.count(" ok ") == 10 * 2 * 3  # shapes x modes x element types
+    assert run.stdout.count(" ok ") == 12 * 2 * 3  # shapes x modes x element types
 
 
 # Planted bugs the emulated check must catch: (what, original text, replacement).
 MUTATIONS = [
-    ("mma A fragment rows/columns swapped", "a[mi][1] = to_tf32(as[buf][r + 8][kk + t]);",
-     "a[mi][1] = to_tf32(as[buf][r][kk + t + 4]);"),
-    ("native 16-bit mma A fragment rows/columns swapped", "a[mi][1] = load_pair(&as[buf][r + 8][2 * t]);",
-     "a[mi][1] = load_pair(&as[buf][r][2 * t + 8]);"),
+    ("mma A fragment rows/columns swapped", "a[mi][1] = to_tf32(z8[kk + t]);", "a[mi][1] = to_tf32(z0[kk + t + 4]);"),
+    ("native 16-bit mma A fragment rows/columns swapped", "a[mi][1] = load_pair(z8 + 2 * t);",
+     "a[mi][1] = load_pair(z0 + 2 * t + 8);"),
     ("waiting for one cp.async stage too few", "    cp_async_wait<1>();", "    cp_async_wait<2>();"),
     ("split search ignores its code offset", "const int64_t code0 = (tile0 + s / feat_tiles) * kBlockCodes;",
      "const int64_t code0 = (s / feat_tiles) * kBlockCodes;"),
-    ("fp16/bf16 z chunk loaded out of order", "*reinterpret_cast<float4*>(&as[r][f]) = unpack4<T>(zv.x, zv.y);",
-     "*reinterpret_cast<float4*>(&as[r][f]) = unpack4<T>(zv.y, zv.x);"),
+    ("fp16/bf16 chunk converted from the wrong words",
+     "*reinterpret_cast<float4*>(dst + r * stride + f) = unpack4<T>(v.x, v.y);",
+     "*reinterpret_cast<float4*>(dst + r * stride + f) = unpack4<T>(v.z, v.w);"),
+    ("resident z read without its feature-tile offset", "return zres + r * z_stride + ft * kBlockFeatures;",
+     "return zres + r * z_stride;"),
 ]
 
 

@@ -72,6 +72,7 @@ __device__ __forceinline__ void cp_async_wait() {
   vqfast_emu::cp_async_wait(kPending);
 }
 __device__ __forceinline__ unsigned to_tf32(float x) { return vqfast_emu::to_tf32(x); }
+__device__ __forceinline__ unsigned char* dynamic_smem() { return vqfast_emu::dynamic_shared(); }
 __device__ __forceinline__ void mma_tf32(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
   vqfast_emu::mma_m16n8k8_tf32(c, a, b);
 }
@@ -136,7 +137,13 @@ __device__ __forceinline__ void mma_16bit(float (&c)[4], const unsigned (&a)[4],
   }
 }
 
-#define VQFAST_LAUNCH(kernel, grid, threads, stream) kernel<<<grid, threads, 0, stream>>>
+// The block's dynamic shared memory (the launch's third <<<>>> argument).
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+  extern __shared__ __align__(16) unsigned char vqfast_dynamic_smem[];
+  return vqfast_dynamic_smem;
+}
+
+#define VQFAST_LAUNCH(kernel, grid, threads, smem, stream) kernel<<<grid, threads, smem, stream>>>
 #endif  // VQFAST_CUDA_EMULATION
 
 // Fold candidate (v, i, v2) into (best, index, second). Ties on value go to the lower index, and
@@ -151,150 +158,115 @@ __device__ __forceinline__ void merge_top2(float& best, int& index, float& secon
   }
 }
 
-// Stage one (rows, features) tile of z and one (codes, features) tile of the codebook.
-// kVec (D % 4 == 0, 16-byte aligned bases): 16-byte copies, 4x fewer copy instructions; a
-// 4-feature chunk then lies wholly inside or wholly past D. Shared rows are 80 bytes, so every
-// chunk destination is 16-byte aligned too.
-//
-// 16-bit T: plain loads converted to fp32 and stored. Every thread issues all its loads before its
-// first store; the stage's buffer was released by the previous iteration's closing barrier.
-template <typename T, bool kVec>
-__device__ __forceinline__ void load_stage_16bit(float (*as)[kStride], float (*bs)[kStride], const T* __restrict__ z,
-                                                 const T* __restrict__ codebook, int64_t n, int64_t k, int64_t d,
-                                                 int64_t row0, int64_t code0, int64_t feat0) {
-  static_assert(sizeof(T) == 2, "16-bit inputs only");
-  if constexpr (kVec) {
-    // 64 rows x 2 chunks of 8 features per tile: one 16-byte load per thread per tile.
-    static_assert(kBlockRows * (kBlockFeatures / 8) == kThreads, "one chunk per thread");
-    const int r = threadIdx.x / 2;
-    const int f = (threadIdx.x % 2) * 8;
-    const int64_t feat = feat0 + f;
-    const int64_t row = row0 + r;
-    const int64_t code = code0 + r;
-    uint4 zv = make_uint4(0, 0, 0, 0), cv = make_uint4(0, 0, 0, 0);
-    if (row < n && feat < d) zv = *reinterpret_cast<const uint4*>(z + row * d + feat);
-    if (code < k && feat < d) cv = *reinterpret_cast<const uint4*>(codebook + code * d + feat);
-    *reinterpret_cast<float4*>(&as[r][f]) = unpack4<T>(zv.x, zv.y);
-    *reinterpret_cast<float4*>(&as[r][f + 4]) = unpack4<T>(zv.z, zv.w);
-    *reinterpret_cast<float4*>(&bs[r][f]) = unpack4<T>(cv.x, cv.y);
-    *reinterpret_cast<float4*>(&bs[r][f + 4]) = unpack4<T>(cv.z, cv.w);
-  } else {
-    constexpr int kPerThread = kBlockRows * kBlockFeatures / kThreads;
-    float zr[kPerThread], cr[kPerThread];
-#pragma unroll
-    for (int j = 0; j < kPerThread; ++j) {
-      const int e = threadIdx.x + j * kThreads;
-      const int64_t feat = feat0 + e % kBlockFeatures;
-      const int64_t row = row0 + e / kBlockFeatures;
-      const int64_t code = code0 + e / kBlockFeatures;
-      zr[j] = row < n && feat < d ? to_float(z[row * d + feat]) : 0.f;
-      cr[j] = code < k && feat < d ? to_float(codebook[code * d + feat]) : 0.f;
-    }
-#pragma unroll
-    for (int j = 0; j < kPerThread; ++j) {
-      const int e = threadIdx.x + j * kThreads;
-      as[e / kBlockFeatures][e % kBlockFeatures] = zr[j];
-      bs[e / kBlockFeatures][e % kBlockFeatures] = cr[j];
-    }
-  }
-}
+// Fast mode with fp16 / bf16 operands keeps them 16-bit in shared memory for mma.m16n8k16.
+constexpr int kStride16 = kBlockFeatures + 8;  // rows of 16 elements padded to 24 (48 bytes)
 
-// Fast mode with fp16 / bf16 operands keeps them 16-bit in shared memory for mma.m16n8k16: rows of
-// 16 elements padded to 24 (48 bytes), so the 8 rows x 4 words a fragment load touches fall in 32
-// distinct banks. 16-byte cp.async when kVec (8 elements), else 2-byte loads and stores (cp.async
-// copies 4 bytes at least).
-constexpr int kStride16 = kBlockFeatures + 8;
-
-template <typename T, bool kVec>
-__device__ __forceinline__ void load_stage_raw16(unsigned short (*as)[kStride16], unsigned short (*bs)[kStride16],
-                                                 const T* __restrict__ z, const T* __restrict__ codebook, int64_t n,
-                                                 int64_t k, int64_t d, int64_t row0, int64_t code0, int64_t feat0) {
-  static_assert(sizeof(T) == 2, "16-bit inputs only");
-  const unsigned short* zb = reinterpret_cast<const unsigned short*>(z);
-  const unsigned short* cb = reinterpret_cast<const unsigned short*>(codebook);
-  if constexpr (kVec) {
-    static_assert(kBlockRows * (kBlockFeatures / 8) == kThreads, "one 16-byte chunk per thread");
-    const int r = threadIdx.x / 2;
-    const int f = (threadIdx.x % 2) * 8;
-    const int64_t feat = feat0 + f;
-    const int64_t row = row0 + r;
-    const int64_t code = code0 + r;
-    const bool zv = row < n && feat < d;
-    const bool cv = code < k && feat < d;
-    cp_async_16(&as[r][f], zv ? zb + row * d + feat : zb, zv);
-    cp_async_16(&bs[r][f], cv ? cb + code * d + feat : cb, cv);
-  } else {
-    constexpr int kPerThread = kBlockRows * kBlockFeatures / kThreads;
-    unsigned short zr[kPerThread], cr[kPerThread];
+// Stage one tile of a row-major [rows, d] matrix, rows [row0, row0 + 64) x features [feat0, feat0 + 16),
+// into shared memory at dst (row stride `stride` elements), zero-filled past `rows` and `d`.
+//   fp32 operands (S = float): cp.async, 16-byte copies when kVec (D % 4 == 0, 16-byte aligned
+//     base; a 4-feature chunk then lies wholly inside or past D), else 4-byte copies.
+//   fp16 / bf16 converted (S = float): plain loads, converted exactly and stored; one 16-byte load
+//     of 8 elements per thread when kVec (D % 8 == 0, aligned). All loads are issued before the
+//     first store.
+//   fp16 / bf16 kept (S = unsigned short, the raw bits): 16-byte cp.async when kVec, else 2-byte
+//     loads and stores (cp.async copies 4 bytes at least).
+// Every row stride is a multiple of 16 bytes, so vector destinations are aligned.
+template <typename T, typename S, bool kVec>
+__device__ __forceinline__ void load_tile(S* dst, int stride, const T* __restrict__ src, int64_t rows, int64_t d,
+                                          int64_t row0, int64_t feat0) {
+  constexpr int kPerThread = kBlockRows * kBlockFeatures / kThreads;
+  static_assert(kBlockRows * (kBlockFeatures / 8) == kThreads, "one 8-element chunk per thread");
+  if constexpr (std::is_same_v<T, float>) {
+    if constexpr (kVec) {
+      constexpr int kChunks = kBlockFeatures / 4;
 #pragma unroll
-    for (int j = 0; j < kPerThread; ++j) {
-      const int e = threadIdx.x + j * kThreads;
-      const int64_t feat = feat0 + e % kBlockFeatures;
-      const int64_t row = row0 + e / kBlockFeatures;
-      const int64_t code = code0 + e / kBlockFeatures;
-      zr[j] = row < n && feat < d ? zb[row * d + feat] : static_cast<unsigned short>(0);  // +0 in both formats
-      cr[j] = code < k && feat < d ? cb[code * d + feat] : static_cast<unsigned short>(0);
+      for (int j = 0; j < kBlockRows * kChunks / kThreads; ++j) {
+        const int e = threadIdx.x + j * kThreads;
+        const int r = e / kChunks;
+        const int f = (e % kChunks) * 4;
+        const int64_t row = row0 + r, feat = feat0 + f;
+        const bool valid = row < rows && feat < d;
+        cp_async_16(dst + r * stride + f, valid ? src + row * d + feat : src, valid);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < kPerThread; ++j) {
+        const int e = threadIdx.x + j * kThreads;
+        const int r = e / kBlockFeatures;
+        const int f = e % kBlockFeatures;
+        const int64_t row = row0 + r, feat = feat0 + f;
+        const bool valid = row < rows && feat < d;
+        cp_async_f32(dst + r * stride + f, valid ? src + row * d + feat : src, valid);
+      }
     }
+  } else if constexpr (std::is_same_v<S, float>) {
+    static_assert(sizeof(T) == 2, "16-bit inputs only");
+    if constexpr (kVec) {
+      const int r = threadIdx.x / 2;
+      const int f = (threadIdx.x % 2) * 8;
+      const int64_t row = row0 + r, feat = feat0 + f;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (row < rows && feat < d) v = *reinterpret_cast<const uint4*>(src + row * d + feat);
+      *reinterpret_cast<float4*>(dst + r * stride + f) = unpack4<T>(v.x, v.y);
+      *reinterpret_cast<float4*>(dst + r * stride + f + 4) = unpack4<T>(v.z, v.w);
+    } else {
+      float vals[kPerThread];
 #pragma unroll
-    for (int j = 0; j < kPerThread; ++j) {
-      const int e = threadIdx.x + j * kThreads;
-      as[e / kBlockFeatures][e % kBlockFeatures] = zr[j];
-      bs[e / kBlockFeatures][e % kBlockFeatures] = cr[j];
+      for (int j = 0; j < kPerThread; ++j) {
+        const int e = threadIdx.x + j * kThreads;
+        const int64_t row = row0 + e / kBlockFeatures, feat = feat0 + e % kBlockFeatures;
+        vals[j] = row < rows && feat < d ? to_float(src[row * d + feat]) : 0.f;
+      }
+#pragma unroll
+      for (int j = 0; j < kPerThread; ++j) {
+        const int e = threadIdx.x + j * kThreads;
+        dst[(e / kBlockFeatures) * stride + e % kBlockFeatures] = vals[j];
+      }
+    }
+  } else {
+    static_assert(sizeof(T) == 2 && sizeof(S) == 2, "16-bit inputs only");
+    const unsigned short* bits = reinterpret_cast<const unsigned short*>(src);
+    if constexpr (kVec) {
+      const int r = threadIdx.x / 2;
+      const int f = (threadIdx.x % 2) * 8;
+      const int64_t row = row0 + r, feat = feat0 + f;
+      const bool valid = row < rows && feat < d;
+      cp_async_16(dst + r * stride + f, valid ? bits + row * d + feat : bits, valid);
+    } else {
+      unsigned short vals[kPerThread];
+#pragma unroll
+      for (int j = 0; j < kPerThread; ++j) {
+        const int e = threadIdx.x + j * kThreads;
+        const int64_t row = row0 + e / kBlockFeatures, feat = feat0 + e % kBlockFeatures;
+        vals[j] = row < rows && feat < d ? bits[row * d + feat] : static_cast<unsigned short>(0);  // +0 in both formats
+      }
+#pragma unroll
+      for (int j = 0; j < kPerThread; ++j) {
+        const int e = threadIdx.x + j * kThreads;
+        dst[(e / kBlockFeatures) * stride + e % kBlockFeatures] = vals[j];
+      }
     }
   }
 }
 
 __device__ __forceinline__ unsigned load_pair(const unsigned short* p) { return *reinterpret_cast<const unsigned*>(p); }
 
-template <typename T, bool kVec>
-__device__ __forceinline__ void load_stage(float (*as)[kStride], float (*bs)[kStride], const T* __restrict__ z,
-                                           const T* __restrict__ codebook, int64_t n, int64_t k, int64_t d,
-                                           int64_t row0, int64_t code0, int64_t feat0) {
-  if constexpr (!std::is_same_v<T, float>) {
-    load_stage_16bit<T, kVec>(as, bs, z, codebook, n, k, d, row0, code0, feat0);
-  } else if constexpr (kVec) {
-    constexpr int kChunks = kBlockFeatures / 4;
-#pragma unroll
-    for (int j = 0; j < kBlockRows * kChunks / kThreads; ++j) {
-      const int e = threadIdx.x + j * kThreads;
-      const int r = e / kChunks;
-      const int f = (e % kChunks) * 4;
-      const int64_t feat = feat0 + f;
-      const int64_t row = row0 + r;
-      const int64_t code = code0 + r;
-      const bool zv = row < n && feat < d;
-      const bool cv = code < k && feat < d;
-      cp_async_16(&as[r][f], zv ? z + row * d + feat : z, zv);
-      cp_async_16(&bs[r][f], cv ? codebook + code * d + feat : codebook, cv);
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < kBlockRows * kBlockFeatures / kThreads; ++j) {
-      const int e = threadIdx.x + j * kThreads;
-      const int r = e / kBlockFeatures;
-      const int f = e % kBlockFeatures;
-      const int64_t feat = feat0 + f;
-      const int64_t row = row0 + r;
-      const int64_t code = code0 + r;
-      const bool zv = row < n && feat < d;
-      const bool cv = code < k && feat < d;
-      cp_async_f32(&as[r][f], zv ? z + row * d + feat : z, zv);
-      cp_async_f32(&bs[r][f], cv ? codebook + code * d + feat : codebook, cv);
-    }
-  }
-}
-
-template <typename T, bool kTf32, bool kVec>
+// kResident: the block's 64 rows of z, all features, stay in dynamic shared memory (row stride
+// z_stride elements) and only codebook tiles stream, halving the tile traffic; else z tiles stream
+// alongside the codebook's.
+template <typename T, bool kTf32, bool kVec, bool kResident>
 // At most 170 registers a thread: kResidentBlocks blocks of 128 threads fit one SM's 64K registers.
 __global__ void __launch_bounds__(kThreads, kResidentBlocks) nearest_codeword_kernel(
-    const T* __restrict__ z, const T* __restrict__ codebook, const float* __restrict__ code_sqnorm, int64_t n, int64_t k, int64_t d, int64_t* __restrict__ best_index,
-    float* __restrict__ best_dist, float* __restrict__ second_dist, int64_t tiles_per_split, bool partial) {
+    const T* __restrict__ z, const T* __restrict__ codebook, const float* __restrict__ code_sqnorm, int64_t n,
+    int64_t k, int64_t d, int64_t* __restrict__ best_index, float* __restrict__ best_dist,
+    float* __restrict__ second_dist, int64_t tiles_per_split, bool partial, int z_stride) {
   // Native 16-bit tensor-core path: fast mode with fp16 / bf16 operands.
   constexpr bool kNative16 = kTf32 && sizeof(T) == 2;
   using S = std::conditional_t<kNative16, unsigned short, float>;
   constexpr int kStrideS = kNative16 ? kStride16 : kStride;
-  __shared__ __align__(16) S as[2][kBlockRows][kStrideS];
+  __shared__ __align__(16) S as[kResident ? 1 : 2][kResident ? 1 : kBlockRows][kStrideS];
   __shared__ __align__(16) S bs[2][kBlockCodes][kStrideS];
+  S* const zres = kResident ? reinterpret_cast<S*>(dynamic_smem()) : nullptr;
   __shared__ float red_best[kBlockRows];
   __shared__ float red_second[kBlockRows];
   __shared__ int red_index[kBlockRows];
@@ -331,25 +303,34 @@ __global__ void __launch_bounds__(kThreads, kResidentBlocks) nearest_codeword_ke
   const int64_t code_tiles = min((k + kBlockCodes - 1) / kBlockCodes - tile0, tiles_per_split);
   const int64_t steps = feat_tiles * code_tiles;  // one flat pipeline over (code tile, feature tile)
 
-  const auto stage = [&](int b, int64_t code0, int64_t feat0) {
-    if constexpr (kNative16) {
-      load_stage_raw16<T, kVec>(as[b], bs[b], z, codebook, n, k, d, row0, code0, feat0);
+  // The first 16 features of row r (block-local) of the z tile that stage `b`, feature tile ft, reads.
+  const auto zrow = [&](int b, int64_t ft, int r) -> const S* {
+    if constexpr (kResident) {
+      return zres + r * z_stride + ft * kBlockFeatures;
     } else {
-      load_stage<T, kVec>(as[b], bs[b], z, codebook, n, k, d, row0, code0, feat0);
+      return &as[b][r][0];
     }
   };
-  stage(0, tile0 * kBlockCodes, 0);
+  if constexpr (kResident) {
+    for (int64_t ft = 0; ft < feat_tiles; ++ft)
+      load_tile<T, S, kVec>(zres + ft * kBlockFeatures, z_stride, z, n, d, row0, ft * kBlockFeatures);
+  } else {
+    load_tile<T, S, kVec>(&as[0][0][0], kStrideS, z, n, d, row0, 0);
+  }
+  load_tile<T, S, kVec>(&bs[0][0][0], kStrideS, codebook, k, d, tile0 * kBlockCodes, 0);
   cp_async_commit();
 
   for (int64_t s = 0; s < steps; ++s) {
     const int buf = static_cast<int>(s & 1);
     if (s + 1 < steps) {
       const int64_t ct = tile0 + (s + 1) / feat_tiles, ft = (s + 1) % feat_tiles;
-      stage(buf ^ 1, ct * kBlockCodes, ft * kBlockFeatures);
+      if constexpr (!kResident) load_tile<T, S, kVec>(&as[buf ^ 1][0][0], kStrideS, z, n, d, row0, ft * kBlockFeatures);
+      load_tile<T, S, kVec>(&bs[buf ^ 1][0][0], kStrideS, codebook, k, d, ct * kBlockCodes, ft * kBlockFeatures);
     }
     cp_async_commit();  // an empty group on the last step keeps wait_group<1> meaning "stage s landed"
     cp_async_wait<1>();
     __syncthreads();
+    const int64_t ft_now = s % feat_tiles;
 
     if constexpr (kNative16) {
       // One m16n8k16 step covers the 16 features of the stage (PTX fragment layouts: A rows g / g+8,
@@ -359,10 +340,12 @@ __global__ void __launch_bounds__(kThreads, kResidentBlocks) nearest_codeword_ke
 #pragma unroll
       for (int mi = 0; mi < 2; ++mi) {
         const int r = warp_m * 32 + mi * 16 + g;
-        a[mi][0] = load_pair(&as[buf][r][2 * t]);
-        a[mi][1] = load_pair(&as[buf][r + 8][2 * t]);
-        a[mi][2] = load_pair(&as[buf][r][2 * t + 8]);
-        a[mi][3] = load_pair(&as[buf][r + 8][2 * t + 8]);
+        const S* z0 = zrow(buf, ft_now, r);
+        const S* z8 = zrow(buf, ft_now, r + 8);
+        a[mi][0] = load_pair(z0 + 2 * t);
+        a[mi][1] = load_pair(z8 + 2 * t);
+        a[mi][2] = load_pair(z0 + 2 * t + 8);
+        a[mi][3] = load_pair(z8 + 2 * t + 8);
       }
 #pragma unroll
       for (int ni = 0; ni < 4; ++ni) {
@@ -381,10 +364,12 @@ __global__ void __launch_bounds__(kThreads, kResidentBlocks) nearest_codeword_ke
 #pragma unroll
         for (int mi = 0; mi < 2; ++mi) {
           const int r = warp_m * 32 + mi * 16 + g;
-          a[mi][0] = to_tf32(as[buf][r][kk + t]);
-          a[mi][1] = to_tf32(as[buf][r + 8][kk + t]);
-          a[mi][2] = to_tf32(as[buf][r][kk + t + 4]);
-          a[mi][3] = to_tf32(as[buf][r + 8][kk + t + 4]);
+          const S* z0 = zrow(buf, ft_now, r);
+          const S* z8 = zrow(buf, ft_now, r + 8);
+          a[mi][0] = to_tf32(z0[kk + t]);
+          a[mi][1] = to_tf32(z8[kk + t]);
+          a[mi][2] = to_tf32(z0[kk + t + 4]);
+          a[mi][3] = to_tf32(z8[kk + t + 4]);
         }
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni) {
@@ -407,7 +392,7 @@ __global__ void __launch_bounds__(kThreads, kResidentBlocks) nearest_codeword_ke
 #pragma unroll
         for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
-          for (int h = 0; h < 2; ++h) a[mi][h] = as[buf][warp_m * 32 + mi * 16 + g + 8 * h][kk];
+          for (int h = 0; h < 2; ++h) a[mi][h] = zrow(buf, ft_now, warp_m * 32 + mi * 16 + g + 8 * h)[kk];
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
@@ -551,6 +536,31 @@ size_t split_workspace_bytes(int64_t n, int splits) {
 
 namespace {
 
+// The resident-z variant only where kResidentBlocks blocks still fit one SM's shared memory (1 KiB a
+// block is reserved by the system), so it never lowers the occupancy the registers allow.
+size_t max_resident_bytes(size_t elem) {
+  int device = 0, per_sm = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;  // unknown: stream z
+  }
+  const size_t static_bytes = 2 * kBlockCodes * (elem == 2 ? kStride16 : kStride) * elem + kBlockRows * 12;
+  const size_t per_block = static_cast<size_t>(per_sm) / kResidentBlocks;
+  return per_block > static_bytes + 1024 ? per_block - static_bytes - 1024 : 0;
+}
+
+template <typename T>
+auto pick_kernel(bool tf32, bool vec, bool resident) {
+  using Kernel = decltype(&nearest_codeword_kernel<T, true, true, true>);
+  static const Kernel table[2][2][2] = {
+      {{nearest_codeword_kernel<T, false, false, false>, nearest_codeword_kernel<T, false, false, true>},
+       {nearest_codeword_kernel<T, false, true, false>, nearest_codeword_kernel<T, false, true, true>}},
+      {{nearest_codeword_kernel<T, true, false, false>, nearest_codeword_kernel<T, true, false, true>},
+       {nearest_codeword_kernel<T, true, true, false>, nearest_codeword_kernel<T, true, true, true>}}};
+  return table[tf32][vec][resident];
+}
+
 template <typename T>
 cudaError_t launch_search(const T* z, const T* codebook, const float* code_sqnorm, int64_t n,
                           int64_t k, int64_t d, Mode mode, int64_t* best_index, float* best_dist, float* second_dist,
@@ -565,24 +575,37 @@ cudaError_t launch_search(const T* z, const T* codebook, const float* code_sqnor
   // Vector loads: 16 bytes = 16 / sizeof(T) features must divide D, and both bases be 16-byte aligned.
   const bool vec = d % (16 / sizeof(T)) == 0 && reinterpret_cast<uintptr_t>(z) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(codebook) % 16 == 0;
-  auto kernel = mode == Mode::kFastTf32
-                    ? (vec ? nearest_codeword_kernel<T, true, true> : nearest_codeword_kernel<T, true, false>)
-                    : (vec ? nearest_codeword_kernel<T, false, true> : nearest_codeword_kernel<T, false, false>);
+  const bool tf32 = mode == Mode::kFastTf32;
+  // Resident z: the block's rows, all features, padded so fragment loads stay conflict-free (row
+  // strides of 4 or 20 words mod 32 for fp32, 4/12/20/28 for 16-bit elements).
+  const bool native16 = tf32 && sizeof(T) == 2;
+  const size_t elem = native16 ? 2 : 4;
+  const int64_t z_stride = ceil_div(d, kBlockFeatures) * kBlockFeatures + (native16 ? 8 : 4);
+  const size_t z_bytes = static_cast<size_t>(kBlockRows) * static_cast<size_t>(z_stride) * elem;
+  const bool resident = z_bytes <= max_resident_bytes(elem);
+  const size_t smem = resident ? z_bytes : 0;
+  auto kernel = pick_kernel<T>(tf32, vec, resident);
+  if (smem > 48 * 1024) {  // beyond the default dynamic shared memory limit: opt in
+    const cudaError_t status =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (status != cudaSuccess) return status;
+  }
+  const int zs = static_cast<int>(z_stride);
   if (used == 1) {
-    VQFAST_LAUNCH(kernel, grid, kThreads, stream)(z, codebook, code_sqnorm, n, k, d, best_index, best_dist,
-                                                  second_dist, tiles_per_split, false);
+    VQFAST_LAUNCH(kernel, grid, kThreads, smem, stream)(z, codebook, code_sqnorm, n, k, d, best_index, best_dist,
+                                                        second_dist, tiles_per_split, false, zs);
     return cudaGetLastError();
   }
   // Workspace [used, N] of indices, best and second distances (split_workspace_bytes(n, splits)).
   int64_t* ws_index = static_cast<int64_t*>(workspace);
   float* ws_best = reinterpret_cast<float*>(ws_index + static_cast<int64_t>(used) * n);
   float* ws_second = ws_best + static_cast<int64_t>(used) * n;
-  VQFAST_LAUNCH(kernel, grid, kThreads, stream)(z, codebook, code_sqnorm, n, k, d, ws_index, ws_best,
-                                                ws_second, tiles_per_split, true);
+  VQFAST_LAUNCH(kernel, grid, kThreads, smem, stream)(z, codebook, code_sqnorm, n, k, d, ws_index, ws_best,
+                                                      ws_second, tiles_per_split, true, zs);
   const cudaError_t status = cudaGetLastError();
   if (status != cudaSuccess) return status;
   constexpr int kMergeThreads = 256;
-  VQFAST_LAUNCH(merge_splits_kernel, static_cast<unsigned>(ceil_div(n, kMergeThreads)), kMergeThreads, stream)(
+  VQFAST_LAUNCH(merge_splits_kernel, static_cast<unsigned>(ceil_div(n, kMergeThreads)), kMergeThreads, 0, stream)(
       ws_index, ws_best, ws_second, n, used, best_index, best_dist, second_dist);
   return cudaGetLastError();
 }
@@ -672,7 +695,7 @@ cudaError_t launch_row_sqnorms(const void* x, DType dtype, int64_t rows, int64_t
   if (d <= 0 || ceil_div(rows, kRowWarps) > INT_MAX) return cudaErrorInvalidValue;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    VQFAST_LAUNCH(row_sqnorms_kernel<T>, row_blocks(rows), kRowWarps * 32, stream)(static_cast<const T*>(x), rows, d,
+    VQFAST_LAUNCH(row_sqnorms_kernel<T>, row_blocks(rows), kRowWarps * 32, 0, stream)(static_cast<const T*>(x), rows, d,
                                                                                   out);
     return cudaGetLastError();
   });
@@ -684,7 +707,7 @@ cudaError_t launch_gather_distance(const void* z, const void* codebook, DType dt
   if (d <= 0 || ceil_div(n, kRowWarps) > INT_MAX) return cudaErrorInvalidValue;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    VQFAST_LAUNCH(gather_distance_kernel<T>, row_blocks(n), kRowWarps * 32, stream)(
+    VQFAST_LAUNCH(gather_distance_kernel<T>, row_blocks(n), kRowWarps * 32, 0, stream)(
         static_cast<const T*>(z), static_cast<const T*>(codebook), indices, n, d, static_cast<T*>(codewords),
         distances);
     return cudaGetLastError();

@@ -251,14 +251,18 @@ int run_case(const Shape& s, Mode mode, std::mt19937& rng) {
 int main() {
   std::mt19937 rng(0);
   // D = 8, 16 and 64 take the 16-byte loads for every element type, D = 4 and 100 only for fp32.
+  // Smaller D keep the block's z resident in shared memory; D = 520 streams z tiles except in fast
+  // mode with 16-bit elements (resident, above the default 48 KiB), D = 600 streams them always.
 #if defined(VQFAST_CUDA_EMULATION)
   // The host emulator (tests/cuda/emulation) runs a block's threads one at a time: smaller shapes,
   // still with partial row and code tiles, every load path, and the split search (4 emulated SMs).
   const Shape shapes[] = {{1, 1, 1},     {1, 5, 3},     {7, 130, 17}, {100, 65, 100}, {65, 64, 16},
-                          {129, 200, 4}, {3, 1500, 8},  {70, 300, 24}, {1, 777, 64}, {70, 1024, 64, true}};
+                          {129, 200, 4}, {3, 1500, 8},  {70, 300, 24}, {1, 777, 64}, {70, 1024, 64, true},
+                          {3, 70, 520},  {2, 70, 600}};
 #else
   const Shape shapes[] = {{1, 1, 1}, {1, 5, 3}, {7, 130, 17}, {100, 65, 100}, {257, 1000, 64}, {65, 64, 16},
-                          {300, 4099, 33}, {3, 70000, 8}, {1, 100003, 64}, {129, 200, 4}, {1024, 1024, 64, true}};
+                          {300, 4099, 33}, {3, 70000, 8}, {1, 100003, 64}, {129, 200, 4}, {1024, 1024, 64, true},
+                          {100, 3000, 256}, {33, 300, 600}};
 #endif
   // VQFAST_CHECK_FAIL_FAST=1 stops at the first failing case (the planted-bug tests).
   const char* fail_fast_env = std::getenv("VQFAST_CHECK_FAIL_FAST");

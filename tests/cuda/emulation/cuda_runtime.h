@@ -36,6 +36,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #define __global__
@@ -84,13 +85,17 @@ inline unsigned __float_as_uint(float f) {
 
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9 };
 enum cudaMemcpyKind { cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice };
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81 };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 using cudaStream_t = struct CUstream_st*;
 
 namespace vqfast_emu {
 
-// Four SMs: small shapes already take the codebook-split path of the search.
+// Four SMs: small shapes already take the codebook-split path of the search. Shared memory per SM
+// as on an H100 (228 KiB).
 constexpr int kEmulatedSms = 4;
+constexpr int kSharedPerSm = 228 * 1024;
+constexpr int kDefaultDynamicShared = 48 * 1024;
 inline cudaError_t& last_error() {
   static cudaError_t e = cudaSuccess;
   return e;
@@ -116,9 +121,12 @@ inline cudaError_t cudaGetDevice(int* device) {
   return cudaSuccess;
 }
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
-  if (attr != cudaDevAttrMultiProcessorCount || device != 0) return cudaErrorInvalidValue;
-  *value = vqfast_emu::kEmulatedSms;
-  return cudaSuccess;
+  if (device != 0) return cudaErrorInvalidValue;
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount: *value = vqfast_emu::kEmulatedSms; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = vqfast_emu::kSharedPerSm; return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
 }
 template <typename T>
 inline cudaError_t cudaMalloc(T** p, size_t bytes) {
@@ -302,15 +310,39 @@ void trampoline(void* f) {
   (*static_cast<F*>(f))();
 }
 
+// Dynamic shared memory of the running launch, and the opt-in limit set per kernel.
+inline std::vector<unsigned char>& dynamic_buffer() {
+  static std::vector<unsigned char> b;
+  return b;
+}
+inline unsigned char* dynamic_shared() {
+  const uintptr_t p = reinterpret_cast<uintptr_t>(dynamic_buffer().data());
+  return reinterpret_cast<unsigned char*>((p + 15) & ~uintptr_t{15});
+}
+inline std::vector<std::pair<const void*, int>>& dynamic_limits() {
+  static std::vector<std::pair<const void*, int>> limits;
+  return limits;
+}
+inline int dynamic_limit(const void* kernel) {
+  for (const auto& kv : dynamic_limits())
+    if (kv.first == kernel) return kv.second;
+  return kDefaultDynamicShared;
+}
+
 struct Launch {
   dim3 grid, threads;
+  size_t shared = 0;
   template <typename... KArgs, typename... Args>
   void operator()(void (*kernel)(KArgs...), Args&&... args) const {
     if (threads.x * threads.y * threads.z == 0 || threads.x * threads.y * threads.z > 1024 || grid.x == 0 ||
-        grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535) {
+        grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535 ||
+        shared > static_cast<size_t>(dynamic_limit(reinterpret_cast<const void*>(kernel)))) {
       last_error() = cudaErrorInvalidConfiguration;
       return;
     }
+    // 16-byte aligned, as the hardware's; poisoned (0xff: NaN floats) before every block, so a read
+    // of memory the block never wrote shows up in the results.
+    dynamic_buffer().assign(shared + 16, 0xff);
     grid_dim() = grid;
     block_dim() = threads;
     auto body = [&] { kernel(static_cast<KArgs>(args)...); };
@@ -318,6 +350,7 @@ struct Launch {
       for (unsigned y = 0; y < grid.y; ++y)
         for (unsigned x = 0; x < grid.x; ++x) {
           block_idx() = dim3(x, y, z);
+          std::memset(dynamic_buffer().data(), 0xff, dynamic_buffer().size());
           run_block(trampoline<decltype(body)>, &body);
         }
   }
@@ -462,6 +495,17 @@ inline T __shfl_xor_sync(unsigned mask, T value, int offset) {
   return vqfast_emu::shfl_xor(mask, value, offset);
 }
 
-// kernel<<<grid, threads, 0, stream>>>(args...) is written VQFAST_LAUNCH(kernel, grid, threads, stream)(args...).
-#define VQFAST_LAUNCH(kernel, grid, threads, stream) \
-  [&](auto&&... launch_args) { ::vqfast_emu::Launch{dim3(grid), dim3(threads)}(kernel, launch_args...); }
+template <typename F>
+inline cudaError_t cudaFuncSetAttribute(F* kernel, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || value > vqfast_emu::kSharedPerSm - 1024)
+    return cudaErrorInvalidValue;
+  vqfast_emu::dynamic_limits().emplace_back(reinterpret_cast<const void*>(kernel), value);
+  return cudaSuccess;
+}
+
+// kernel<<<grid, threads, smem, stream>>>(args...) is written
+// VQFAST_LAUNCH(kernel, grid, threads, smem, stream)(args...).
+#define VQFAST_LAUNCH(kernel, grid, threads, smem, stream)                                          \
+  [&](auto&&... launch_args) {                                                                     \
+    ::vqfast_emu::Launch{dim3(grid), dim3(threads), static_cast<size_t>(smem)}(kernel, launch_args...); \
+  }
