@@ -1,22 +1,32 @@
 // CUDA nearest-codeword search: distance tile + running top-2 argmin in one kernel, no N x K buffer.
 //
-// One thread block owns 64 rows of z and sweeps the whole codebook in tiles of 64 codewords x 16
-// features. Tiles stream through a two-stage pipeline into fp32 shared memory with zero fill (features
-// past D read as 0). fp32 inputs: cp.async, 16-byte copies when D % 4 == 0 and the bases are 16-byte
-// aligned, else 4-byte copies. fp16 / bf16 inputs: the thread loads its elements of the next stage
-// (8 in one 16-byte load when D % 8 == 0 and aligned) and stores them converted to fp32, which is
-// exact; no fp32 copy of z or the codebook is ever made. Any D and any alignment works. Four warps split the 64 x 64 dot-product tile 2 x 2; every thread owns
-// the same 32 accumulators in both modes, laid out as the C fragments of mma.m16n8k8, so one
-// epilogue serves both:
+// One thread block owns 64 rows of z and sweeps its share of the codebook (all of it, or one split
+// when few rows leave SMs idle) in tiles of 64 codewords x 16 features, through a two-stage pipeline
+// with zero fill (features past D read as 0). The block's z rows, all features, stay resident in
+// dynamic shared memory when three blocks still fit an SM, so only codebook tiles stream; otherwise
+// z tiles stream alongside.
+//   fp32 operands: cp.async, 16-byte copies when D % 4 == 0 and the bases are 16-byte aligned, else
+//     4-byte copies. Exact mode: fp32 FMA; fast mode: TF32 mma.m16n8k8.
+//   fp16 / bf16 operands, exact mode: loaded (8 in one 16-byte load when D % 8 == 0 and aligned) and
+//     stored converted to fp32, which is exact, then fp32 FMA as above.
+//   fp16 / bf16 operands, fast mode: kept 16-bit in shared memory (16-byte cp.async when aligned) and
+//     multiplied natively by mma.m16n8k16 with fp32 accumulation.
+// No fp32 copy of z or the codebook is ever made; any D and any alignment works. Four warps split the
+// 64 x 64 dot-product tile 2 x 2; every thread owns the same 32 accumulators in every mode, laid out
+// as the C fragments of mma.m16n8k8 / m16n8k16 (identical), so one epilogue serves all:
 //   rows warp_m*32 + mi*16 + g + 8h, codes warp_n*32 + ni*8 + 2t + c  (g = lane/4, t = lane%4).
 // The epilogue ranks r(i, k) = ||c_k||^2 - 2 <z_i, c_k> (||z_i||^2 is the same for the whole row, and
 // leaving it out keeps the rounding bound small when the codebook is tiny next to z) and folds the
 // tile into per-row (best, index, second best) held in registers; after the sweep the 4 lanes of a
 // quad and the 2 warps sharing a row merge theirs.
 //
-// Shared rows are padded from 16 to 20 floats: with a 20-word stride the 8 rows (or the 4 code
-// columns 2t) read by one warp instruction fall in distinct banks, for both the mma fragments and
-// the FMA loads.
+// Shared rows are padded (16 fp32 features to 20; 16-bit rows to 24 elements; resident rows to a
+// stride of 4 or 20 words mod 32, or 4 / 12 / 20 / 28 for 16-bit): the 8 rows (or the 4 code
+// columns 2t) one warp instruction reads then fall in distinct banks, for the mma fragments and the
+// FMA loads alike.
+//
+// tests/cuda/check_nearest_codeword.cu checks these kernels on a GPU and, through the host emulator
+// in tests/cuda/emulation (VQFAST_CUDA_EMULATION), in the CPU test suite.
 #include "nearest_codeword.h"
 
 #include <cuda_bf16.h>
