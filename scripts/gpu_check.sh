@@ -5,10 +5,12 @@
 #   scripts/gpu_check.sh test       the whole test suite, GPU tests included
 #   scripts/gpu_check.sh sanitize   compute-sanitizer memcheck / racecheck / synccheck / initcheck on
 #                                   the torch-free kernel check, memcheck on the torch op
-#   scripts/gpu_check.sh bench      vqfast bench --preset full (results appended under RESULTS)
+#   scripts/gpu_check.sh bench      vqfast bench --preset $PRESET (default gpu: one short command;
+#                                   full: every shape, in several runs with --questions)
 #   scripts/gpu_check.sh all        the four in order
 #
-# Logs go to LOGS (default ./gpu-logs), benchmark records to RESULTS (default benchmarks/results).
+# Logs go to LOGS (default ./gpu-logs), benchmark records to RESULTS (default benchmarks/results);
+# QUESTIONS (default: all) picks the benchmark questions.
 # Every stage needs a CUDA torch and nvcc; the build uses the torch already installed.
 set -euo pipefail
 
@@ -90,7 +92,13 @@ EOF
 
 stage_bench() {
   need_gpu
-  "$PY" -m vqfast.cli bench --preset full --device cuda --results-dir "$RESULTS" --quiet 2>&1 | tee "$LOGS/bench.log" | tail -80
+  local questions=()
+  if [ -n "${QUESTIONS:-}" ]; then
+    read -r -a questions <<<"$QUESTIONS"
+    questions=(--questions "${questions[@]}")
+  fi
+  "$PY" -m vqfast.cli bench --preset "${PRESET:-gpu}" --device cuda --results-dir "$RESULTS" --quiet "${questions[@]}" \
+    2>&1 | tee "$LOGS/bench-${PRESET:-gpu}.log" | tail -80
 }
 
 case "${1:-all}" in

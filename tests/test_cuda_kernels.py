@@ -348,8 +348,8 @@ def test_gpu_check_script_parses_and_names_existing_files():
         assert os.path.exists(os.path.join(ROOT, path)), f"gpu_check.sh names a missing file: {path}"
     from vqfast.bench import presets
 
-    assert "full" in presets.PRESETS
-    assert "--preset full --device cuda" in text
+    default = re.search(r'--preset "\$\{PRESET:-(\w+)\}" --device cuda', text)
+    assert default is not None and default.group(1) in presets.PRESETS and "full" in presets.PRESETS
 
 
 # ---------------------------------------------------------------------------------------------

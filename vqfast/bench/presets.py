@@ -2,6 +2,7 @@
 
     tiny   seconds; the machinery check used by tests/test_bench.py
     quick  a CPU machine, about 5 minutes on 2 cores
+    gpu    a GPU, one short command: the headline shapes, three VAR scales, one K sweep, bf16
     full   a GPU: large shapes, every dtype, fast precision, medians of 50 runs
 """
 from __future__ import annotations
@@ -59,6 +60,19 @@ PRESETS = {
         memory_forward_shapes=((65536, 64, 1024), (16384, 256, 16384)), memory_train_ks=(1024, 16384),
         warmup=1, repeats=3, stat="best",
         forward_providers=("seeds", "torch-chunked", "faiss-cpu", "vqfast-cpu", "vqfast-cpu-fast"),
+    ),
+    # A first GPU look inside one short command: the headline shapes of the comparison (Triton vs
+    # CUDA vs mm + argmin vs the classic code), three VAR scales, one K sweep, bf16, medians of 20.
+    "gpu": Preset(
+        name="gpu",
+        forward_shapes=((1 << 20, 32, 1024), (1 << 20, 64, 16384), (1 << 20, 256, 16384), (1 << 20, 64, 65536))
+        + tuple((32 * p * p, 32, 4096) for p in (1, 4, 16)),
+        sweep_n=262144, sweep_ds=(64,), sweep_ks=(256, 4096, 65536),
+        dtypes=("bfloat16",), precisions=("exact", "fast"),
+        train_batch=32, train_dim=64, train_side=32, train_ks=(16384,), train_stages=4,
+        multiscale_batch=32,
+        memory_forward_shapes=((262144, 64, 65536),), memory_train_ks=(16384,),
+        warmup=3, repeats=20, stat="median",
     ),
     "full": Preset(
         name="full",
