@@ -297,6 +297,64 @@ def test_runs_on_the_current_stream():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_16bit_exact_equals_fp32_holding_the_same_values(dtype):
+    """fp16 / bf16 operands reach the kernels as they are (converted exactly in the loader): exact mode
+    gives the indices of fp32 operands holding the same values, distances included."""
+    _skip_without_cuda()
+    z, codebook = _random_inputs(1000, 777, 64, dtype)
+    a = vqfast.nearest_codeword(z, codebook, backend="cuda")
+    b = vqfast.nearest_codeword(z.float(), codebook.float(), backend="cuda")
+    assert torch.equal(a[0], b[0])
+    torch.testing.assert_close(a[2], b[2], rtol=0, atol=0)
+    assert torch.equal(a[0], nearest_codeword_reference(z, codebook)[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_tiny_codebook_initialisation(precision):
+    """Codewords uniform in [-1/K, 1/K] next to unit-scale z (the classic initialisation): the exact
+    ranking bound has no ||z||^2 term, and the answers match the oracle."""
+    _skip_without_cuda()
+    k = 16384
+    z = torch.randn(4096, 64, device="cuda")
+    codebook = (torch.rand(k, 64, device="cuda") * 2 - 1) / k
+    out = vqfast.nearest_codeword(z, codebook, precision=precision, backend="cuda")
+    _check_outputs(z[:64], codebook, "l2", tuple(o[:64] for o in out))
+    if precision == "exact":
+        assert torch.equal(out[0], nearest_codeword_reference(z, codebook)[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+@pytest.mark.parametrize("d", [200, 520, 600], ids=lambda d: f"D{d}")
+def test_resident_and_streamed_z(d, precision, dtype):
+    """D on both sides of the resident-z limit (fp32 ~208, 16-bit fast ~544; 520 in 16-bit fast mode
+    also needs the opt-in above 48 KiB of dynamic shared memory)."""
+    _skip_without_cuda()
+    z, codebook = _random_inputs(130, 300, d, dtype)
+    out = vqfast.nearest_codeword(z, codebook, precision=precision, backend="cuda")
+    _check_outputs(z, codebook, "l2", out)  # codewords and direct distances, in both modes
+    if precision == "exact":
+        assert torch.equal(out[0], nearest_codeword_reference(z, codebook)[0])
+    else:
+        true = _true_distances(z, codebook, "l2")
+        picked = true.gather(1, out[0][:, None])[:, 0]
+        assert bool((picked <= true.min(1).values * (1 + 1e-2) + 1e-3).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1, 5, 200])
+def test_split_codebook_matches_reference(n):
+    """Few rows against a large codebook: the search splits the codebook over more blocks."""
+    _skip_without_cuda()
+    z, codebook = _random_inputs(n, 50_001, 32, torch.float32)
+    idx = vqfast.nearest_codeword(z, codebook, backend="cuda")[0]
+    assert torch.equal(idx, nearest_codeword_reference(z, codebook)[0])
+
+
+@pytest.mark.gpu
 def test_cuda_matches_triton():
     _skip_without_cuda()
     if "triton" not in vqfast.available_backends("cuda"):
