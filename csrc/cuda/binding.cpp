@@ -80,6 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nearest_codeword(const at::Tensor
   TORCH_CHECK(z.size(1) == codebook.size(1), "vqfast::nearest_codeword: z has D=", z.size(1),
               " but codebook has D=", codebook.size(1));
   TORCH_CHECK(codebook.size(0) > 0, "vqfast::nearest_codeword: codebook is empty (K=0)");
+  TORCH_CHECK(z.size(1) > 0, "vqfast::nearest_codeword: vectors have no features (D=0)");
   TORCH_CHECK(z.is_cuda() && codebook.is_cuda(), "vqfast::nearest_codeword (CUDA kernel): z and codebook must be CUDA tensors");
   TORCH_CHECK(z.device() == codebook.device(), "vqfast::nearest_codeword: z is on ", z.device(), " but codebook is on ",
               codebook.device());

@@ -33,6 +33,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cstdint>
 #include <type_traits>
@@ -524,13 +525,45 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace
 
-int choose_code_splits(int64_t n, int64_t k) {
-  int device = 0, sms = 0;
-  if (n <= 0 || k <= 0 || cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) {
-    cudaGetLastError();  // a failed query is not the caller's error: search unsplit
-    return 1;
+namespace {
+
+// The current device's SM count and shared memory per SM, read once per device (0 where the query
+// fails: the callers then fall back to the plain launch). Devices past kMaxDevices are read each time.
+struct DeviceShape {
+  int sms = 0, shared_per_sm = 0;
+};
+constexpr int kMaxDevices = 64;
+
+DeviceShape current_device_shape() {
+  static std::atomic<int> cached_sms[kMaxDevices];
+  static std::atomic<int> cached_shared[kMaxDevices];
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();
+    return {};
   }
+  if (device >= 0 && device < kMaxDevices && cached_sms[device].load(std::memory_order_relaxed) > 0) {
+    return {cached_sms[device].load(std::memory_order_relaxed), cached_shared[device].load(std::memory_order_relaxed)};
+  }
+  DeviceShape shape;
+  if (cudaDeviceGetAttribute(&shape.sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&shape.shared_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) !=
+          cudaSuccess) {
+    cudaGetLastError();  // a failed query is not the caller's error
+    return {};
+  }
+  if (device >= 0 && device < kMaxDevices && shape.sms > 0) {
+    cached_shared[device].store(shape.shared_per_sm, std::memory_order_relaxed);
+    cached_sms[device].store(shape.sms, std::memory_order_relaxed);
+  }
+  return shape;
+}
+
+}  // namespace
+
+int choose_code_splits(int64_t n, int64_t k) {
+  const int sms = current_device_shape().sms;
+  if (n <= 0 || k <= 0 || sms <= 0) return 1;  // nothing to split, or the device could not be read
   const int64_t row_blocks = ceil_div(n, kBlockRows);
   const int64_t target_blocks = int64_t{kResidentBlocks} * sms;
   if (row_blocks >= target_blocks) return 1;
@@ -549,12 +582,8 @@ namespace {
 // The resident-z variant only where kResidentBlocks blocks still fit one SM's shared memory (1 KiB a
 // block is reserved by the system), so it never lowers the occupancy the registers allow.
 size_t max_resident_bytes(size_t elem) {
-  int device = 0, per_sm = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;  // unknown: stream z
-  }
+  const int per_sm = current_device_shape().shared_per_sm;
+  if (per_sm <= 0) return 0;  // unknown: stream z
   const size_t static_bytes = 2 * kBlockCodes * (elem == 2 ? kStride16 : kStride) * elem + kBlockRows * 12;
   const size_t per_block = static_cast<size_t>(per_sm) / kResidentBlocks;
   return per_block > static_bytes + 1024 ? per_block - static_bytes - 1024 : 0;
