@@ -60,7 +60,7 @@ stage_sanitize() {
   tail -1 "$LOGS/check.log"
   local status=0
   for tool in memcheck racecheck synccheck initcheck; do
-    if compute-sanitizer --tool "$tool" --error-exitcode 1 "$exe" >"$LOGS/sanitizer-$tool.log" 2>&1; then
+    if compute-sanitizer --tool "$tool" --error-exitcode 1 "$exe" --small >"$LOGS/sanitizer-$tool.log" 2>&1; then
       echo "compute-sanitizer $tool: clean ($(grep -c ' ok ' "$LOGS/sanitizer-$tool.log") cases)"
     else
       echo "compute-sanitizer $tool: ERRORS (see $LOGS/sanitizer-$tool.log)"

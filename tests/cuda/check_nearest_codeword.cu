@@ -2,7 +2,7 @@
 // compute-sanitizer:
 //
 //   nvcc -std=c++17 -O2 -I csrc/cuda tests/cuda/check_nearest_codeword.cu csrc/cuda/nearest_codeword.cu -o check
-//   ./check && compute-sanitizer --tool memcheck ./check && compute-sanitizer --tool racecheck ./check
+//   ./check && compute-sanitizer --tool memcheck ./check --small && compute-sanitizer --tool racecheck ./check --small
 //
 // For odd shapes, fp32 / fp16 / bf16 elements and both modes it compares the kernels with a float64
 // computation on the host:
@@ -248,22 +248,29 @@ int run_case(const Shape& s, Mode mode, std::mt19937& rng) {
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
   std::mt19937 rng(0);
   // D = 8, 16 and 64 take the 16-byte loads for every element type, D = 4 and 100 only for fp32.
   // Smaller D keep the block's z resident in shared memory; D = 520 streams z tiles except in fast
   // mode with 16-bit elements (resident, above the default 48 KiB), D = 600 streams them always.
+  // The small set: the host emulator (which runs a block's threads one at a time) and GPU runs under
+  // compute-sanitizer (`--small`); still partial row and code tiles, every load path, the split
+  // search (4 emulated SMs; on a GPU through N = 3, K = 1500) and both z paths.
+  const std::vector<Shape> small = {{1, 1, 1},     {1, 5, 3},    {7, 130, 17},  {100, 65, 100},
+                                    {65, 64, 16},  {129, 200, 4}, {3, 1500, 8},  {70, 300, 24},
+                                    {1, 777, 64},  {70, 1024, 64, true}, {3, 70, 520}, {2, 70, 600}};
+  const std::vector<Shape> full = {{1, 1, 1},     {1, 5, 3},       {7, 130, 17},    {100, 65, 100},
+                                   {257, 1000, 64}, {65, 64, 16},  {300, 4099, 33}, {3, 70000, 8},
+                                   {1, 100003, 64}, {129, 200, 4}, {1024, 1024, 64, true}, {100, 3000, 256},
+                                   {33, 300, 600}};
 #if defined(VQFAST_CUDA_EMULATION)
-  // The host emulator (tests/cuda/emulation) runs a block's threads one at a time: smaller shapes,
-  // still with partial row and code tiles, every load path, and the split search (4 emulated SMs).
-  const Shape shapes[] = {{1, 1, 1},     {1, 5, 3},     {7, 130, 17}, {100, 65, 100}, {65, 64, 16},
-                          {129, 200, 4}, {3, 1500, 8},  {70, 300, 24}, {1, 777, 64}, {70, 1024, 64, true},
-                          {3, 70, 520},  {2, 70, 600}};
+  const bool use_small = true;
 #else
-  const Shape shapes[] = {{1, 1, 1}, {1, 5, 3}, {7, 130, 17}, {100, 65, 100}, {257, 1000, 64}, {65, 64, 16},
-                          {300, 4099, 33}, {3, 70000, 8}, {1, 100003, 64}, {129, 200, 4}, {1024, 1024, 64, true},
-                          {100, 3000, 256}, {33, 300, 600}};
+  const bool use_small = argc > 1 && std::strcmp(argv[1], "--small") == 0;
 #endif
+  (void)argc;
+  (void)argv;
+  const std::vector<Shape>& shapes = use_small ? small : full;
   // VQFAST_CHECK_FAIL_FAST=1 stops at the first failing case (the planted-bug tests).
   const char* fail_fast_env = std::getenv("VQFAST_CHECK_FAIL_FAST");
   const bool fail_fast = fail_fast_env != nullptr && std::strcmp(fail_fast_env, "1") == 0;
