@@ -145,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nearest_codeword(const at::Tensor
   if (splits > 1) {
     workspace = at::empty({static_cast<int64_t>(split_workspace_bytes(n, splits))}, z.options().dtype(at::kByte));
   }
-  check(launch_nearest_codeword(zs.data_ptr(), cs.data_ptr(), dtype, code_sqnorm.data_ptr<float>(), n, k, d, exact ? Mode::kExactFma : Mode::kFastTf32,
+  check(launch_nearest_codeword(zs.data_ptr(), cs.data_ptr(), dtype, code_sqnorm.data_ptr<float>(), n, k, d, exact ? Mode::kExactFma : Mode::kFastTensor,
                                 indices.data_ptr<int64_t>(), best_dist.data_ptr<float>(),
                                 exact ? second_dist.data_ptr<float>() : nullptr, splits,
                                 splits > 1 ? workspace.data_ptr() : nullptr, stream),

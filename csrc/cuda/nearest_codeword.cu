@@ -265,14 +265,14 @@ __device__ __forceinline__ unsigned load_pair(const unsigned short* p) { return 
 // kResident: the block's 64 rows of z, all features, stay in dynamic shared memory (row stride
 // z_stride elements) and only codebook tiles stream, halving the tile traffic; else z tiles stream
 // alongside the codebook's.
-template <typename T, bool kTf32, bool kVec, bool kResident>
+template <typename T, bool kTensor, bool kVec, bool kResident>
 // At most 170 registers a thread: kResidentBlocks blocks of 128 threads fit one SM's 64K registers.
 __global__ void __launch_bounds__(kThreads, kResidentBlocks) nearest_codeword_kernel(
     const T* __restrict__ z, const T* __restrict__ codebook, const float* __restrict__ code_sqnorm, int64_t n,
     int64_t k, int64_t d, int64_t* __restrict__ best_index, float* __restrict__ best_dist,
     float* __restrict__ second_dist, int64_t tiles_per_split, bool partial, int z_stride) {
   // Native 16-bit tensor-core path: fast mode with fp16 / bf16 operands.
-  constexpr bool kNative16 = kTf32 && sizeof(T) == 2;
+  constexpr bool kNative16 = kTensor && sizeof(T) == 2;
   using S = std::conditional_t<kNative16, unsigned short, float>;
   constexpr int kStrideS = kNative16 ? kStride16 : kStride;
   __shared__ __align__(16) S as[kResident ? 1 : 2][kResident ? 1 : kBlockRows][kStrideS];
@@ -368,7 +368,7 @@ __global__ void __launch_bounds__(kThreads, kResidentBlocks) nearest_codeword_ke
       for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni) mma_16bit<T>(acc[mi][ni], a[mi], b[ni]);
-    } else if constexpr (kTf32) {
+    } else if constexpr (kTensor) {
 #pragma unroll
       for (int kk = 0; kk < kBlockFeatures; kk += 8) {
         unsigned a[2][4], b[4][2];
@@ -614,7 +614,7 @@ cudaError_t launch_search(const T* z, const T* codebook, const float* code_sqnor
   // Vector loads: 16 bytes = 16 / sizeof(T) features must divide D, and both bases be 16-byte aligned.
   const bool vec = d % (16 / sizeof(T)) == 0 && reinterpret_cast<uintptr_t>(z) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(codebook) % 16 == 0;
-  const bool tf32 = mode == Mode::kFastTf32;
+  const bool tf32 = mode == Mode::kFastTensor;
   // Resident z: the block's rows, all features, padded so fragment loads stay conflict-free (row
   // strides of 4 or 20 words mod 32 for fp32, 4/12/20/28 for 16-bit elements).
   const bool native16 = tf32 && sizeof(T) == 2;

@@ -34,7 +34,7 @@ enum class Mode : int {
   // Tensor cores with fp32 accumulation, no re-ranking: TF32 mma.sync (m16n8k8) for fp32 operands,
   // native mma.sync m16n8k16 for fp16 / bf16 (exact products). H100 SXM peaks at about 495 TFLOP/s
   // in TF32 and 990 in bf16 (dense) against 67 in fp32 FMA.
-  kFastTf32 = 1,
+  kFastTensor = 1,
 };
 
 // Element type of z and the codebook (both the same). Every kernel accumulates in fp32; fp16 / bf16

@@ -276,7 +276,7 @@ int main(int argc, char** argv) {
   const bool fail_fast = fail_fast_env != nullptr && std::strcmp(fail_fast_env, "1") == 0;
   int failures = 0;
   for (const Shape& s : shapes) {
-    for (Mode mode : {Mode::kExactFma, Mode::kFastTf32}) {
+    for (Mode mode : {Mode::kExactFma, Mode::kFastTensor}) {
       failures += run_case<float>(s, mode, rng);
       failures += run_case<__half>(s, mode, rng);
       failures += run_case<__nv_bfloat16>(s, mode, rng);
