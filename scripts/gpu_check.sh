@@ -1,5 +1,5 @@
+#!/usr/bin/env bash
 # GPU validation of vqfast, in stages short enough to run one at a time on a GPU machine:
-# GPU validation of vqfast, in stages that each fit a short session on a GPU machine:
 #
 #   scripts/gpu_check.sh build      build vqfast._C with the CUDA kernels (pip install -e .)
 #   scripts/gpu_check.sh test       the whole test suite, GPU tests included
