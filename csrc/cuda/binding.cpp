@@ -1,6 +1,6 @@
 // Torch side of the CUDA backend: input checks, the kernel launches on the current stream (row
-// norms, search, gather + distance epilogue), and exact re-ranking of the rows the search cannot
-// prove. fp32 / fp16 / bf16 operands of one dtype reach the kernels as they are; mixed dtypes and
+// norms, then the search with its codeword + distance epilogue), and exact re-ranking of the rows
+// the search cannot prove. fp32 / fp16 / bf16 operands of one dtype reach the kernels as they are; mixed dtypes and
 // the cosine metric are staged once in fp32.
 //
 // Exact precision. The kernel ranks ||c||^2 - 2 z.c in fp32 FMA, off by at most gamma_{D+3} max||c||
@@ -145,9 +145,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nearest_codeword(const at::Tensor
   if (splits > 1) {
     workspace = at::empty({static_cast<int64_t>(split_workspace_bytes(n, splits))}, z.options().dtype(at::kByte));
   }
-  check(launch_nearest_codeword(zs.data_ptr(), cs.data_ptr(), dtype, code_sqnorm.data_ptr<float>(), n, k, d, exact ? Mode::kExactFma : Mode::kFastTensor,
-                                indices.data_ptr<int64_t>(), best_dist.data_ptr<float>(),
-                                exact ? second_dist.data_ptr<float>() : nullptr, splits,
+  // Operands taken as they are: the search also writes the chosen codewords and their distances,
+  // computed directly (no cancellation), in its epilogue.
+  const at::Tensor distances = at::empty({n}, z.options().dtype(at::kFloat));
+  at::Tensor codewords = direct ? at::empty({n, d}, z.options()) : at::Tensor();
+  check(launch_nearest_codeword(zs.data_ptr(), cs.data_ptr(), dtype, code_sqnorm.data_ptr<float>(), n, k, d,
+                                exact ? Mode::kExactFma : Mode::kFastTensor, indices.data_ptr<int64_t>(),
+                                best_dist.data_ptr<float>(), exact ? second_dist.data_ptr<float>() : nullptr,
+                                direct ? codewords.data_ptr() : nullptr,
+                                direct ? distances.data_ptr<float>() : nullptr, splits,
                                 splits > 1 ? workspace.data_ptr() : nullptr, stream),
         "search");
   if (exact) {
@@ -162,19 +168,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nearest_codeword(const at::Tensor
     const at::Tensor proven = second_dist.gt(best_dist + tol);
     const at::Tensor rows = proven.logical_not().nonzero().squeeze(1);
     if (rows.numel() > 0) {
-      indices.index_copy_(0, rows, search_fp64(zs.index_select(0, rows), cs.to(at::kDouble)));
+      const at::Tensor picked = search_fp64(zs.index_select(0, rows), cs.to(at::kDouble));
+      indices.index_copy_(0, rows, picked);
+      if (direct) {  // the epilogue wrote these rows for the kernel's pick: write them again
+        const at::Tensor cw = cs.index_select(0, picked);
+        codewords.index_copy_(0, rows, cw);
+        distances.index_copy_(0, rows, (zs.index_select(0, rows).to(at::kFloat) - cw.to(at::kFloat)).pow(2).sum(1));
+      }
     }
   }
-
-  // Epilogue, one pass: the chosen codewords and their distances computed directly (no cancellation).
-  const at::Tensor distances = at::empty({n}, z.options().dtype(at::kFloat));
-  at::Tensor codewords;
-  if (direct) {
-    codewords = at::empty({n, d}, z.options());
-    check(launch_gather_distance(zs.data_ptr(), cs.data_ptr(), dtype, indices.data_ptr<int64_t>(), n, d,
-                                 codewords.data_ptr(), distances.data_ptr<float>(), stream),
-          "gather");
-  } else {
+  if (!direct) {
+    // Staged operands (mixed dtypes, cosine): distances from the searched (normalised) vectors, the
+    // codewords from the codebook as given.
     check(launch_gather_distance(zs.data_ptr(), cs.data_ptr(), dtype, indices.data_ptr<int64_t>(), n, d, nullptr,
                                  distances.data_ptr<float>(), stream),
           "distance");

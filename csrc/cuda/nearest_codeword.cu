@@ -262,6 +262,26 @@ __device__ __forceinline__ void load_tile(S* dst, int stride, const T* __restric
 
 __device__ __forceinline__ unsigned load_pair(const unsigned short* p) { return *reinterpret_cast<const unsigned*>(p); }
 
+// A shared-memory element of z back as fp32: fp32 as it is, 16-bit raw bits converted exactly.
+template <typename T>
+__device__ __forceinline__ float stored_to_float(float v) {
+  return v;
+}
+template <typename T>
+__device__ __forceinline__ float stored_to_float(unsigned short bits) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __uint_as_float(static_cast<unsigned>(bits) << 16);
+  } else {
+    return __half2float(__ushort_as_half(bits));
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
 // kResident: the block's 64 rows of z, all features, stay in dynamic shared memory (row stride
 // z_stride elements) and only codebook tiles stream, halving the tile traffic; else z tiles stream
 // alongside the codebook's.
@@ -270,7 +290,8 @@ template <typename T, bool kTensor, bool kVec, bool kResident>
 __global__ void __launch_bounds__(kThreads, kResidentBlocks) nearest_codeword_kernel(
     const T* __restrict__ z, const T* __restrict__ codebook, const float* __restrict__ code_sqnorm, int64_t n,
     int64_t k, int64_t d, int64_t* __restrict__ best_index, float* __restrict__ best_dist,
-    float* __restrict__ second_dist, int64_t tiles_per_split, bool partial, int z_stride) {
+    float* __restrict__ second_dist, int64_t tiles_per_split, bool partial, int z_stride, T* __restrict__ codewords,
+    float* __restrict__ distances) {
   // Native 16-bit tensor-core path: fast mode with fp16 / bf16 operands.
   constexpr bool kNative16 = kTensor && sizeof(T) == 2;
   using S = std::conditional_t<kNative16, unsigned short, float>;
@@ -496,7 +517,35 @@ __global__ void __launch_bounds__(kThreads, kResidentBlocks) nearest_codeword_ke
         best_dist[row] = index[r] == kNoIndex ? __int_as_float(0x7fc00000) : best[r];
         if (second_dist != nullptr) second_dist[row] = second[r];
       }
+      red_index[lr] = index[r] == kNoIndex ? 0 : index[r];  // for the epilogue below
     }
+  }
+  if (partial || codewords == nullptr) return;  // uniform over the block
+
+  // Fused epilogue (unsplit search): each warp copies the chosen codewords of its rows and computes
+  // their distances directly, as gather_distance_kernel does (same order, so the same bits), reading z
+  // from shared memory when it is resident: z is read from global memory once in all.
+  __syncthreads();
+  for (int lr = warp; lr < kBlockRows; lr += kThreads / 32) {
+    const int64_t row = row0 + lr;
+    if (row >= n) break;  // uniform over the warp
+    const T* c = codebook + static_cast<int64_t>(red_index[lr]) * d;
+    T* out = codewords + row * d;
+    float acc = 0.f;
+    for (int64_t j = lane; j < d; j += 32) {
+      const T cv = c[j];
+      out[j] = cv;
+      float zv;
+      if constexpr (kResident) {
+        zv = stored_to_float<T>(zres[lr * z_stride + j]);
+      } else {
+        zv = to_float(z[row * d + j]);
+      }
+      const float diff = zv - to_float(cv);
+      acc = fmaf(diff, diff, acc);
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) distances[row] = acc;
   }
 }
 
@@ -601,9 +650,10 @@ auto pick_kernel(bool tf32, bool vec, bool resident) {
 }
 
 template <typename T>
-cudaError_t launch_search(const T* z, const T* codebook, const float* code_sqnorm, int64_t n,
-                          int64_t k, int64_t d, Mode mode, int64_t* best_index, float* best_dist, float* second_dist,
-                          int splits, void* workspace, cudaStream_t stream) {
+cudaError_t launch_search(const T* z, const T* codebook, const float* code_sqnorm, int64_t n, int64_t k, int64_t d,
+                          Mode mode, int64_t* best_index, float* best_dist, float* second_dist, T* codewords,
+                          float* distances, int splits, void* workspace, cudaStream_t stream, bool* fused) {
+  *fused = false;
   const int64_t blocks = ceil_div(n, kBlockRows);
   if (blocks > INT_MAX) return cudaErrorInvalidValue;
   // Even shares of whole code tiles; rounding can leave fewer splits than asked (never an empty one).
@@ -632,7 +682,9 @@ cudaError_t launch_search(const T* z, const T* codebook, const float* code_sqnor
   const int zs = static_cast<int>(z_stride);
   if (used == 1) {
     VQFAST_LAUNCH(kernel, grid, kThreads, smem, stream)(z, codebook, code_sqnorm, n, k, d, best_index, best_dist,
-                                                        second_dist, tiles_per_split, false, zs);
+                                                        second_dist, tiles_per_split, false, zs, codewords,
+                                                        distances);
+    *fused = codewords != nullptr;
     return cudaGetLastError();
   }
   // Workspace [used, N] of indices, best and second distances (split_workspace_bytes(n, splits)).
@@ -640,7 +692,7 @@ cudaError_t launch_search(const T* z, const T* codebook, const float* code_sqnor
   float* ws_best = reinterpret_cast<float*>(ws_index + static_cast<int64_t>(used) * n);
   float* ws_second = ws_best + static_cast<int64_t>(used) * n;
   VQFAST_LAUNCH(kernel, grid, kThreads, smem, stream)(z, codebook, code_sqnorm, n, k, d, ws_index, ws_best,
-                                                      ws_second, tiles_per_split, true, zs);
+                                                      ws_second, tiles_per_split, true, zs, nullptr, nullptr);
   const cudaError_t status = cudaGetLastError();
   if (status != cudaSuccess) return status;
   constexpr int kMergeThreads = 256;
@@ -651,12 +703,6 @@ cudaError_t launch_search(const T* z, const T* codebook, const float* code_sqnor
 
 // Rows per block of the row kernels below: one warp per row.
 constexpr int kRowWarps = 8;
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
 
 // out[i] = sum_j x[i, j]^2 in fp32. Any summation order keeps the error within the gamma_{D+3}
 // budget of the ranking bound.
@@ -716,17 +762,24 @@ unsigned row_blocks(int64_t rows) { return static_cast<unsigned>(ceil_div(rows, 
 
 }  // namespace
 
-cudaError_t launch_nearest_codeword(const void* z, const void* codebook, DType dtype, const float* code_sqnorm, int64_t n, int64_t k, int64_t d, Mode mode,
-                                    int64_t* best_index, float* best_dist, float* second_dist, int splits,
-                                    void* workspace, cudaStream_t stream) {
+cudaError_t launch_nearest_codeword(const void* z, const void* codebook, DType dtype, const float* code_sqnorm,
+                                    int64_t n, int64_t k, int64_t d, Mode mode, int64_t* best_index,
+                                    float* best_dist, float* second_dist, void* codewords, float* distances,
+                                    int splits, void* workspace, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
   if (k <= 0 || k > INT_MAX - kBlockCodes || d <= 0 || splits < 1 || splits > kMaxSplits) return cudaErrorInvalidValue;
-  if (splits > 1 && workspace == nullptr) return cudaErrorInvalidValue;
-  return dispatch_dtype(dtype, [&](auto tag) {
+  if ((splits > 1 && workspace == nullptr) || ((codewords == nullptr) != (distances == nullptr)))
+    return cudaErrorInvalidValue;
+  bool fused = false;
+  const cudaError_t status = dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    return launch_search<T>(static_cast<const T*>(z), static_cast<const T*>(codebook), code_sqnorm, n, k, d,
-                            mode, best_index, best_dist, second_dist, splits, workspace, stream);
+    return launch_search<T>(static_cast<const T*>(z), static_cast<const T*>(codebook), code_sqnorm, n, k, d, mode,
+                            best_index, best_dist, second_dist, static_cast<T*>(codewords), distances, splits,
+                            workspace, stream, &fused);
   });
+  if (status != cudaSuccess || codewords == nullptr || fused) return status;
+  // A split search merged its indices in a separate kernel: gather after it.
+  return launch_gather_distance(z, codebook, dtype, best_index, n, d, codewords, distances, stream);
 }
 
 cudaError_t launch_row_sqnorms(const void* x, DType dtype, int64_t rows, int64_t d, float* out, cudaStream_t stream) {

@@ -49,19 +49,23 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 //   second_dist[i]= min over k != best_index[i] of r(i, k)  (+inf when K == 1; may be nullptr)
 // In exact mode (fp32 FMA in feature order) each r is within gamma_{D+3} max||c|| (2 ||z_i|| +
 // max||c||) of its exact value, so a top-2 gap above twice that proves the row (vqfast/reference.py).
+// With codewords [N, D] (dtype `dtype`) and distances [N] (both or neither): codewords[i] =
+// codebook[best_index[i]] and distances[i] = sum_j (z[i, j] - codewords[i, j])^2 in fp32, computed
+// directly, exactly as launch_gather_distance computes them (the same bits); the unsplit search does
+// it in its own epilogue, reading z from shared memory when resident.
 // Every split computes each distance exactly as the unsplit kernel does, so the outputs do not depend
 // on `splits` (1 to kMaxSplits; `workspace` holds split_workspace_bytes(n, splits) device bytes when
 // splits > 1, else may be nullptr).
 // Launched on `stream`; returns the launch status (cudaGetLastError right after each launch).
 cudaError_t launch_nearest_codeword(const void* z, const void* codebook, DType dtype, const float* code_sqnorm,
                                     int64_t n, int64_t k, int64_t d, Mode mode, int64_t* best_index,
-                                    float* best_dist, float* second_dist, int splits, void* workspace,
-                                    cudaStream_t stream);
+                                    float* best_dist, float* second_dist, void* codewords, float* distances,
+                                    int splits, void* workspace, cudaStream_t stream);
 
 // out[i] = sum_j x[i, j]^2 in fp32 for x [rows, d] (contiguous).
 cudaError_t launch_row_sqnorms(const void* x, DType dtype, int64_t rows, int64_t d, float* out, cudaStream_t stream);
 
-// The epilogue after the search, one pass over z: codewords[i, :] = codebook[indices[i], :] (skipped
+// A gather after the search, one pass over z: codewords[i, :] = codebook[indices[i], :] (skipped
 // when codewords is nullptr) and distances[i] = sum_j (z[i, j] - codebook[indices[i], j])^2 in fp32,
 // computed directly (no cancellation). indices must lie in [0, K).
 cudaError_t launch_gather_distance(const void* z, const void* codebook, DType dtype, const int64_t* indices,

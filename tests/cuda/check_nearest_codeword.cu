@@ -15,7 +15,8 @@
 //   16-bit:     in exact mode fp16 / bf16 inputs give bit-identical outputs to fp32 inputs holding the
 //               same values (converted exactly, computed in fp32); fast mode multiplies them natively.
 //   epilogue:   gathered codewords equal codebook[index] bit for bit; distances within gamma_{D+3}
-//               relative of the float64 direct sum.
+//               relative of the float64 direct sum; the search's own (fused) epilogue writes the
+//               same bits as the separate gather.
 // Exits 0 when every check holds.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -97,7 +98,7 @@ bool same_bits(float a, float b) { return std::memcmp(&a, &b, sizeof(float)) == 
 // Element-type T inputs holding the float values zf / cbf (already representable in T).
 template <typename T>
 Result search(const Shape& s, Mode mode, const std::vector<float>& zf, const std::vector<float>& cbf, int splits,
-              int& failures) {
+              bool fused, int& failures) {
   std::vector<T> zt(zf.size()), ct(cbf.size());
   for (size_t i = 0; i < zf.size(); ++i) zt[i] = from_float<T>(zf[i]);
   for (size_t i = 0; i < cbf.size(); ++i) ct[i] = from_float<T>(cbf[i]);
@@ -112,8 +113,11 @@ Result search(const Shape& s, Mode mode, const std::vector<float>& zf, const std
   CHECK_CUDA(cudaMalloc(&dsecond, s.n * sizeof(float)));
   CHECK_CUDA(cudaMalloc(&ddist, s.n * sizeof(float)));
   CHECK_CUDA(cudaMalloc(&didx, s.n * sizeof(int64_t)));
-  T* dcw;
+  T *dcw, *dcw_fused;
+  float* ddist_fused;
   CHECK_CUDA(cudaMalloc(&dcw, s.n * s.d * sizeof(T)));
+  CHECK_CUDA(cudaMalloc(&dcw_fused, s.n * s.d * sizeof(T)));
+  CHECK_CUDA(cudaMalloc(&ddist_fused, s.n * sizeof(float)));
   if (splits > 1) CHECK_CUDA(cudaMalloc(&dworkspace, vqfast::cuda::split_workspace_bytes(s.n, splits)));
   CHECK_CUDA(cudaMemset(didx, 0xff, s.n * sizeof(int64_t)));  // stale outputs must not pass
 
@@ -121,6 +125,7 @@ Result search(const Shape& s, Mode mode, const std::vector<float>& zf, const std
   CHECK_CUDA(vqfast::cuda::launch_row_sqnorms(dz, dt, s.n, s.d, dzn, 0));
   CHECK_CUDA(vqfast::cuda::launch_row_sqnorms(dcb, dt, s.k, s.d, dcn, 0));
   CHECK_CUDA(vqfast::cuda::launch_nearest_codeword(dz, dcb, dt, dcn, s.n, s.k, s.d, mode, didx, dbest, dsecond,
+                                                   fused ? dcw_fused : nullptr, fused ? ddist_fused : nullptr,
                                                    splits, dworkspace, 0));
   CHECK_CUDA(vqfast::cuda::launch_gather_distance(dz, dcb, dt, didx, s.n, s.d, dcw, ddist, 0));
   CHECK_CUDA(cudaDeviceSynchronize());
@@ -128,6 +133,20 @@ Result search(const Shape& s, Mode mode, const std::vector<float>& zf, const std
   Result r{to_host(didx, s.n), to_host(dbest, s.n), to_host(dsecond, s.n), to_host(dzn, s.n), to_host(dcn, s.k)};
   const std::vector<T> cw = to_host(dcw, s.n * s.d);
   const std::vector<float> dist = to_host(ddist, s.n);
+  if (fused) {
+    // The search's own epilogue writes what the separate gather writes, bit for bit.
+    const std::vector<T> cw_fused = to_host(dcw_fused, s.n * s.d);
+    const std::vector<float> dist_fused = to_host(ddist_fused, s.n);
+    for (int64_t i = 0; i < s.n; ++i) {
+      const bool same = std::memcmp(&cw_fused[i * s.d], &cw[i * s.d], s.d * sizeof(T)) == 0 &&
+                        same_bits(dist_fused[i], dist[i]);
+      if (!same && failures++ < 5) {
+        std::fprintf(stderr, "  fused epilogue row %lld (splits=%d): distance %.9g vs gather %.9g%s\n",
+                     static_cast<long long>(i), splits, dist_fused[i], dist[i],
+                     std::memcmp(&cw_fused[i * s.d], &cw[i * s.d], s.d * sizeof(T)) ? ", codewords differ" : "");
+      }
+    }
+  }
   // Epilogue: exact gather, direct distance.
   for (int64_t i = 0; i < s.n; ++i) {
     const int64_t c = r.index[i];
@@ -148,7 +167,8 @@ Result search(const Shape& s, Mode mode, const std::vector<float>& zf, const std
   }
   for (void* p : {static_cast<void*>(dz), static_cast<void*>(dcb), static_cast<void*>(dzn), static_cast<void*>(dcn),
                   static_cast<void*>(dbest), static_cast<void*>(dsecond), static_cast<void*>(ddist),
-                  static_cast<void*>(didx), static_cast<void*>(dcw), dworkspace})
+                  static_cast<void*>(didx), static_cast<void*>(dcw), static_cast<void*>(dcw_fused),
+                  static_cast<void*>(ddist_fused), dworkspace})
     CHECK_CUDA(cudaFree(p));
   return r;
 }
@@ -179,13 +199,14 @@ int run_case(const Shape& s, Mode mode, std::mt19937& rng) {
   }
 
   int failures = 0;
-  const Result r = search<T>(s, mode, z, cb, 1, failures);
+  const Result r = search<T>(s, mode, z, cb, 1, true, failures);
   // Exact mode converts 16-bit elements to fp32 and computes as for fp32; fast mode multiplies them
   // natively (mma.m16n8k16), in another order than TF32's k8 steps, so only exact mode is bitwise.
   if (!std::is_same_v<T, float> && mode == Mode::kExactFma)
-    failures += compare_bits(search<float>(s, mode, z, cb, 1, failures), r, "fp32 vs 16-bit");
+    failures += compare_bits(search<float>(s, mode, z, cb, 1, true, failures), r, "fp32 vs 16-bit");
   for (int splits : {2, 3, 7, vqfast::cuda::choose_code_splits(s.n, s.k)}) {
-    if (splits > 1) failures += compare_bits(search<T>(s, mode, z, cb, splits, failures), r, "split vs unsplit");
+    // Split searches gather after the merge; splits = 2 also runs without the codeword outputs.
+    if (splits > 1) failures += compare_bits(search<T>(s, mode, z, cb, splits, splits != 2, failures), r, "split vs unsplit");
   }
 
   const bool exact = mode == Mode::kExactFma;
