@@ -18,7 +18,8 @@
 // The epilogue ranks r(i, k) = ||c_k||^2 - 2 <z_i, c_k> (||z_i||^2 is the same for the whole row, and
 // leaving it out keeps the rounding bound small when the codebook is tiny next to z) and folds the
 // tile into per-row (best, index, second best) held in registers; after the sweep the 4 lanes of a
-// quad and the 2 warps sharing a row merge theirs.
+// quad and the 2 warps sharing a row merge theirs, and (unsplit search) the block writes its rows'
+// codewords and their directly computed distances.
 //
 // Shared rows are padded (16 fp32 features to 20; 16-bit rows to 24 elements; resident rows to a
 // stride of 4 or 20 words mod 32, or 4 / 12 / 20 / 28 for 16-bit): the 8 rows (or the 4 code
