@@ -162,10 +162,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nearest_codeword(const at::Tensor
     const double gamma = expansion_error_bound(d, 0x1p-24);
     const double underflow = 8.0 * static_cast<double>(d + 3) * std::numeric_limits<float>::min() *
                              std::numeric_limits<float>::epsilon();
-    const at::Tensor cmax = code_sqnorm.max().sqrt();
-    const at::Tensor tol = 2.0 * gamma * cmax * (2.0 * z_sqnorm.sqrt() + cmax) + underflow;
-    // NaN or infinite distances fail the comparison and are re-ranked.
-    const at::Tensor proven = second_dist.gt(best_dist + tol);
+    const at::Tensor cmax = code_sqnorm.max().sqrt().to(at::kDouble);
+    const at::Tensor tol = 2.0 * gamma * cmax * (2.0 * z_sqnorm.to(at::kDouble).sqrt() + cmax) + underflow;
+    // In float64, so that adding the tolerance rounds nothing away. NaN or infinite distances fail
+    // the comparison and are re-ranked.
+    const at::Tensor proven = second_dist.to(at::kDouble).gt(best_dist.to(at::kDouble) + tol);
     const at::Tensor rows = proven.logical_not().nonzero().squeeze(1);
     if (rows.numel() > 0) {
       const at::Tensor picked = search_fp64(zs.index_select(0, rows), cs.to(at::kDouble));
