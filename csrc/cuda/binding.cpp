@@ -130,9 +130,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nearest_codeword(const at::Tensor
                 ", K=", k, ", D=", d, "): ", cudaGetErrorString(status));
   };
 
-  const at::Tensor z_sqnorm = at::empty({n}, z.options().dtype(at::kFloat));
+  // Codeword norms enter the ranked value; the norms of z only the exact mode's tolerance, below.
   const at::Tensor code_sqnorm = at::empty({k}, z.options().dtype(at::kFloat));
-  check(launch_row_sqnorms(zs.data_ptr(), dtype, n, d, z_sqnorm.data_ptr<float>(), stream), "row-norm");
   check(launch_row_sqnorms(cs.data_ptr(), dtype, k, d, code_sqnorm.data_ptr<float>(), stream), "row-norm");
 
   at::Tensor indices = at::empty({n}, z.options().dtype(at::kLong));
@@ -159,6 +158,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nearest_codeword(const at::Tensor
   if (exact) {
     // The tolerance of reference.ranking_tolerance: no ||z||^2 term, so a codebook that is tiny next
     // to z (the classic uniform [-1/K, 1/K] initialisation) does not send every row to the re-rank.
+    const at::Tensor z_sqnorm = at::empty({n}, z.options().dtype(at::kFloat));
+    check(launch_row_sqnorms(zs.data_ptr(), dtype, n, d, z_sqnorm.data_ptr<float>(), stream), "row-norm");
     const double gamma = expansion_error_bound(d, 0x1p-24);
     const double underflow = 8.0 * static_cast<double>(d + 3) * std::numeric_limits<float>::min() *
                              std::numeric_limits<float>::epsilon();
