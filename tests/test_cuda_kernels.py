@@ -463,8 +463,8 @@ MUTATIONS = [
     ("fp16/bf16 chunk converted from the wrong words",
      "*reinterpret_cast<float4*>(dst + r * stride + f) = unpack4<T>(v.x, v.y);",
      "*reinterpret_cast<float4*>(dst + r * stride + f) = unpack4<T>(v.z, v.w);"),
-    ("fused epilogue reads another row of z", "zv = stored_to_float<T>(zres[lr * z_stride + j]);",
-     "zv = stored_to_float<T>(zres[(lr ^ 1) * z_stride + j]);"),
+    ("fused epilogue reads another row of z", "return stored_to_float<T>(zres[lr * z_stride + j]);",
+     "return stored_to_float<T>(zres[(lr ^ 1) * z_stride + j]);"),
     ("resident z read without its feature-tile offset", "return zres + r * z_stride + ft * kBlockFeatures;",
      "return zres + r * z_stride;"),
 ]

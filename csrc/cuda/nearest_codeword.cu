@@ -283,6 +283,22 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// One warp, one row: copies codeword c [d] to out (skipped when out is nullptr) and returns, on every
+// lane, sum_j (z_at(j) - c[j])^2 in fp32, computed directly. The search's fused epilogue and
+// gather_distance_kernel both call it, so their distances are the same bits.
+template <typename T, typename ZAt>
+__device__ __forceinline__ float copy_and_distance(const T* __restrict__ c, T* __restrict__ out, int64_t d, int lane,
+                                                   ZAt z_at) {
+  float acc = 0.f;
+  for (int64_t j = lane; j < d; j += 32) {
+    const T cv = c[j];
+    if (out != nullptr) out[j] = cv;
+    const float diff = z_at(j) - to_float(cv);
+    acc = fmaf(diff, diff, acc);
+  }
+  return warp_sum(acc);
+}
+
 // kResident: the block's 64 rows of z, all features, stay in dynamic shared memory (row stride
 // z_stride elements) and only codebook tiles stream, halving the tile traffic; else z tiles stream
 // alongside the codebook's.
@@ -524,29 +540,21 @@ __global__ void __launch_bounds__(kThreads, kResidentBlocks) nearest_codeword_ke
   if (partial || codewords == nullptr) return;  // uniform over the block
 
   // Fused epilogue (unsplit search): each warp copies the chosen codewords of its rows and computes
-  // their distances directly, as gather_distance_kernel does (same order, so the same bits), reading z
-  // from shared memory when it is resident: z is read from global memory once in all.
+  // their distances as gather_distance_kernel does, reading z from shared memory when it is resident:
+  // z is read from global memory once in all.
   __syncthreads();
   for (int lr = warp; lr < kBlockRows; lr += kThreads / 32) {
     const int64_t row = row0 + lr;
     if (row >= n) break;  // uniform over the warp
-    const T* c = codebook + static_cast<int64_t>(red_index[lr]) * d;
-    T* out = codewords + row * d;
-    float acc = 0.f;
-    for (int64_t j = lane; j < d; j += 32) {
-      const T cv = c[j];
-      out[j] = cv;
-      float zv;
-      if constexpr (kResident) {
-        zv = stored_to_float<T>(zres[lr * z_stride + j]);
-      } else {
-        zv = to_float(z[row * d + j]);
-      }
-      const float diff = zv - to_float(cv);
-      acc = fmaf(diff, diff, acc);
-    }
-    acc = warp_sum(acc);
-    if (lane == 0) distances[row] = acc;
+    const float dist = copy_and_distance(codebook + static_cast<int64_t>(red_index[lr]) * d, codewords + row * d, d,
+                                         lane, [&](int64_t j) {
+                                           if constexpr (kResident) {
+                                             return stored_to_float<T>(zres[lr * z_stride + j]);
+                                           } else {
+                                             return to_float(z[row * d + j]);
+                                           }
+                                         });
+    if (lane == 0) distances[row] = dist;
   }
 }
 
@@ -733,17 +741,9 @@ __global__ void __launch_bounds__(kRowWarps * 32) gather_distance_kernel(
   if (row >= n) return;
   const int lane = threadIdx.x % 32;
   const T* zr = z + row * d;
-  const T* cr = codebook + indices[row] * d;
-  T* out = codewords == nullptr ? nullptr : codewords + row * d;
-  float acc = 0.f;
-  for (int64_t j = lane; j < d; j += 32) {
-    const T c = cr[j];
-    if (out != nullptr) out[j] = c;
-    const float diff = to_float(zr[j]) - to_float(c);
-    acc = fmaf(diff, diff, acc);
-  }
-  acc = warp_sum(acc);
-  if (lane == 0) distances[row] = acc;
+  const float dist = copy_and_distance(codebook + indices[row] * d, codewords == nullptr ? nullptr : codewords + row * d,
+                                       d, lane, [&](int64_t j) { return to_float(zr[j]); });
+  if (lane == 0) distances[row] = dist;
 }
 
 template <typename F>

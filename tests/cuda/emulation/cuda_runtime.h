@@ -370,33 +370,41 @@ T shfl_xor(unsigned mask, T value, int offset) {
   return out;
 }
 
-inline void mma_m16n8k8_tf32(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+// One warp-wide mma.sync of shape m16n8kK: every lane deposits its fragments, `decode` rebuilds the
+// A [16, K] and B [K, 8] operands from all 32 lanes' registers, and each lane computes its four C/D
+// elements (c0 (g, 2t), c1 (g, 2t + 1), c2 (g + 8, 2t), c3 (g + 8, 2t + 1), g = lane >> 2,
+// t = lane % 4, the same for both shapes) in double.
+template <int K, typename Decode>
+inline void warp_mma(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2], Decode decode) {
   Warp& w = warp();
   const unsigned me = lane();
   for (int i = 0; i < 4; ++i) w.a[me][i] = a[i], w.c[me][i] = c[i];
   for (int i = 0; i < 2; ++i) w.b[me][i] = b[i];
   warp_sync(0xffffffffu);
-  // PTX ISA, mma.m16n8k8 with .tf32: groupID = lane >> 2, threadID_in_group = lane % 4;
-  // A: a0 (g, t), a1 (g + 8, t), a2 (g, t + 4), a3 (g + 8, t + 4); B: b0 (k = t, n = g), b1 (t + 4, g);
-  // C/D: c0 (g, 2t), c1 (g, 2t + 1), c2 (g + 8, 2t), c3 (g + 8, 2t + 1).
-  double A[16][8], B[8][8];
-  for (unsigned l = 0; l < 32; ++l) {
-    const unsigned g = l >> 2, t = l % 4;
-    A[g][t] = __uint_as_float(w.a[l][0]);
-    A[g + 8][t] = __uint_as_float(w.a[l][1]);
-    A[g][t + 4] = __uint_as_float(w.a[l][2]);
-    A[g + 8][t + 4] = __uint_as_float(w.a[l][3]);
-    B[t][g] = __uint_as_float(w.b[l][0]);
-    B[t + 4][g] = __uint_as_float(w.b[l][1]);
-  }
+  double A[16][K], B[K][8];
+  for (unsigned l = 0; l < 32; ++l) decode(w.a[l], w.b[l], l >> 2, l % 4, A, B);
   const unsigned g = me >> 2, t = me % 4;
   for (int i = 0; i < 4; ++i) {
     const unsigned row = g + 8 * (i / 2), col = 2 * t + (i & 1);
     double acc = w.c[me][i];
-    for (int kk = 0; kk < 8; ++kk) acc += A[row][kk] * B[kk][col];
+    for (int kk = 0; kk < K; ++kk) acc += A[row][kk] * B[kk][col];
     c[i] = static_cast<float>(acc);
   }
   warp_sync(0xffffffffu);
+}
+
+// PTX ISA, mma.m16n8k8 with .tf32: A: a0 (g, t), a1 (g + 8, t), a2 (g, t + 4), a3 (g + 8, t + 4);
+// B: b0 (k = t, n = g), b1 (t + 4, g).
+inline void mma_m16n8k8_tf32(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+  warp_mma<8>(c, a, b, [](const unsigned* ra, const unsigned* rb, unsigned g, unsigned t, double (&A)[16][8],
+                          double (&B)[8][8]) {
+    A[g][t] = __uint_as_float(ra[0]);
+    A[g + 8][t] = __uint_as_float(ra[1]);
+    A[g][t + 4] = __uint_as_float(ra[2]);
+    A[g + 8][t + 4] = __uint_as_float(ra[3]);
+    B[t][g] = __uint_as_float(rb[0]);
+    B[t + 4][g] = __uint_as_float(rb[1]);
+  });
 }
 
 // mma.sync.m16n8k16 with fp16 / bf16 operands, two per 32-bit register (lower index in the low half):
@@ -406,32 +414,18 @@ inline void mma_m16n8k8_tf32(float (&c)[4], const unsigned (&a)[4], const unsign
 // T is __half or __nv_bfloat16 (declared in this folder's cuda_fp16.h / cuda_bf16.h).
 template <typename T>
 inline void mma_m16n8k16(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
-  Warp& w = warp();
-  const unsigned me = lane();
-  for (int i = 0; i < 4; ++i) w.a[me][i] = a[i], w.c[me][i] = c[i];
-  for (int i = 0; i < 2; ++i) w.b[me][i] = b[i];
-  warp_sync(0xffffffffu);
-  // emu_float: __half2float / __bfloat162float, found by argument-dependent lookup at instantiation.
-  const auto lo = [](unsigned word) { return emu_float(T{static_cast<unsigned short>(word & 0xffffu)}); };
-  const auto hi = [](unsigned word) { return emu_float(T{static_cast<unsigned short>(word >> 16)}); };
-  double A[16][16], B[16][8];
-  for (unsigned l = 0; l < 32; ++l) {
-    const unsigned g = l >> 2, t = l % 4;
+  warp_mma<16>(c, a, b, [](const unsigned* ra, const unsigned* rb, unsigned g, unsigned t, double (&A)[16][16],
+                           double (&B)[16][8]) {
+    // emu_float: __half2float / __bfloat162float, found by argument-dependent lookup at instantiation.
+    const auto lo = [](unsigned word) { return emu_float(T{static_cast<unsigned short>(word & 0xffffu)}); };
+    const auto hi = [](unsigned word) { return emu_float(T{static_cast<unsigned short>(word >> 16)}); };
     for (unsigned half = 0; half < 2; ++half) {  // registers {0, 1} hold columns 2t.., {2, 3} columns 2t + 8..
       const unsigned col = 2 * t + 8 * half;
-      A[g][col] = lo(w.a[l][2 * half]), A[g][col + 1] = hi(w.a[l][2 * half]);
-      A[g + 8][col] = lo(w.a[l][2 * half + 1]), A[g + 8][col + 1] = hi(w.a[l][2 * half + 1]);
-      B[col][g] = lo(w.b[l][half]), B[col + 1][g] = hi(w.b[l][half]);
+      A[g][col] = lo(ra[2 * half]), A[g][col + 1] = hi(ra[2 * half]);
+      A[g + 8][col] = lo(ra[2 * half + 1]), A[g + 8][col + 1] = hi(ra[2 * half + 1]);
+      B[col][g] = lo(rb[half]), B[col + 1][g] = hi(rb[half]);
     }
-  }
-  const unsigned g = me >> 2, t = me % 4;
-  for (int i = 0; i < 4; ++i) {
-    const unsigned row = g + 8 * (i / 2), col = 2 * t + (i & 1);
-    double acc = w.c[me][i];
-    for (int kk = 0; kk < 16; ++kk) acc += A[row][kk] * B[kk][col];
-    c[i] = static_cast<float>(acc);
-  }
-  warp_sync(0xffffffffu);
+  });
 }
 
 // cvt.rna.tf32.f32: round to nearest, ties away from zero, to 10 explicit mantissa bits.
