@@ -3,11 +3,13 @@ from vqfast._ext import has_cuda_ext, has_ext
 from vqfast.backends import available_backends
 from vqfast.modules import ResidualVectorQuantizer, VectorQuantizer, VectorQuantizer2
 from vqfast.ops import nearest_codeword
+from vqfast.compat import accelerate
 
 __version__ = "0.1.0"
 
 __all__ = [
     "nearest_codeword",
+    "accelerate",
     "available_backends",
     "has_ext",
     "has_cuda_ext",
