@@ -158,7 +158,8 @@ def _run(module, x, g, seed=11):
 
 
 def _assert_same_run(ours, ref, grad_w_rtol=1e-6):
-    for a, b, rtol in ((ours[0], ref[0], 1e-6), (ours[1], ref[1], 1e-6), (ours[3], ref[3], 1e-6), (ours[4], ref[4], grad_w_rtol)):
+    pairs = ((ours[0], ref[0], 1e-6), (ours[1], ref[1], 1e-6), (ours[3], ref[3], 1e-6), (ours[4], ref[4], grad_w_rtol))
+    for a, b, rtol in pairs:
         assert a.dtype == b.dtype and a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=rtol, atol=1e-7)
     for a, b in zip(ours[2], ref[2]):
@@ -192,7 +193,8 @@ def test_constructor_attributes_init_and_state_dict(taming, used_file, remap):
     assert ours.embedding.weight.abs().max() <= 1 / 60
     for name in ("n_e", "e_dim", "beta", "legacy", "remap", "re_embed", "sane_index_shape"):
         assert getattr(ours, name) == getattr(ref, name), name
-    assert list(ours.state_dict()) == list(ref.state_dict()) == (["used", "embedding.weight"] if remap else ["embedding.weight"])
+    keys = ["used", "embedding.weight"] if remap else ["embedding.weight"]  # a module's own buffers come first
+    assert list(ours.state_dict()) == list(ref.state_dict()) == keys
     if remap:
         assert ours.unknown_index == ref.unknown_index == 14 and ours.re_embed == 15
         assert torch.equal(ours.used, ref.used) and ours.used.dtype == torch.int64
@@ -258,7 +260,8 @@ def test_v1_matches_oracle(taming, via, backend):
     assert idx.shape == (72, 1) and one_hot.shape == (72, 37) and one_hot.dtype == x.dtype and perplexity.dim() == 0
     assert torch.equal(one_hot.argmax(1, keepdim=True), idx) and torch.equal(one_hot.sum(1), torch.ones(72))
     for indices in (idx[:, 0], idx):  # [N], and the [N, 1] v1's forward returns
-        assert torch.equal(ours.get_codebook_entry(indices, (2, 9, 4, 5)), ref.get_codebook_entry(idx[:, 0], (2, 9, 4, 5)))
+        want_codes = ref.get_codebook_entry(idx[:, 0], (2, 9, 4, 5))
+        assert torch.equal(ours.get_codebook_entry(indices, (2, 9, 4, 5)), want_codes)
     assert torch.equal(ours.get_codebook_entry(idx[:, 0], None), ours.embedding.weight[idx[:, 0]])
 
 

@@ -444,18 +444,22 @@ class ResidualVectorQuantizer(nn.Module):
 
     def _per_stage(self, indices) -> list:
         if not hasattr(indices, "__len__") or (isinstance(indices, torch.Tensor) and indices.dim() == 0):
-            raise TypeError(f"indices must be a list of {self.num_quantizers} tensors (one per stage, as forward returns)")
+            raise TypeError(
+                f"indices must be a list of {self.num_quantizers} tensors (one per stage, as forward returns)"
+            )
         if len(indices) != self.num_quantizers:
             raise ValueError(f"indices must hold one tensor per stage ({self.num_quantizers}), got {len(indices)}")
         return list(indices)
 
     def get_codebook_entry(self, indices, shape=None) -> torch.Tensor:
-        """The sum of every stage's codewords (see VectorQuantizer.get_codebook_entry); indices: one tensor per stage."""
+        """The sum of every stage's codewords (see VectorQuantizer.get_codebook_entry); indices: one tensor
+        per stage."""
         stages = self._per_stage(indices)
         return sum(q.get_codebook_entry(i, shape) for q, i in zip(self.quantizers, stages))
 
     def indices_to_codes(self, indices) -> torch.Tensor:
-        """forward's per-stage indices -> the sum of the stages' codewords: [B, C, *S] for index maps, [N, C] for flat."""
+        """forward's per-stage indices -> the sum of the stages' codewords: [B, C, *S] for index maps,
+        [N, C] for flat ones."""
         stages = self._per_stage(indices)
         return sum(q.indices_to_codes(i) for q, i in zip(self.quantizers, stages))
 

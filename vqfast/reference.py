@@ -134,8 +134,8 @@ def search(
     # A caller's autocast region would run the chunk's matmul in bf16 / fp16, outside the exactness bound
     # (taming's quantizer under CPU bf16 autocast: 7 of 1024 rows off their nearest codeword).
     device = z.device.type
-    no_autocast = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else contextlib.nullcontext()
-    with no_autocast:
+    off = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else contextlib.nullcontext()
+    with off:
         for start in range(0, n, step):
             zc = normalize_for_metric(z[start : start + step].to(compute_dtype), metric)
             out[start : start + step] = _search_chunk(zc, cb, cb_sqnorm, cb_maxnorm, exact, matmul_dtype)

@@ -41,7 +41,8 @@ class VectorQuantizer(_TamingVectorQuantizer2):
         precision: str = "exact",
     ):
         super().__init__(
-            n_e, vq_embed_dim, beta, remap, unknown_index, sane_index_shape, legacy, backend=backend, precision=precision
+            n_e, vq_embed_dim, beta, remap, unknown_index, sane_index_shape, legacy,
+            backend=backend, precision=precision,
         )
 
     def forward(self, z: torch.Tensor):

@@ -93,10 +93,23 @@ class _FusedSearchQuantizer(nn.Module):
             return f"its embedding is a {type(module.embedding).__name__}, not an nn.Embedding"
         dim = getattr(module, cls._dim_name)
         if tuple(weight.shape) != (module.n_e, dim):
-            return f"embedding.weight has shape {tuple(weight.shape)}, not (n_e, {cls._dim_name}) = ({module.n_e}, {dim})"
+            return (f"embedding.weight has shape {tuple(weight.shape)}, not (n_e, {cls._dim_name}) = "
+                    f"({module.n_e}, {dim})")
         if not weight.is_floating_point():
             return f"embedding.weight has dtype {weight.dtype}, not a floating-point dtype"
         return None
+
+    def _init_codebook(self, n_e: int, dim: int, beta: float, backend: str, precision: str) -> None:
+        """The originals' first steps: n_e, the dimension, beta and ``embedding`` uniform in [-1/n_e, 1/n_e]."""
+        for name, value in (("n_e", n_e), (self._dim_name, dim)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self._vqfast_adopt(backend, precision)
+        self.n_e = n_e
+        setattr(self, self._dim_name, dim)
+        self.beta = beta
+        self.embedding = nn.Embedding(n_e, dim)
+        self.embedding.weight.data.uniform_(-1.0 / n_e, 1.0 / n_e)
 
     def _vqfast_adopt(self, backend: str = "auto", precision: str = "exact") -> None:
         _check_backend_precision(backend, precision)
@@ -152,16 +165,8 @@ class VectorQuantizer2(_FusedSearchQuantizer):
         precision: str = "exact",
     ):
         super().__init__()
-        for name, value in (("n_e", n_e), (self._dim_name, e_dim)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        _check_backend_precision(backend, precision)
-        self.n_e = n_e
-        setattr(self, self._dim_name, e_dim)
-        self.beta = beta
+        self._init_codebook(n_e, e_dim, beta, backend, precision)
         self.legacy = legacy
-        self.embedding = nn.Embedding(n_e, e_dim)
-        self.embedding.weight.data.uniform_(-1.0 / n_e, 1.0 / n_e)
         self.remap = remap
         if remap is None:
             self.re_embed = n_e
@@ -175,7 +180,6 @@ class VectorQuantizer2(_FusedSearchQuantizer):
                 raise ValueError(f"unknown_index must be 'random', 'extra' or an int, got {unknown_index!r}")
             self.unknown_index = unknown_index
         self.sane_index_shape = sane_index_shape
-        self._vqfast_adopt(backend, precision)
 
     @classmethod
     def unsupported_reason(cls, module: nn.Module) -> str | None:
@@ -228,7 +232,9 @@ class VectorQuantizer2(_FusedSearchQuantizer):
         if not (temp is None or temp == 1.0):
             raise ValueError(f"temp must be None or 1.0 (it exists for GumbelQuantize's interface), got {temp!r}")
         if rescale_logits is not False or return_logits is not False:
-            raise ValueError("rescale_logits and return_logits must be False (they exist for GumbelQuantize's interface)")
+            raise ValueError(
+                "rescale_logits and return_logits must be False (they exist for GumbelQuantize's interface)"
+            )
         return self._quantize(z)
 
     def _quantize(self, z: torch.Tensor):
@@ -265,16 +271,7 @@ class VectorQuantizer(_FusedSearchQuantizer):
 
     def __init__(self, n_e: int, e_dim: int, beta: float, *, backend: str = "auto", precision: str = "exact"):
         super().__init__()
-        for name, value in (("n_e", n_e), ("e_dim", e_dim)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        _check_backend_precision(backend, precision)
-        self.n_e = n_e
-        self.e_dim = e_dim
-        self.beta = beta
-        self.embedding = nn.Embedding(n_e, e_dim)
-        self.embedding.weight.data.uniform_(-1.0 / n_e, 1.0 / n_e)
-        self._vqfast_adopt(backend, precision)
+        self._init_codebook(n_e, e_dim, beta, backend, precision)
 
     def forward(self, z: torch.Tensor):
         """z [B, C, H, W] -> (z_q [B, C, H, W], loss [], (perplexity [], min_encodings [N, n_e], indices [N, 1]))."""
@@ -295,7 +292,8 @@ class VectorQuantizer(_FusedSearchQuantizer):
         return z_q, loss, (perplexity, min_encodings, indices[:, None])
 
     def get_codebook_entry(self, indices: torch.Tensor, shape) -> torch.Tensor:
-        """indices [N] (or [N, 1], as forward returns them) -> codewords [N, e_dim], or [B, C, H, W] for shape = (B, H, W, C)."""
+        """indices [N] (or [N, 1], as forward returns them) -> codewords [N, e_dim], or [B, C, H, W] for
+        shape = (B, H, W, C)."""
         if indices.dim() == 2 and indices.shape[1] == 1:
             indices = indices[:, 0]
         if indices.dim() != 1:
