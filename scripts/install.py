@@ -21,7 +21,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH = "torch==2.13.0"
 BUILD = ["setuptools>=77", "wheel", "ninja", "numpy"]
 DEMO = ["scikit-image", "scikit-learn", "matplotlib", "tqdm"]
-TEST = ["pytest", "hypothesis", "faiss-cpu", "pytest-benchmark"]
+TEST = ["pytest", "hypothesis", "faiss-cpu", "pytest-benchmark", "diffusers==0.42.1"]
+# The released taming-transformers (0.0.1, its v1 VectorQuantizer only) is a test reference. Its metadata
+# names torch, torchvision and pytorch-lightning, which must not replace the installed torch, and the
+# module the tests import (taming/modules/vqvae/quantize.py) needs only torch: installed without deps.
+TEST_NO_DEPS = ["taming-transformers==0.0.1"]
 BENCH = ["pytest-benchmark", "faiss-cpu", "vector-quantize-pytorch", "matplotlib"]
 # Triton ships with CUDA builds of torch; on CPU-only machines it runs kernels in its interpreter.
 TRITON = "triton==3.7.0"
@@ -57,6 +61,8 @@ def main() -> int:
     if (args.test or args.bench) and not has("triton"):
         extra.append(TRITON)
     pip(*dict.fromkeys(extra))
+    if args.test:
+        pip("--no-deps", *TEST_NO_DEPS)
     pip("--no-build-isolation", "-e", ".")
     return 0
 

@@ -153,3 +153,137 @@ def test_bad_module_inputs():
         vqfast.VectorQuantizer(0, 4)
     with pytest.raises(ValueError, match="backend"):
         vqfast.VectorQuantizer(8, 4, backend="gpu")
+
+
+# ---- index maps, indices -> codes, classic checkpoints into learning modules ---------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 5, 7), (3, 5, 4, 6), (2, 5, 3, 2, 4)])
+def test_index_shape_spatial(backend, shape):
+    flat_vq = vqfast.VectorQuantizer(19, 5, backend=backend)
+    spatial_vq = vqfast.VectorQuantizer(19, 5, backend=backend, index_shape="spatial")
+    spatial_vq.load_state_dict(flat_vq.state_dict(), strict=True)
+    x = torch.randn(shape) / 19
+    q, loss, flat = flat_vq(x)
+    q2, loss2, idx = spatial_vq(x)
+    assert flat.shape == (x.numel() // 5,) and idx.shape == (shape[0],) + shape[2:]
+    assert torch.equal(idx.reshape(-1), flat) and torch.equal(q, q2) and torch.equal(loss, loss2)
+    # The index map points at the codeword of each position: [B, *S] -> [B, C, *S], forward's layout.
+    codes = spatial_vq.indices_to_codes(idx)
+    assert codes.shape == x.shape
+    assert torch.equal(codes.movedim(1, -1), spatial_vq.embedding.weight[idx])
+    torch.testing.assert_close(codes, q)  # q = z + (codes - z), rounded
+    assert "index_shape='spatial'" in repr(spatial_vq) and "index_shape" not in repr(flat_vq)
+    vq2 = vqfast.VectorQuantizer2(19, 5, backend=backend, index_shape="spatial")
+    assert vq2(x)[2].shape == idx.shape
+    with pytest.raises(ValueError, match="index_shape"):
+        vqfast.VectorQuantizer(19, 5, index_shape="bhw")
+
+
+def test_get_codebook_entry_and_indices_to_codes():
+    torch.manual_seed(2)
+    vq = vqfast.VectorQuantizer(23, 4)
+    with torch.no_grad():
+        vq.embedding.weight.normal_()
+    x = torch.randn(2, 4, 3, 5)
+    _, _, flat = vq(x)
+    w = vq.embedding.weight.detach()
+    assert torch.equal(vq.get_codebook_entry(flat), w[flat])  # [N, C]
+    assert torch.equal(vq.indices_to_codes(flat), w[flat])
+    image = vq.get_codebook_entry(flat, shape=(2, 3, 5, 4))  # taming's (b, h, w, c) -> [B, C, H, W]
+    assert torch.equal(image, w[flat].reshape(2, 3, 5, 4).permute(0, 3, 1, 2))
+    assert torch.equal(vq.indices_to_codes(flat.reshape(2, 3, 5)), image)
+    assert torch.equal(vq.get_codebook_entry(flat.int()), w[flat])  # any integer dtype
+    vq.get_codebook_entry(flat).sum().backward()  # differentiable w.r.t. the codebook: one count per lookup
+    assert torch.equal(vq.embedding.weight.grad[:, 0], torch.bincount(flat, minlength=23).float())
+    with pytest.raises(TypeError, match="integer"):
+        vq.get_codebook_entry(flat.float())
+    with pytest.raises(ValueError, match=r"\[0, num_embeddings = 23\)"):
+        vq.get_codebook_entry(torch.tensor([0, 23]))
+    with pytest.raises(ValueError, match=r"\[0, num_embeddings = 23\)"):
+        vq.indices_to_codes(torch.tensor([[-1, 2]]))
+    with pytest.raises(ValueError, match="shape must be"):
+        vq.get_codebook_entry(flat, shape=(2, 3, 5, 3))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        vq.get_codebook_entry([1, 2])
+
+
+def test_residual_indices_to_codes():
+    torch.manual_seed(4)
+    rvq = vqfast.ResidualVectorQuantizer(3, 17, 4, index_shape="spatial")
+    with torch.no_grad():
+        for q in rvq.quantizers:
+            q.embedding.weight.normal_()
+    x = torch.randn(2, 4, 5, 3)
+    quantized, _, indices = rvq(x)
+    assert len(indices) == 3 and all(i.shape == (2, 5, 3) for i in indices)
+    want = sum(q.embedding.weight.detach()[i] for q, i in zip(rvq.quantizers, indices)).permute(0, 3, 1, 2)
+    codes = rvq.indices_to_codes(indices)
+    torch.testing.assert_close(codes, want, rtol=0, atol=0)
+    torch.testing.assert_close(codes, quantized, rtol=1e-6, atol=1e-6)
+    flat = [i.reshape(-1) for i in indices]
+    assert torch.equal(rvq.get_codebook_entry(flat, shape=(2, 5, 3, 4)), codes)
+    assert torch.equal(rvq.indices_to_codes(torch.stack(flat)), want.permute(0, 2, 3, 1).reshape(-1, 4))
+    with pytest.raises(ValueError, match="one tensor per stage"):
+        rvq.indices_to_codes(indices[:2])
+    with pytest.raises(TypeError, match="list of 3 tensors"):
+        rvq.indices_to_codes(torch.tensor(1))
+
+
+@pytest.mark.parametrize(
+    "options", [{"ema": True}, {"ema": True, "metric": "cosine"}, {"dead_code_threshold": 0.5}, {"kmeans_init": True}],
+    ids=["ema", "ema-cosine", "dead-code", "kmeans"],
+)
+def test_classic_state_dict_loads_strict_into_learning_modules(options):
+    torch.manual_seed(6)
+    seed = SeedVectorQuantizer(29, 6)
+    with torch.no_grad():
+        seed.embedding.weight.normal_()
+    classic = seed.state_dict()
+    ours = vqfast.VectorQuantizer(29, 6, **options)
+    result = ours.load_state_dict(classic, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert torch.equal(ours.embedding.weight, seed.embedding.weight)
+    # The learning state of a module freshly built around that codebook.
+    torch.manual_seed(6)
+    fresh = vqfast.VectorQuantizer(29, 6, **options)
+    with torch.no_grad():
+        fresh.embedding.weight.copy_(seed.embedding.weight)
+        if options.get("ema"):
+            fresh.embed_avg.copy_(seed.embedding.weight)
+        if options.get("kmeans_init"):
+            fresh.initted.fill_(True)
+            fresh._kmeans_pending = False
+    for (name, a), b in zip(ours.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+    x = torch.randn(3, 6, 4, 5)
+    for m in (ours, fresh):
+        torch.manual_seed(1)
+        m(x)
+    for (name, a), b in zip(ours.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+    if options.get("kmeans_init"):  # the loaded codebook is kept: k-means does not re-seed it
+        assert torch.equal(ours.embedding.weight, seed.embedding.weight)
+    # A learning module's own state_dict keeps its values; a partial one still fails strict loading.
+    with torch.no_grad():
+        for buf in ours.buffers():
+            if buf.dtype.is_floating_point:
+                buf.add_(0.5)
+    again = vqfast.VectorQuantizer(29, 6, **options)
+    again.load_state_dict(ours.state_dict(), strict=True)
+    for (name, a), b in zip(again.state_dict().items(), ours.state_dict().values()):
+        assert torch.equal(a, b), name
+    learning_keys = [k for k in ours.state_dict() if k != "embedding.weight"]
+    if len(learning_keys) > 1:
+        partial = {k: v for k, v in ours.state_dict().items() if k != learning_keys[0]}
+        with pytest.raises(RuntimeError, match=learning_keys[0]):
+            again.load_state_dict(partial, strict=True)
+
+
+def test_classic_residual_state_dict_loads_strict_into_ema_module():
+    torch.manual_seed(8)
+    seed = SeedResidualVectorQuantizer(3, 16, 4)
+    rvq = vqfast.ResidualVectorQuantizer(3, 16, 4, ema=True)
+    rvq.load_state_dict(seed.state_dict(), strict=True)
+    for stage, seed_stage in zip(rvq.quantizers, seed.quantizers):
+        assert torch.equal(stage.embed_avg, seed_stage.embedding.weight)
+        assert torch.equal(stage.cluster_size, torch.ones(16))

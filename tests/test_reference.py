@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import vqfast
 from tests.helpers import assert_indices_optimal, brute_force_fp64
 from vqfast import reference
 
@@ -103,3 +104,17 @@ def test_backward_matches_autograd_of_direct_formula():
         got = reference.nearest_codeword_backward(gc, gd, z.detach(), cb.detach(), idx, metric)
         torch.testing.assert_close(got[0], want[0])
         torch.testing.assert_close(got[1], want[1])
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_exact_search_ignores_a_callers_autocast(backend):
+    # Under CPU autocast a plain matmul runs in bf16 (8 bits of mantissa): the exact search must not.
+    if backend not in vqfast.available_backends("cpu"):
+        pytest.skip(f"backend {backend} is not available")
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(2048, 16, generator=g)
+    cb = torch.randn(512, 16, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (z @ cb.T).dtype == torch.bfloat16
+        idx = vqfast.nearest_codeword(z, cb, backend=backend)[0]
+    assert_indices_optimal(idx, z, cb)

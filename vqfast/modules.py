@@ -21,16 +21,26 @@ Codebook learning options (keyword-only; the defaults are the drop-in behaviour,
                           before it is quantised, and their EMA state reset.
     metric                "l2" or "cosine" for the search (cosine: EMA codewords are kept L2-normalised).
 
+Index maps and lookups: ``index_shape="spatial"`` (keyword-only) makes forward return indices shaped
+[B, *S] (for [B, C, H, W]: [B, H, W]) instead of the flat [B * prod(S)]; ``indices_to_codes(indices)``
+turns such a map back into codewords [B, C, *S], and ``get_codebook_entry(indices, shape)`` is the same
+lookup with taming-transformers' signature (shape = (B, *S, C), channels-last, or None for [*indices.shape, C]).
+
 Usage statistics: ``code_counts`` (assignments per code since construction or ``reset_usage()``,
 this process only), ``perplexity()`` and ``dead_code_fraction()``. They live in a non-persistent
 buffer, and EMA / k-means state is registered only when its option is on, so a state_dict saved from
-the classic classes loads with strict=True into a module built with the defaults.
+the classic classes loads with strict=True into a module built with the defaults. It also loads with
+strict=True into a module built with ema / kmeans_init / dead_code_threshold: state that the classic
+state_dict lacks starts from its codebook (EMA usage 1 per code and EMA sums equal to the codewords,
+the state of a freshly built module; k-means marked done, so the loaded codebook is kept).
 
 Under torch.distributed the EMA statistics are all-reduced as (counts, sums), k-means runs on rank 0
 over every rank's rows and is broadcast, and dead-code seeds are drawn on rank 0 and broadcast: every
 rank keeps the same codebook whatever its batch size, and every rank runs the same collectives.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -66,6 +76,37 @@ def _sync_kmeans_flag(module: nn.Module, incompatible_keys) -> None:
     module._kmeans_pending = not bool(module.initted)
 
 
+INDEX_SHAPES = ("flat", "spatial")
+
+
+def _fill_learning_state(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    """Load-state pre-hook: a classic state_dict (embedding.weight, none of the learning buffers) gets the
+    learning state of a module freshly built around its codebook, so that it loads with strict=True."""
+    weight = state_dict.get(prefix + "embedding.weight")
+    names = [n for n in ("cluster_size", "embed_avg", "initted") if n in module._buffers]
+    if weight is None or any(prefix + n in state_dict for n in names):
+        return  # not a classic state_dict: a partial one must still fail strict loading
+    fresh = {
+        # usage 1 and sums = codewords keep weight = embed_avg / smoothed usage (smoothing maps 1 to 1)
+        "cluster_size": lambda: torch.ones(weight.shape[0]),
+        "embed_avg": lambda: weight,
+        "initted": lambda: torch.tensor(True),  # the checkpoint's codebook is kept, not re-seeded by k-means
+    }
+    for name in names:
+        state_dict[prefix + name] = fresh[name]()
+
+
+def _check_indices(indices: object, num_embeddings: int) -> None:
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+        raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
+    if indices.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= num_embeddings:
+            raise ValueError(f"indices must lie in [0, num_embeddings = {num_embeddings}), got values in [{lo}, {hi}]")
+
+
 class VectorQuantizer(nn.Module):
     """Codebook of ``num_embeddings`` vectors of size ``embedding_dim``.
 
@@ -88,6 +129,7 @@ class VectorQuantizer(nn.Module):
         kmeans_init: bool = False,
         kmeans_iters: int = 10,
         dead_code_threshold: float = 0.0,
+        index_shape: str = "flat",
     ):
         super().__init__()
         for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
@@ -98,6 +140,7 @@ class VectorQuantizer(nn.Module):
         if not isinstance(backend, str) or backend not in ("auto",) + BACKEND_NAMES:
             raise ValueError(f"backend must be one of {('auto',) + BACKEND_NAMES}, got {backend!r}")
         _check_learning_options(ema, decay, eps, kmeans_init, kmeans_iters, dead_code_threshold)
+        check_choice("index_shape", index_shape, INDEX_SHAPES)
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.beta = beta
@@ -110,6 +153,7 @@ class VectorQuantizer(nn.Module):
         self.kmeans_init = kmeans_init
         self.kmeans_iters = kmeans_iters
         self.dead_code_threshold = float(dead_code_threshold)
+        self.index_shape = index_shape
         self.embedding = nn.Embedding(num_embeddings, embedding_dim)
         self.embedding.weight.data.uniform_(-1 / num_embeddings, 1 / num_embeddings)
         # Not persistent: a classic state_dict (embedding.weight only) must load with strict=True.
@@ -127,9 +171,31 @@ class VectorQuantizer(nn.Module):
         if kmeans_init:
             self.register_buffer("initted", torch.tensor(False))
             self.register_load_state_dict_post_hook(_sync_kmeans_flag)
+        self.register_load_state_dict_pre_hook(_fill_learning_state)
 
     def get_codebook(self) -> torch.Tensor:
         return self.embedding.weight.data
+
+    def get_codebook_entry(self, indices: torch.Tensor, shape=None) -> torch.Tensor:
+        """Codewords of ``indices`` (any shape): [*indices.shape, C], or with shape = (B, *S, C) (channels-last,
+        taming-transformers' (b, h, w, c)) the channels-first [B, C, *S]. Differentiable w.r.t. the codebook."""
+        _check_indices(indices, self.num_embeddings)
+        codes = F.embedding(indices, self.embedding.weight)
+        if shape is None:
+            return codes
+        shape = tuple(shape)
+        if len(shape) < 2 or shape[-1] != self.embedding_dim or math.prod(shape) != codes.numel():
+            raise ValueError(
+                f"shape must be (B, *S, C) with C = embedding_dim = {self.embedding_dim} and B * prod(S) = "
+                f"indices.numel() = {indices.numel()}, got {shape}"
+            )
+        return codes.reshape(shape).movedim(-1, 1).contiguous()
+
+    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """forward's indices back to codewords: an index map [B, *S] -> [B, C, *S] (forward's layout);
+        flat indices [N] -> [N, C]."""
+        codes = self.get_codebook_entry(indices)
+        return codes if indices.dim() < 2 else codes.movedim(-1, 1).contiguous()
 
     def extra_repr(self) -> str:
         return (
@@ -138,7 +204,7 @@ class VectorQuantizer(nn.Module):
         ) + self._learning_repr()
 
     def _learning_repr(self) -> str:
-        out = ""
+        out = "" if self.index_shape == "flat" else f", index_shape={self.index_shape!r}"
         if self.ema:
             out += f", ema=True, decay={self.decay}, eps={self.eps}"
         if self.kmeans_init:
@@ -222,6 +288,8 @@ class VectorQuantizer(nn.Module):
         q = q.view(z_cl.shape)
         loss = self._loss(q, z_cl)
         quantized = z_cl + (q - z_cl).detach()  # straight-through estimator
+        if self.index_shape == "spatial":
+            indices = indices.view(z_cl.shape[:-1])  # [B, *S]
         return quantized.movedim(-1, 1).contiguous(), loss, indices
 
     # ---- codebook learning (training mode only, no autograd) ------------------------------------
@@ -373,6 +441,27 @@ class ResidualVectorQuantizer(nn.Module):
     def get_codebook(self) -> torch.Tensor:
         """[num_quantizers, num_embeddings, embedding_dim]: every stage's codebook."""
         return torch.stack([q.get_codebook() for q in self.quantizers])
+
+    def _per_stage(self, indices) -> list:
+        if not hasattr(indices, "__len__") or (isinstance(indices, torch.Tensor) and indices.dim() == 0):
+            raise TypeError(
+                f"indices must be a list of {self.num_quantizers} tensors (one per stage, as forward returns)"
+            )
+        if len(indices) != self.num_quantizers:
+            raise ValueError(f"indices must hold one tensor per stage ({self.num_quantizers}), got {len(indices)}")
+        return list(indices)
+
+    def get_codebook_entry(self, indices, shape=None) -> torch.Tensor:
+        """The sum of every stage's codewords (see VectorQuantizer.get_codebook_entry); indices: one tensor
+        per stage."""
+        stages = self._per_stage(indices)
+        return sum(q.get_codebook_entry(i, shape) for q, i in zip(self.quantizers, stages))
+
+    def indices_to_codes(self, indices) -> torch.Tensor:
+        """forward's per-stage indices -> the sum of the stages' codewords: [B, C, *S] for index maps,
+        [N, C] for flat ones."""
+        stages = self._per_stage(indices)
+        return sum(q.indices_to_codes(i) for q, i in zip(self.quantizers, stages))
 
     def reset_usage(self) -> None:
         for q in self.quantizers:
