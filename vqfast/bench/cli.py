@@ -3,21 +3,26 @@
     vqfast bench --preset quick                       # CPU machine, ~5 minutes on 2 cores
     vqfast bench --preset full --device cuda          # GPU
     vqfast bench --preset quick --questions forward memory --results-dir /tmp/r
+    vqfast bench --questions dropin --var-repo ~/VAR --taming-repo ~/taming-transformers
 """
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
 
-from vqfast.bench import forward, memory, multiscale, train_step
+from vqfast.bench import dropin, forward, memory, multiscale, train_step
 from vqfast.bench.presets import PRESETS, get_preset
 from vqfast.bench.results import add_ratios, append_jsonl, environment, results_path
 from vqfast.bench.table import format_table, header_line
 
 # Each question module has cases(preset) and run(preset, device, env, log, case_list).
-QUESTIONS = {"forward": forward, "train_step": train_step, "multiscale": multiscale, "memory": memory}
+QUESTIONS = {"forward": forward, "train_step": train_step, "multiscale": multiscale, "memory": memory,
+             "dropin": dropin}
+# The kernel questions; "dropin" (real models' quantizers before and after vqfast.accelerate) is asked for by name.
+DEFAULT_QUESTIONS = ("forward", "train_step", "multiscale", "memory")
 DEFAULT_RESULTS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
 
@@ -25,8 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="quick", choices=tuple(PRESETS),
                         help="quick: a CPU machine (~5 min on 2 cores); full: a GPU; tiny: seconds (a smoke run)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
-    parser.add_argument("--questions", nargs="+", default=list(QUESTIONS), choices=tuple(QUESTIONS),
-                        help="which questions to run (default: all)")
+    parser.add_argument("--questions", nargs="+", default=list(DEFAULT_QUESTIONS), choices=tuple(QUESTIONS),
+                        help=f"which questions to run (default: {' '.join(DEFAULT_QUESTIONS)}; dropin on request)")
+    parser.add_argument("--var-repo", default=None,
+                        help=f"a checkout of VAR, for the dropin question (default: ${dropin.REPO_ENV['var']})")
+    parser.add_argument("--taming-repo", default=None,
+                        help=f"a checkout of taming-transformers, for dropin (default: ${dropin.REPO_ENV['taming']})")
     parser.add_argument("--results-dir", default=str(DEFAULT_RESULTS_DIR),
                         help="where <question>_<device>.jsonl files are appended to")
     parser.add_argument("--no-save", action="store_true", help="print the tables only, append nothing")
@@ -60,6 +69,11 @@ def main(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was requested but no CUDA device is available; use --device cpu")
     log = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, **k, flush=True))
+    for model, path in (("var", getattr(args, "var_repo", None)), ("taming", getattr(args, "taming_repo", None))):
+        if path is not None:
+            if not os.path.isdir(path):
+                raise ValueError(f"--{model}-repo {path!r} is not a directory")
+            os.environ[dropin.REPO_ENV[model]] = os.path.abspath(path)
     saved: dict[str, int] = {}
 
     def save(question: str, rows: list[dict]) -> None:
@@ -71,7 +85,8 @@ def main(args: argparse.Namespace) -> int:
     env, records = run_questions(args.preset, device, args.questions, log=log, on_case=save)
     print("\n" + header_line(env, args.preset))
     for q in args.questions:
-        print(f"\n## {q}\n\n{format_table(records, q)}")
+        own = getattr(QUESTIONS[q], "format_table", None)  # a question with its own layout
+        print(f"\n## {q}\n\n{own(records) if own else format_table(records, q)}")
     for q, count in saved.items():
         print(f"appended {count} records to {results_path(args.results_dir, q, device.type)}")
     return 0
