@@ -9,6 +9,7 @@ import copy
 import datetime
 import functools
 import os
+import pickle
 
 import pytest
 import torch
@@ -158,6 +159,7 @@ VQ_CASES = {
     "frozen": (dict(freeze_codebook=True), SEQ, {}),
     "loss breakdown": (dict(orthogonal_reg_weight=0.1), SEQ, {"return_loss_breakdown": True}),
     "ema weight": (dict(), SEQ, {"ema_update_weight": torch.linspace(0.5, 1.5, 32)}),
+    "ema weight function": (dict(), SEQ, {"ema_update_weight": lambda embed_sum, cluster_size: (cluster_size > 0).float()}),
     "accumulated ema": (dict(), SEQ, {"accum_ema_update": "odd steps"}),
 }
 
@@ -202,7 +204,7 @@ def test_half_precision_inputs(dtype):
     assert record[0]["quantize"].dtype == dtype
 
 
-def test_kmeans_warns_like_the_original_when_the_batch_is_small():
+def test_kmeans_on_fewer_rows_than_codes():
     # 20 rows for 32 codes: the sampling draws with replacement (randint instead of randperm) on both.
     _compare(VectorQuantize, dict(dim=D, codebook_size=32, kmeans_init=True), _inputs((1, 20, D)))
 
@@ -293,6 +295,9 @@ def test_accelerate_twice_and_state_dict_round_trip(capsys):
     restored.load_state_dict(original.state_dict(), strict=True)
     x = torch.randn(SEQ)
     _assert_same(original.eval()(x), restored.eval()(x))
+    for clone in (copy.deepcopy(restored), pickle.loads(pickle.dumps(restored))):  # the swapped classes travel
+        assert type(clone._codebook) is type(restored._codebook)
+        _assert_same(restored(x), clone(x))
 
 
 @pytest.mark.parametrize("train", [False, True])
