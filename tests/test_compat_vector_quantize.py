@@ -182,7 +182,9 @@ def _call_for(shape, spec):
 @pytest.mark.parametrize("case", VQ_CASES)
 def test_vector_quantize_matches_original(case):
     kwargs, shape, call = VQ_CASES[case]
-    original, accelerated, record = _compare(VectorQuantize, dict(dim=D, codebook_size=32, **kwargs), _inputs(shape), _call_for(shape, call))
+    original, accelerated, record = _compare(
+        VectorQuantize, dict(dim=D, codebook_size=32, **kwargs), _inputs(shape), _call_for(shape, call)
+    )
     assert original.state_dict().keys() == accelerated.state_dict().keys()
     # indices -> codes, as forward returned them (the original's answer, or its error)
     indices = record[-1]["indices"]
@@ -242,7 +244,10 @@ def test_residual_vq_matches_original(case):
 def test_calls_that_need_every_distance_run_the_original_code():
     x = _inputs(SEQ)
     # topk returns the k nearest codes per row; indices= returns the cross-entropy against given codes.
-    calls = [lambda step: {"topk": 3}, lambda step: {"indices": torch.randint(0, 32, SEQ[:2], generator=torch.Generator().manual_seed(step))}]
+    calls = [
+        lambda step: {"topk": 3},
+        lambda step: {"indices": torch.randint(0, 32, SEQ[:2], generator=torch.Generator().manual_seed(step))},
+    ]
     for call in calls:
         for train in (True, False):
             original, accelerated = _original_and_accelerated(VectorQuantize, dim=D, codebook_size=32, threshold_ema_dead_code=1)

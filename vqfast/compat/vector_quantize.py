@@ -354,7 +354,10 @@ class VectorQuantize(nn.Module):
             if new:
                 return f"{fn.__qualname__} takes parameters vqfast does not know ({', '.join(new)})"
         if module.has_commitment_loss and module.commitment_use_cross_entropy_loss:
-            return "commitment_use_cross_entropy_loss=True: the cross-entropy commitment is a softmax over every code's distance (N x K)"
+            return (
+                "commitment_use_cross_entropy_loss=True: the cross-entropy commitment is a softmax over every "
+                "code's distance (N x K)"
+            )
         if module.has_codebook_diversity_loss:
             return "codebook_diversity_loss_weight > 0: the diversity loss is a softmax over every code's distance (N x K)"
         sampler = codebook.gumbel_sample
