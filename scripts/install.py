@@ -26,7 +26,7 @@ TEST = ["pytest", "hypothesis", "faiss-cpu", "pytest-benchmark", "diffusers==0.4
 # names torch, torchvision and pytorch-lightning, which must not replace the installed torch, and the
 # module the tests import (taming/modules/vqvae/quantize.py) needs only torch: installed without deps.
 TEST_NO_DEPS = ["taming-transformers==0.0.1"]
-BENCH = ["pytest-benchmark", "faiss-cpu", "vector-quantize-pytorch", "matplotlib"]
+BENCH = ["pytest-benchmark", "faiss-cpu", "vector-quantize-pytorch==1.32.0", "matplotlib"]
 # Triton ships with CUDA builds of torch; on CPU-only machines it runs kernels in its interpreter.
 TRITON = "triton==3.7.0"
 
