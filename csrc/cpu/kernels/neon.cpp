@@ -7,8 +7,9 @@
 #endif
 #define VQFAST_ISA neon
 #define VQFAST_VEC_BYTES 16
+// 32 q registers of 4 lanes: the register budget of avx512.cpp.
 #define VQFAST_SMALL_R 2
-#define VQFAST_SMALL_P 4
+#define VQFAST_SMALL_P 8
 #define VQFAST_LARGE_R 2
-#define VQFAST_LARGE_P 6
+#define VQFAST_LARGE_P 12
 #include "search.h"
