@@ -31,8 +31,8 @@ namespace vqfast {
 namespace cpu {
 namespace {
 
-// Sums in double over D terms with four partial sums: the serial chain of dependent adds cost ~4
-// cycles a term, as much per row as the whole search at K = 256, D = 16 (one fixed order, the same
+// A sum in double over D terms with four partial sums: one serial chain of dependent adds costs ~4
+// cycles a term, a fifth of the whole search per row at K = 256, D = 16 (one fixed order, the same
 // at every instruction level).
 template <typename T, typename F>
 inline double sum4(int64_t D, F&& term) {
@@ -53,11 +53,6 @@ inline double direct_distance(const T* a, const T* b, int64_t D) {
     const double t = static_cast<double>(a[j]) - static_cast<double>(b[j]);
     return t * t;
   });
-}
-
-template <typename T>
-inline double squared_norm(const T* a, int64_t D) {
-  return sum4<T>(D, [&](int64_t j) { return static_cast<double>(a[j]) * a[j]; });
 }
 
 template <typename T>
@@ -122,10 +117,19 @@ void search(const at::Tensor& z_src, const T* cb, int64_t K, int64_t D, bool cos
     csq[k] = st;
     cmax2 = std::max(cmax2, s);
   }
-  const double cmax = std::sqrt(cmax2);
+  // Each computed v_k = ||c_k||^2 - 2 z.c_k is within gamma_{D+3} max||c|| (2 ||z|| + max||c||) of its
+  // true value (products, sums and the final add, in any order, with or without FMA); two of them
+  // compare safely beyond twice that. The kernels set each row's bound from this coefficient and
+  // ||z|| (kernels/search.h: init_states). There is no ||z||^2 term: dropping the reference's
+  // matters when the codebook is tiny next to z (the classic uniform [-1/K, 1/K] initialisation),
+  // where the looser bound made every row ambiguous.
   const double n_terms = static_cast<double>(D + 3);
   const double u = unit_roundoff<T>();
   const double gamma = n_terms * u / (1.0 - n_terms * u);
+  const T tol_coef = exact ? static_cast<T>(2.0 * gamma * (1.0 + 4.0 * u)) : T(0);
+  // Rounded up past the double computation and the conversion to T.
+  const T cmax_up = static_cast<T>(std::sqrt(cmax2) * (1.0 + static_cast<double>(D + 2) * 0x1p-50)) *
+                    (T(1) + T(4) * static_cast<T>(u));
 
   const int64_t n_tiles = (N + TILE_ROWS - 1) / TILE_ROWS;
   // Tiles are handed out one at a time from a shared counter rather than in fixed halves: on a
@@ -156,24 +160,7 @@ void search(const at::Tensor& z_src, const T* cb, int64_t K, int64_t D, bool cos
         }
         zt = zbuf.data();
       }
-      for (int64_t r = 0; r < mt; ++r) {
-        const double s = exact ? squared_norm(zt + r * D, D) : 0.0;
-        // v_k = ||c_k||^2 - 2 z.c_k carries no ||z||^2 term, so each computed v_k is within
-        // gamma_{D+3} (max||c||^2 + 2 ||z|| max||c||) of its true value (products, sums and the final
-        // add, in any order, with or without FMA); two of them compare safely beyond twice that.
-        // Dropping the ||z||^2 term of the reference's bound matters when the codebook is tiny next
-        // to z (the classic uniform [-1/K, 1/K] initialisation): there the looser bound made every
-        // row ambiguous.
-        const double a = cmax * (2.0 * std::sqrt(s) + cmax);
-        const T tol = exact ? static_cast<T>(2.0 * gamma * a) : T(0);
-        RowState<T>& st = state[r];
-        st.best = std::numeric_limits<T>::infinity();
-        st.best_k = 0;
-        st.tol = tol;
-        st.n = 0;
-        st.overflow = !std::isfinite(tol);
-      }
-      const TileArgs<T> args{zt, mt, D, cb_m2.data(), csq.data(), K, Kp, state.data(), scratch.data()};
+      const TileArgs<T> args{zt, mt, D, cb_m2.data(), csq.data(), K, Kp, tol_coef, cmax_up, state.data(), scratch.data()};
       if constexpr (std::is_same<T, float>::value) {
         kernels.search_f32(args);
       } else {

@@ -28,13 +28,13 @@ constexpr int64_t CODE_PAD = 24;
 // row group of the tile passes over it). The recompute buffer holds one block's values of a row.
 constexpr int64_t BLOCK_ELEMS = 32768;
 
-// The running result of one row. No member functions (see above): the kernels update it with their
-// own copies of the helpers, the driver resets it and re-ranks its candidates.
+// The running result of one row. No member functions (see above): the kernels set and update it
+// with their own copies of the helpers, the driver re-ranks its candidates.
 template <typename T>
 struct RowState {
   T best;        // smallest computed value v_k = ||c_k||^2 - 2 z.c_k so far
   int64_t best_k;
-  T tol;         // 2 * gamma_{D+3} * max||c|| (2 ||z|| + max||c||), 0 in "fast" precision
+  T tol;         // >= 2 gamma_{D+3} max||c|| (2 ||z|| + max||c||), 0 in "fast" precision
   int n;         // candidates within best + tol, in ascending k
   bool overflow; // more than CAND_CAP candidates, or an infinite bound: re-rank the whole row
   int64_t cand_k[CAND_CAP];
@@ -51,7 +51,9 @@ struct TileArgs {
   const T* csq;         // [Kp]: ||c||^2, +inf past K
   int64_t K;            // real codewords
   int64_t Kp;           // K rounded up to a multiple of CODE_PAD
-  RowState<T>* state;   // [rows], reset by the caller
+  T tol_coef;           // 2 gamma_{D+3} ("exact" precision) or 0 ("fast")
+  T cmax;               // an upper bound of max ||c||
+  RowState<T>* state;   // [rows], set by the kernel
   T* scratch;           // D * TILE_ROWS + BLOCK_ELEMS elements
 };
 
