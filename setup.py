@@ -8,6 +8,7 @@ VQFAST_CUDA_ARCHS (e.g. "80;90") picks the GPU architectures; MAX_JOBS bounds pa
 """
 import glob
 import os
+import platform
 import shutil
 
 from setuptools import find_packages, setup
@@ -54,9 +55,43 @@ def cuda_arch_flags():
     return flags
 
 
+def cpu_kernel_levels():
+    """(source, flags) of the CPU search kernel per instruction level, lowest first.
+
+    Each level is its own translation unit with its own flags; csrc/cpu/dispatch.cpp picks one at
+    run time from cpuid / getauxval. Everything else is compiled for the architecture's baseline
+    (no -march), so the extension runs on any CPU of the architecture. -ffp-contract=fast lets the
+    kernels fuse multiply-adds (the rounding bound in csrc/cpu/kernels/search.h allows it).
+    """
+    common = ["-O3", "-ffp-contract=fast"]
+    src = lambda name: os.path.join("csrc", "cpu", "kernels", name + ".cpp")  # noqa: E731
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        return [
+            (src("generic"), common),
+            (src("avx2"), common + ["-mavx2", "-mfma"]),
+            (src("avx512"), common + ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"]),
+        ]
+    if machine in ("aarch64", "arm64"):
+        return [(src("generic"), common), (src("neon"), common)]
+    return [(src("generic"), common)]
+
+
+class BuildExt(BuildExtension):
+    """torch's BuildExtension, plus the CPU kernel levels compiled each with its own flags."""
+
+    def build_extension(self, ext):
+        if ext.name == "vqfast._C":
+            depends = glob.glob(os.path.join(HERE, "csrc", "cpu", "kernels", "*.h"))
+            for source, flags in cpu_kernel_levels():
+                ext.extra_objects += self.compiler.compile(
+                    [source], output_dir=self.build_temp, extra_postargs={"cxx": flags, "nvcc": []}, depends=depends)
+        super().build_extension(ext)
+
+
 def extensions():
-    # -march=native: the extension is always compiled on the machine that runs it (AVX-512 scan in csrc/cpu).
-    cxx_flags = ["-O3", "-fopenmp", "-march=native"]
+    # Baseline flags only: the instruction-level kernels are built by BuildExt (cpu_kernel_levels).
+    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
     sources = _rel([os.path.join(HERE, "csrc", "vqfast.cpp")] + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
     define_macros = []
     if build_cuda():
@@ -101,7 +136,7 @@ setup(
     },
     entry_points={"console_scripts": ["vqfast=vqfast.cli:main"]},
     ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)},
+    cmdclass={"build_ext": BuildExt.with_options(no_python_abi_suffix=True)},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
     zip_safe=False,
 )

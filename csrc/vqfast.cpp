@@ -5,6 +5,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/dispatch.h"
 #include "cpu/nearest_codeword.h"
 
 extern "C" {
@@ -31,6 +32,12 @@ TORCH_LIBRARY(vqfast, m) {
     return false;
 #endif
   });
+  // The CPU kernel's instruction level (chosen at first use; VQFAST_CPU_ISA forces one), the levels
+  // this build has and this CPU runs (lowest first), and a switch for tests that compare levels.
+  m.def("cpu_isa() -> str", []() -> std::string { return vqfast::cpu::isa_name(); });
+  m.def("cpu_isa_levels() -> str[]", []() -> std::vector<std::string> { return vqfast::cpu::isa_levels(); });
+  m.def("cpu_isa_compiled() -> str[]", []() -> std::vector<std::string> { return vqfast::cpu::isa_compiled(); });
+  m.def("_set_cpu_isa(str name) -> str", [](std::string name) -> std::string { return vqfast::cpu::set_isa(name); });
 }
 
 TORCH_LIBRARY_IMPL(vqfast, CPU, m) {

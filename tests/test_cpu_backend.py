@@ -1,7 +1,9 @@
 """The C++ CPU backend (backend="cpu") against the float64 oracle in vqfast/reference.py.
 
-Shapes are chosen to miss the kernel's blocking: 128-row tiles, 512-codeword blocks, the 4-row x
-32-codeword small-D micro-kernel (D <= 32) and the sgemm path (D > 32).
+Shapes are chosen to miss the kernel's blocking: 128-row tiles, row groups of 2 SIMD vectors,
+codewords padded to 24 and taken 4 to 12 per step, codebook blocks of 32768 / D codewords, the
+compile-time-D kernels (D <= 32) and the runtime-D kernel above. Every test runs at every
+instruction level this CPU has (the autouse fixture below; tests/test_cpu_isa.py compares levels).
 """
 import subprocess
 import sys
@@ -11,9 +13,20 @@ import pytest
 import torch
 
 import vqfast
+from vqfast import _ext
 from vqfast.reference import nearest_codeword_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+@pytest.fixture(autouse=True, params=_ext.cpu_isa_levels() or ["none"])
+def cpu_isa(request):
+    """The CPU kernel's instruction level for the test (every level this build and CPU run)."""
+    if request.param == "none":
+        yield None
+        return
+    with _ext.forced_cpu_isa(request.param):
+        yield request.param
 
 
 def true_distances(z, codebook, metric):
@@ -150,7 +163,8 @@ def test_auto_picks_cpu_and_opcheck():
     torch.library.opcheck(torch.ops.vqfast.nearest_codeword.default, (z, codebook, "cosine", "exact"))
 
 
-def test_memory_is_independent_of_n_times_k():
+@pytest.mark.parametrize("cpu_isa", [vqfast.cpu_isa()], indirect=True)  # a subprocess: the default level
+def test_memory_is_independent_of_n_times_k(cpu_isa):
     # N = 2^20, K = 16384, D = 32: an N x K fp32 matrix would be 64 GiB. The peak resident memory
     # of the process may grow by the outputs (indices 8 MiB, codewords 128 MiB, distances 4 MiB)
     # plus per-thread tiles, nothing more; 512 MiB leaves room for allocator slack.

@@ -8,6 +8,7 @@
     train_step.py  question 2: forward + backward + optimizer step of VQ and residual VQ
     multiscale.py  question 3: VAR multi-scale tokenisation of an image batch
     memory.py      question 4: peak memory (a subprocess per provider on CPU)
+    faiss_cpu.py   question 5 (only when named): vqfast cpu vs faiss-cpu at one CPU instruction level
     results.py     environment fields, ratios, JSONL results files
     table.py       the printed table
     cli.py         the ``vqfast bench`` subcommand

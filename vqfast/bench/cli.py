@@ -4,25 +4,33 @@
     vqfast bench --preset full --device cuda          # GPU
     vqfast bench --preset quick --questions forward memory --results-dir /tmp/r
     vqfast bench --questions dropin --var-repo ~/VAR --taming-repo ~/taming-transformers
+    vqfast bench --preset quick --questions faiss --isa all   # vqfast vs faiss-cpu at each CPU level
 """
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
-from vqfast.bench import dropin, forward, memory, multiscale, train_step
+from vqfast.bench import dropin, faiss_cpu, forward, memory, multiscale, train_step
 from vqfast.bench.presets import PRESETS, get_preset
 from vqfast.bench.results import add_ratios, append_jsonl, environment, results_path
 from vqfast.bench.table import format_table, header_line
 
 # Each question module has cases(preset) and run(preset, device, env, log, case_list).
 QUESTIONS = {"forward": forward, "train_step": train_step, "multiscale": multiscale, "memory": memory,
-             "dropin": dropin}
-# The kernel questions; "dropin" (real models' quantizers before and after vqfast.accelerate) is asked for by name.
-DEFAULT_QUESTIONS = ("forward", "train_step", "multiscale", "memory")
+             "dropin": dropin, "faiss": faiss_cpu}
+# The kernel questions run by default; "dropin" (real models' quantizers before and after
+# vqfast.accelerate) and "faiss" (vqfast vs faiss-cpu, interleaved, at one instruction level) when named.
+DEFAULT_QUESTIONS = ["forward", "train_step", "multiscale", "memory"]
+# --isa: vqfast's level -> faiss's (FAISS_OPT_LEVEL picks a library in faiss < 1.12, FAISS_SIMD_LEVEL
+# the dispatch level inside one library since), so that both search at the same level.
+FAISS_LEVELS = {"generic": ("generic", "NONE"), "avx2": ("avx2", "AVX2"), "avx512": ("avx512", "AVX512"),
+                "neon": (None, "ARM_NEON")}
 DEFAULT_RESULTS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
 
@@ -31,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="quick: a CPU machine (~5 min on 2 cores); full: a GPU; tiny: seconds (a smoke run)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
     parser.add_argument("--questions", nargs="+", default=list(DEFAULT_QUESTIONS), choices=tuple(QUESTIONS),
-                        help=f"which questions to run (default: {' '.join(DEFAULT_QUESTIONS)}; dropin on request)")
+                        help=f"which questions to run (default: {' '.join(DEFAULT_QUESTIONS)})")
     parser.add_argument("--var-repo", default=None,
                         help=f"a checkout of VAR, for the dropin question (default: ${dropin.REPO_ENV['var']})")
     parser.add_argument("--taming-repo", default=None,
@@ -40,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where <question>_<device>.jsonl files are appended to")
     parser.add_argument("--no-save", action="store_true", help="print the tables only, append nothing")
     parser.add_argument("--quiet", action="store_true", help="print the tables only, not per-provider progress")
+    parser.add_argument("--isa", default="auto", choices=("auto", "all") + tuple(FAISS_LEVELS),
+                        help="CPU instruction level of vqfast's cpu backend and of faiss-cpu: one level, every level "
+                             "this CPU runs ('all'), each in its own process, or 'auto' (as imported)")
 
 
 def run_questions(preset_name: str, device: torch.device, questions: list[str], log=print,
@@ -64,16 +75,48 @@ def run_questions(preset_name: str, device: torch.device, questions: list[str], 
     return env, records
 
 
+def level_environment(level: str) -> dict[str, str]:
+    """The environment of a run at one CPU instruction level: vqfast's and faiss's variables set alike."""
+    env = {**os.environ, "VQFAST_CPU_ISA": level}
+    opt, simd = FAISS_LEVELS[level]
+    env.pop("FAISS_OPT_LEVEL", None)
+    if opt is not None:
+        env["FAISS_OPT_LEVEL"] = opt
+    env["FAISS_SIMD_LEVEL"] = simd
+    return env
+
+
+def run_levels(args: argparse.Namespace) -> int:
+    """Re-run this command once per level, each in a fresh process (both libraries pick theirs at import)."""
+    from vqfast import _ext
+
+    levels = list(_ext.cpu_isa_levels()) if args.isa == "all" else [args.isa]
+    if not levels:
+        raise ValueError("--isa needs the compiled extension vqfast._C (no CPU levels without it)")
+    status = 0
+    for level in levels:
+        argv = ["--preset", args.preset, "--questions", *args.questions, "--results-dir", str(args.results_dir),
+                "--isa", level] + (["--device", args.device] if args.device else []) + \
+               (["--no-save"] if args.no_save else []) + (["--quiet"] if args.quiet else [])
+        print(f"== CPU instruction level {level}", flush=True)
+        status = max(status, subprocess.run([sys.executable, "-m", "vqfast", "bench", *argv],
+                                            env=level_environment(level)).returncode)
+    return status
+
+
 def main(args: argparse.Namespace) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but no CUDA device is available; use --device cpu")
-    log = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, **k, flush=True))
+    # Before any re-run per level: the child processes inherit these.
     for model, path in (("var", getattr(args, "var_repo", None)), ("taming", getattr(args, "taming_repo", None))):
         if path is not None:
             if not os.path.isdir(path):
                 raise ValueError(f"--{model}-repo {path!r} is not a directory")
             os.environ[dropin.REPO_ENV[model]] = os.path.abspath(path)
+    if args.isa != "auto" and os.environ.get("VQFAST_CPU_ISA") != args.isa:
+        return run_levels(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but no CUDA device is available; use --device cpu")
+    log = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, **k, flush=True))
     saved: dict[str, int] = {}
 
     def save(question: str, rows: list[dict]) -> None:
@@ -85,8 +128,8 @@ def main(args: argparse.Namespace) -> int:
     env, records = run_questions(args.preset, device, args.questions, log=log, on_case=save)
     print("\n" + header_line(env, args.preset))
     for q in args.questions:
-        own = getattr(QUESTIONS[q], "format_table", None)  # a question with its own layout
-        print(f"\n## {q}\n\n{own(records) if own else format_table(records, q)}")
+        table = getattr(QUESTIONS[q], "format_table", format_table)(records, q)
+        print(f"\n## {q}\n\n{table}")
     for q, count in saved.items():
         print(f"appended {count} records to {results_path(args.results_dir, q, device.type)}")
     return 0

@@ -312,7 +312,7 @@ def run(preset: Preset, device: torch.device, env: dict, log=print, case_list: l
     return records
 
 
-def format_table(records: list[dict]) -> str:
+def format_table(records: list[dict], question: str = "dropin") -> str:
     """One row per case: both providers' time and peak memory, the speed-up and the index mismatch."""
     rows = [r for r in records if r["question"] == "dropin"]
     by_case: dict[str, dict[str, dict]] = {}

@@ -1,6 +1,8 @@
 """Result records: one dict per (question, case, provider), stamped with where and when it ran.
 
-Every record carries device, torch / triton versions, date and git commit, so runs appended to the
+Every record carries device, torch / triton versions, date and git commit, and the CPU it ran on:
+model (with family / model numbers on x86), the instruction level of vqfast's cpu backend
+(``cpu_isa``), the levels the CPU runs, threads, and faiss's own SIMD level, so runs appended to the
 same file under benchmarks/results/ stay comparable. Ratios are speedups (or memory savings):
 ``ratio_vs_seeds = seeds / this`` and ``ratio_vs_best_peer = best peer / this``, so > 1 means this
 provider is faster (smaller) than the other. Peers are every provider outside vqfast, the seeds'
@@ -9,6 +11,8 @@ code included.
 from __future__ import annotations
 
 import datetime
+import functools
+import importlib.util
 import json
 import os
 import platform
@@ -21,20 +25,60 @@ import torch
 GROUPS = ("seeds", "peer", "vqfast")
 
 
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's model name, with its family / model numbers where /proc/cpuinfo has them.
+
+    Virtual machines often report a bare "AMD EPYC": the numbers tell a Zen 3 (family 25, model 1)
+    from a Zen 4 (family 25, model 17).
+    """
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']} model {fields['model']})"
+    return name
+
+
+def faiss_simd_level() -> str | None:
+    """The SIMD level faiss-cpu runs (chosen at its import), or None when faiss is not installed."""
+    if importlib.util.find_spec("faiss") is None:
+        return None
+    import faiss
+
+    config = getattr(faiss, "SIMDConfig", None)  # faiss >= 1.12 dispatches inside one library
+    if config is not None:
+        return str(config.get_level_name())
+    return os.environ.get("FAISS_OPT_LEVEL", "auto")
+
+
+def cpu_fields() -> dict:
+    """What the CPU numbers depend on: model, vqfast's instruction level, threads, faiss's level."""
+    import vqfast
+    from vqfast import _ext
+
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_isa": vqfast.cpu_isa(),
+        "cpu_isa_levels": list(_ext.cpu_isa_levels()),
+        "threads": torch.get_num_threads(),
+        "faiss_simd": faiss_simd_level(),
+    }
+
+
 def device_name(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu} ({torch.get_num_threads()} threads)"
+    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
 
 
 def git_commit(repo: str | Path | None = None) -> str:
@@ -64,6 +108,7 @@ def environment(device: torch.device | str) -> dict:
         "triton": triton_version,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(),
+        **cpu_fields(),
     }
 
 
