@@ -61,14 +61,20 @@ def _cpu_reason() -> str | None:
     return None
 
 
+@functools.cache
+def _targets_reason(targets: tuple[str, ...], capability: tuple[int, int]) -> str | None:
+    # Cached: "auto" asks on every call, and the answer is fixed per (build, GPU model).
+    sass = [t for t in targets if t.startswith("sm_")]
+    ptx = [t for t in targets if t.startswith("compute_")]
+    return _cuda_archs.arch_reason(sass, ptx, capability)
+
+
 def _cuda_gpu_reason(index: int) -> str | None:
     """Why the compiled CUDA kernels cannot run on GPU ``index`` (its compute capability), or None."""
     targets = _ext.cuda_archs()
     if targets is None:  # an extension that does not record its targets: trust it, as before
         return None
-    sass = [t for t in targets if t.startswith("sm_")]
-    ptx = [t for t in targets if t.startswith("compute_")]
-    return _cuda_archs.arch_reason(sass, ptx, torch.cuda.get_device_capability(index))
+    return _targets_reason(tuple(targets), tuple(torch.cuda.get_device_capability(index)))
 
 
 def _cuda_reason() -> str | None:
