@@ -3,12 +3,14 @@
     vqfast bench --preset quick                       # CPU machine, ~5 minutes on 2 cores
     vqfast bench --preset full --device cuda          # GPU
     vqfast bench --preset quick --questions forward memory --results-dir /tmp/r
+    vqfast bench --preset quick --device cpu --results-dir benchmarks/results   # the committed tables
+
+Results go to ./bench-results (in the current directory) unless --results-dir says otherwise: never
+into the installed package.
 """
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
 import torch
 
 from vqfast.bench import forward, memory, multiscale, train_step
@@ -18,7 +20,7 @@ from vqfast.bench.table import format_table, header_line
 
 # Each question module has cases(preset) and run(preset, device, env, log, case_list).
 QUESTIONS = {"forward": forward, "train_step": train_step, "multiscale": multiscale, "memory": memory}
-DEFAULT_RESULTS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+DEFAULT_RESULTS_DIR = "bench-results"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,8 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
     parser.add_argument("--questions", nargs="+", default=list(QUESTIONS), choices=tuple(QUESTIONS),
                         help="which questions to run (default: all)")
-    parser.add_argument("--results-dir", default=str(DEFAULT_RESULTS_DIR),
-                        help="where <question>_<device>.jsonl files are appended to")
+    parser.add_argument("--results-dir", default=DEFAULT_RESULTS_DIR,
+                        help="where <question>_<device>.jsonl files are appended to (default: ./bench-results; "
+                             "the README's tables come from benchmarks/results)")
     parser.add_argument("--no-save", action="store_true", help="print the tables only, append nothing")
     parser.add_argument("--quiet", action="store_true", help="print the tables only, not per-provider progress")
 
