@@ -195,7 +195,7 @@ def test_wheel_holds_the_extension_and_no_build_junk(wheel):
     dist_info = [n for n in names if ".dist-info/" in n]
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in dist_info), dist_info
     metadata = zipfile.ZipFile(wheel).read(next(n for n in dist_info if n.endswith("/METADATA"))).decode()
-    assert "License-Expression: MIT" in metadata
+    assert "\nLicense: MIT\n" in metadata and "\nLicense-File: LICENSE\n" in metadata
     outside = [n for n in names if not n.startswith(("vqfast/", "vqfast-"))]
     junk = [n for n in names if n.endswith((".o", ".pyc", ".ninja", ".log")) or "__pycache__" in n or "/build/" in n]
     assert not outside and not junk, (outside, junk)
