@@ -177,6 +177,17 @@ def test_an_extension_that_does_not_record_its_targets_is_trusted(fake_gpus):
     assert "cuda" in backends.available_backends("cuda")
 
 
+def test_a_cuda_torch_with_a_cpu_only_build_says_how_to_see_why(monkeypatch):
+    monkeypatch.setattr(_ext, "has_ext", lambda: True)
+    monkeypatch.setattr(_ext, "has_cuda_ext", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    reason = backends.REGISTRY["cuda"].unavailable_reason()
+    assert reason.startswith("vqfast._C was built without CUDA kernels")
+    assert "rebuild with the CUDA 13.0 nvcc installed (`pip install -v --no-build-isolation .`" in reason
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert "rebuild" not in backends.REGISTRY["cuda"].unavailable_reason()
+
+
 def test_cuda_archs_of_this_build():
     archs = vqfast.cuda_archs()
     if not vqfast.has_cuda_ext():
