@@ -26,7 +26,8 @@ def _missing_torch(exc: ImportError) -> SystemExit:
     return SystemExit(
         f"vqfast: cannot import torch ({exc}). vqfast compiles its extension against the torch already "
         "installed in your environment, so pip must not build it in an isolated environment of its own.\n"
-        "  1. Install torch first if you have none (https://pytorch.org, or `python scripts/install.py` from a checkout).\n"
+        "  1. Install torch first if you have none (https://pytorch.org, or `python scripts/install.py` "
+        "from a checkout).\n"
         "  2. Then build without isolation: use `pip install --no-build-isolation .` (`pip install "
         "--no-build-isolation -e .` for a checkout, `pip wheel --no-build-isolation --no-deps .` for a wheel)."
     )

@@ -39,7 +39,8 @@ def pip(*args: str) -> None:
 REPORT = """
 import torch, vqfast
 from vqfast import backends
-print(f"vqfast {vqfast.__version__} on torch {torch.__version__}: backends for CPU tensors {vqfast.available_backends('cpu')}")
+print(f"vqfast {vqfast.__version__} on torch {torch.__version__}: "
+      f"backends for CPU tensors {vqfast.available_backends('cpu')}")
 reason = backends.REGISTRY["cuda"].unavailable_reason()
 print("cuda backend: " + (f"available, kernels for {', '.join(vqfast.cuda_archs() or ('unrecorded targets',))}"
                           if reason is None else f"unavailable: {reason}"))

@@ -207,7 +207,8 @@ def test_cli_writes_to_bench_results_in_the_current_directory_by_default(tmp_pat
     assert cli.main(args) == 0
     path = tmp_path / "bench-results" / "train_step_cpu.jsonl"
     assert path.read_text().strip()
-    assert f"appended {len(path.read_text().splitlines())} records to bench-results/train_step_cpu.jsonl" in capsys.readouterr().out
+    count = len(path.read_text().splitlines())
+    assert f"appended {count} records to bench-results/train_step_cpu.jsonl" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in committed.iterdir()} == before
 
 
@@ -221,7 +222,8 @@ def _load_plot_script():
 
 def test_plot_script_reads_bench_results_by_default(tiny_records, tmp_path, monkeypatch):
     _, records = tiny_records
-    results.append_jsonl([r for r in records if r["question"] == "forward"], tmp_path / "bench-results" / "forward_cpu.jsonl")
+    forward_rows = [r for r in records if r["question"] == "forward"]
+    results.append_jsonl(forward_rows, tmp_path / "bench-results" / "forward_cpu.jsonl")
     monkeypatch.chdir(tmp_path)
     assert _load_plot_script().main([]) == 0
     assert (tmp_path / "bench-results" / "forward_speedup_cpu.png").exists()

@@ -51,7 +51,8 @@ def test_vqfast_cuda_archs_wins_over_torch_cuda_arch_list():
     env = {"VQFAST_CUDA_ARCHS": "90", "TORCH_CUDA_ARCH_LIST": "8.0;8.6+PTX"}
     assert _cuda_archs.choose_archs(env) == (["sm_90"], [], "VQFAST_CUDA_ARCHS='90'", [])
     env.pop("VQFAST_CUDA_ARCHS")
-    assert _cuda_archs.choose_archs(env) == (["sm_80", "sm_86"], ["compute_86"], "TORCH_CUDA_ARCH_LIST='8.0;8.6+PTX'", [])
+    assert _cuda_archs.choose_archs(env) == (["sm_80", "sm_86"], ["compute_86"],
+                                             "TORCH_CUDA_ARCH_LIST='8.0;8.6+PTX'", [])
 
 
 def test_old_architectures_are_left_out_of_torch_list_and_refused_in_ours():
@@ -60,7 +61,7 @@ def test_old_architectures_are_left_out_of_torch_list_and_refused_in_ours():
     assert (sass, ptx, left_out) == (["sm_80", "sm_86", "sm_90"], ["compute_90"], ["sm_52", "sm_60", "sm_70", "sm_75"])
     sass, ptx, _, left_out = _cuda_archs.choose_archs({"TORCH_CUDA_ARCH_LIST": "7.5+PTX"})
     assert (sass, ptx, left_out) == ([], [], ["sm_75", "compute_75"])
-    with pytest.raises(ValueError, match=r"VQFAST_CUDA_ARCHS='75;80' asks for sm_75, below the compute capability 8\.0"):
+    with pytest.raises(ValueError, match=r"VQFAST_CUDA_ARCHS='75;80' asks for sm_75, below the compute capability"):
         _cuda_archs.choose_archs({"VQFAST_CUDA_ARCHS": "75;80"})
 
 
@@ -161,7 +162,8 @@ def test_cuda_backend_without_ptx_is_unavailable_on_a_newer_gpu(fake_gpus):
     with pytest.raises(ValueError) as info:
         backends.resolve_backend("cuda", "cuda")
     message = str(info.value)
-    assert "cuda:0 (NVIDIA B200), cuda:1 (NVIDIA B200): vqfast._C holds machine code for sm_80, sm_90 and no PTX" in message
+    assert ("cuda:0 (NVIDIA B200), cuda:1 (NVIDIA B200): vqfast._C holds machine code for sm_80, sm_90 "
+            "and no PTX") in message
     assert 'rebuild with VQFAST_CUDA_ARCHS="10.0"' in message
 
 

@@ -62,8 +62,9 @@ def test_licence_file_and_metadata(run_setup):
 
 def test_cpu_torch_says_why_there_are_no_cuda_kernels(run_setup):
     ns, kwargs = run_setup(cuda=None)
-    assert ns["CUDA_STATUS"] == (f"vqfast: CUDA kernels: not built (torch {torch.__version__} is not a CUDA build; "
-                                 "install a CUDA build of torch and the matching nvcc, then rebuild, to get the cuda backend)")
+    assert ns["CUDA_STATUS"] == (
+        f"vqfast: CUDA kernels: not built (torch {torch.__version__} is not a CUDA build; "
+        "install a CUDA build of torch and the matching nvcc, then rebuild, to get the cuda backend)")
     assert not any(s.endswith(".cu") for s in kwargs["ext_modules"][0].sources)
 
 
