@@ -2,21 +2,56 @@
 
 The C++ CPU kernels are always built. The CUDA kernels are built when the installed torch is a
 CUDA build and nvcc is found (a visible GPU is not required), unless VQFAST_SKIP_CUDA_BUILD=1.
-VQFAST_CUDA_ARCHS (e.g. "80;90") picks the GPU architectures; MAX_JOBS bounds parallel compiles.
+Their architectures come from VQFAST_CUDA_ARCHS, else TORCH_CUDA_ARCH_LIST, else "8.0;9.0+PTX"
+(vqfast/_cuda_archs.py); MAX_JOBS bounds parallel compiles. The build prints one line,
+"vqfast: CUDA kernels: ...", saying what it built or why it built none (pip shows it with -v).
 
-    pip install --no-build-isolation -e .
+    pip install --no-build-isolation -e .                 # a checkout, editable
+    pip wheel --no-build-isolation --no-deps -w dist .    # a wheel for this torch
 """
 import glob
+import importlib.util
 import os
 import platform
+import re
 import shutil
+import subprocess
+from functools import cache
 
 from setuptools import find_packages, setup
 
-import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _missing_torch(exc: ImportError) -> SystemExit:
+    return SystemExit(
+        f"vqfast: cannot import torch ({exc}). vqfast compiles its extension against the torch already "
+        "installed in your environment, so pip must not build it in an isolated environment of its own.\n"
+        "  1. Install torch first if you have none (https://pytorch.org, or `python scripts/install.py` "
+        "from a checkout).\n"
+        "  2. Then build without isolation: use `pip install --no-build-isolation .` (`pip install "
+        "--no-build-isolation -e .` for a checkout, `pip wheel --no-build-isolation --no-deps .` for a wheel)."
+    )
+
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError as _exc:
+    raise _missing_torch(_exc) from None
+
+
+def _load_cuda_archs():
+    # By path: importing the vqfast package would need the extension this file is about to build.
+    spec = importlib.util.spec_from_file_location("_vqfast_cuda_archs", os.path.join(HERE, "vqfast", "_cuda_archs.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cuda_archs = _load_cuda_archs()
+# What the build does about the CUDA kernels, printed once when the extension is compiled.
+CUDA_STATUS = "vqfast: CUDA kernels: not decided"
 
 
 def _rel(paths):
@@ -29,12 +64,31 @@ def _nvcc():
     return shutil.which("nvcc")
 
 
-def build_cuda() -> bool:
+def _nvcc_release(nvcc: str) -> str:
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "of unknown version"
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else "of unknown version"
+
+
+@cache
+def _cuda_plan():
+    """(build the CUDA kernels?, sass targets, ptx targets, the status line)."""
+    head = "vqfast: CUDA kernels: "
     if os.environ.get("VQFAST_SKIP_CUDA_BUILD", "0") == "1":
-        return False
+        return False, [], [], head + "not built (VQFAST_SKIP_CUDA_BUILD=1)"
     # Gate on the toolkit (a CUDA torch + nvcc), never on torch.cuda.is_available().
-    if torch.version.cuda is None or _nvcc() is None:
-        return False
+    if torch.version.cuda is None:
+        return False, [], [], (head + f"not built (torch {torch.__version__} is not a CUDA build; install a CUDA "
+                               "build of torch and the matching nvcc, then rebuild, to get the cuda backend)")
+    nvcc = _nvcc()
+    if nvcc is None:
+        return False, [], [], (
+            head + f"not built (torch {torch.__version__} is a CUDA {torch.version.cuda} build, but no nvcc was found: "
+            f"CUDA_HOME={CUDA_HOME!r}, none on PATH; install the CUDA {torch.version.cuda} toolkit and set CUDA_HOME "
+            "to its root, or set VQFAST_SKIP_CUDA_BUILD=1 to build without them)")
     # torch derives CUDA_HOME from nvcc's path; a wrapper script (say /usr/local/bin/nvcc) makes it
     # a folder with no CUDA headers, and the compile would fail deep inside torch's headers.
     if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_runtime_api.h")):
@@ -43,16 +97,36 @@ def build_cuda() -> bool:
             "include/cuda_runtime_api.h. Set CUDA_HOME to the CUDA toolkit root (the folder with bin/nvcc and "
             "include/), or set VQFAST_SKIP_CUDA_BUILD=1 to build without the CUDA kernels."
         )
-    return True
+    try:
+        sass, ptx, source, too_old = cuda_archs.choose_archs(os.environ)
+    except ValueError as exc:
+        raise SystemExit(f"vqfast: {exc}") from None
+    left_out = f"; left out {', '.join(too_old)} (the kernels need sm_80 or newer)" if too_old else ""
+    if not sass:
+        return False, [], [], head + f"not built ({source} names no architecture the kernels support{left_out})"
+    return True, sass, ptx, (
+        head + f"building {cuda_archs.describe(sass, ptx)} (from {source}{left_out}) with nvcc "
+        f"{_nvcc_release(nvcc)} from {CUDA_HOME} for torch {torch.__version__}")
+
+
+def build_cuda() -> bool:
+    global CUDA_STATUS
+    build, _, _, CUDA_STATUS = _cuda_plan()
+    return build
 
 
 def cuda_arch_flags():
-    archs = os.environ.get("VQFAST_CUDA_ARCHS", "80;90").replace(",", ";")
-    flags = []
-    for arch in filter(None, (a.strip() for a in archs.split(";"))):
-        num = arch.replace(".", "")
-        flags += [f"-gencode=arch=compute_{num},code=sm_{num}"]
-    return flags
+    """nvcc flags: the -gencode list and the VQFAST_CUDA_ARCHS macro that bakes it into the library."""
+    _, sass, ptx, _ = _cuda_plan()
+    return cuda_archs.nvcc_flags(sass, ptx)
+
+
+class BuildExtensionReporting(BuildExtension):
+    """torch's BuildExtension that first prints the CUDA status line (hooks that only read metadata stay quiet)."""
+
+    def run(self):
+        print(CUDA_STATUS, flush=True)
+        super().run()
 
 
 def cpu_kernel_levels():
@@ -77,8 +151,8 @@ def cpu_kernel_levels():
     return [(src("generic"), common)]
 
 
-class BuildExt(BuildExtension):
-    """torch's BuildExtension, plus the CPU kernel levels compiled each with its own flags."""
+class BuildExt(BuildExtensionReporting):
+    """torch's BuildExtension with the CUDA status line, plus the CPU kernel levels compiled each with its own flags."""
 
     def build_extension(self, ext):
         if ext.name == "vqfast._C":
@@ -127,6 +201,8 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["vqfast", "vqfast.*"]),
     python_requires=">=3.10",
+    license="MIT",
+    license_files=["LICENSE"],
     # torch is deliberately not listed: an unpinned requirement would let pip replace a CPU or
     # CUDA build the user already has. scripts/install.py installs torch when none is present.
     install_requires=["numpy"],

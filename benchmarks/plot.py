@@ -1,6 +1,9 @@
-"""Render PNG charts from benchmarks/results/*.jsonl (the latest record of each case and provider).
+"""Render PNG charts from a results folder's *.jsonl (the latest record of each case and provider).
 
-    python benchmarks/plot.py [--results-dir benchmarks/results] [--out benchmarks/results]
+    python benchmarks/plot.py [--results-dir bench-results] [--out <results-dir>]
+    python benchmarks/plot.py --results-dir benchmarks/results    # the committed charts and tables
+
+The default folder is the one `vqfast bench` writes to by default (./bench-results).
 
     forward_time_vs_k_<device>.png   nearest-codeword time vs K, one panel per D (the sweep cases)
     forward_speedup_<device>.png     headline shapes: speedup over the seeds' code per provider
@@ -20,6 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
+from vqfast.bench.cli import DEFAULT_RESULTS_DIR  # noqa: E402
 from vqfast.bench.results import read_jsonl  # noqa: E402
 from vqfast.bench.table import format_table  # noqa: E402
 
@@ -150,9 +154,9 @@ def write_latest_tables(results_dir: Path, device_type: str, out: Path) -> Path 
 
 
 def main(argv: list[str] | None = None) -> int:
-    here = Path(__file__).resolve().parent / "results"
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results-dir", default=str(here))
+    parser.add_argument("--results-dir", default=DEFAULT_RESULTS_DIR,
+                        help=f"the folder `vqfast bench --results-dir` wrote to (default: ./{DEFAULT_RESULTS_DIR})")
     parser.add_argument("--out", default=None, help="where PNGs go (default: the results directory)")
     args = parser.parse_args(argv)
     results_dir = Path(args.results_dir)

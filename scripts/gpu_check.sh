@@ -31,15 +31,17 @@ EOF
 
 stage_build() {
   need_gpu
-  "$PY" -m pip install --no-build-isolation --no-deps -e . >"$LOGS/build.log" 2>&1 || {
+  # -v: pip shows the build's output, with its line "vqfast: CUDA kernels: ...".
+  "$PY" -m pip install -v --no-build-isolation --no-deps -e . >"$LOGS/build.log" 2>&1 || {
     tail -50 "$LOGS/build.log"
     exit 1
   }
+  grep -m1 "vqfast: CUDA kernels:" "$LOGS/build.log" || true
   "$PY" - <<'EOF'
 import torch, vqfast
 from vqfast import _ext
 assert _ext.has_cuda_ext(), "vqfast._C has no CUDA kernels"
-print("built; backends on cuda:", vqfast.available_backends("cuda"))
+print("built for", vqfast.cuda_archs(), "; backends on cuda:", vqfast.available_backends("cuda"))
 EOF
 }
 

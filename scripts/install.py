@@ -6,8 +6,10 @@
     python scripts/install.py --bench   # ... plus the benchmark peers
 
 torch: an installed torch (CPU or CUDA build) is kept as it is; when none is installed, the CPU build
-torch==2.13.0 is installed. No requirement below names torch, so pip never replaces it.
-The extension vqfast._C is compiled against that torch (pip install --no-build-isolation -e .).
+torch==2.13.0 is installed. No requirement below names torch, so pip never replaces it. GPU users
+install the CUDA build of torch first, and the nvcc of its CUDA version (the README's GPU section).
+The extension vqfast._C is compiled against that torch (pip install --no-build-isolation -e .); the
+last lines say which backends resulted and, for CUDA, which GPU architectures or why none.
 """
 from __future__ import annotations
 
@@ -37,6 +39,18 @@ def pip(*args: str) -> None:
     subprocess.check_call(cmd, cwd=ROOT)
 
 
+# Run in a fresh interpreter after the install: what the build produced.
+REPORT = """
+import torch, vqfast
+from vqfast import backends
+print(f"vqfast {vqfast.__version__} on torch {torch.__version__}: "
+      f"backends for CPU tensors {vqfast.available_backends('cpu')}")
+reason = backends.REGISTRY["cuda"].unavailable_reason()
+print("cuda backend: " + (f"available, kernels for {', '.join(vqfast.cuda_archs() or ('unrecorded targets',))}"
+                          if reason is None else f"unavailable: {reason}"))
+"""
+
+
 def has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
@@ -64,6 +78,7 @@ def main() -> int:
     if args.test:
         pip("--no-deps", *TEST_NO_DEPS)
     pip("--no-build-isolation", "-e", ".")
+    subprocess.check_call([sys.executable, "-c", REPORT], cwd=ROOT)
     return 0
 
 

@@ -5,7 +5,9 @@ finds the same codewords as the fp64 reference, that ratios are the quotients th
 that skips carry reasons, and that the files and tables hold what the runner measured.
 """
 import argparse
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,14 +195,42 @@ def test_cli_appends_results(tmp_path, capsys):
         presets.get_preset("huge")
 
 
-def test_plot_script_renders_pngs(tiny_records, tmp_path):
-    import importlib.util
-    from pathlib import Path
+def test_cli_writes_to_bench_results_in_the_current_directory_by_default(tmp_path, monkeypatch, capsys):
+    """Never into the package: benchmarks/results holds the committed runs and is written only when named."""
+    committed = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    before = {p.name: p.stat().st_mtime_ns for p in committed.iterdir()}
+    monkeypatch.chdir(tmp_path)
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--preset", "tiny", "--device", "cpu", "--questions", "train_step", "--quiet"])
+    assert args.results_dir == "bench-results"
+    assert cli.main(args) == 0
+    path = tmp_path / "bench-results" / "train_step_cpu.jsonl"
+    assert path.read_text().strip()
+    count = len(path.read_text().splitlines())
+    assert f"appended {count} records to bench-results/train_step_cpu.jsonl" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in committed.iterdir()} == before
 
+
+def _load_plot_script():
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "plot.py"
     spec = importlib.util.spec_from_file_location("vqfast_bench_plot", script)
     plot = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plot)
+    return plot
+
+
+def test_plot_script_reads_bench_results_by_default(tiny_records, tmp_path, monkeypatch):
+    _, records = tiny_records
+    forward_rows = [r for r in records if r["question"] == "forward"]
+    results.append_jsonl(forward_rows, tmp_path / "bench-results" / "forward_cpu.jsonl")
+    monkeypatch.chdir(tmp_path)
+    assert _load_plot_script().main([]) == 0
+    assert (tmp_path / "bench-results" / "forward_speedup_cpu.png").exists()
+
+
+def test_plot_script_renders_pngs(tiny_records, tmp_path):
+    plot = _load_plot_script()
     _, records = tiny_records
     results.append_jsonl([r for r in records if r["question"] == "forward"], tmp_path / "forward_cpu.jsonl")
     assert plot.main(["--results-dir", str(tmp_path)]) == 0

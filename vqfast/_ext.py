@@ -61,6 +61,23 @@ def has_cuda_ext() -> bool:
     return has_ext() and bool(torch.ops.vqfast.cuda_built())
 
 
+@functools.cache
+def cuda_archs() -> tuple[str, ...] | None:
+    """The nvcc targets the CUDA kernels were compiled for, e.g. ("sm_80", "sm_90", "compute_90").
+
+    sm_XY is machine code, compute_XY PTX that the driver compiles for newer GPUs at first launch
+    (vqfast/_cuda_archs.py has the rules); () when the extension has no CUDA kernels, None when it
+    does not say (an extension built before it recorded them).
+    """
+    if not has_cuda_ext():
+        return ()
+    try:
+        text = torch.ops.vqfast.cuda_archs()
+    except (AttributeError, RuntimeError):
+        return None
+    return tuple(t for t in text.split(":") if t) or None
+
+
 def import_error() -> Exception | None:
     return _IMPORT_ERROR
 

@@ -8,7 +8,8 @@
 
 "auto" falls back quietly to the next backend in its preference list; a backend requested by name
 (argument or VQFAST_BACKEND) that cannot run the given tensors raises a ValueError saying why.
-"Cannot run" covers the process (not built), the device type, and the inputs themselves (a
+"Cannot run" covers the process (not built; for cuda, no visible GPU whose compute capability the
+kernels were compiled for or can be JIT-compiled to), the device type, and the inputs themselves (a
 backend's inputs_reason: e.g. a D outside its kernel's range, or sizes beyond 32-bit offsets).
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from vqfast import _ext
+from vqfast import _cuda_archs, _ext
 from vqfast._validation import int32_indices_reason
 
 BACKEND_NAMES = ("torch", "cpu", "cuda", "triton")
@@ -60,14 +61,51 @@ def _cpu_reason() -> str | None:
     return None
 
 
+@functools.cache
+def _targets_reason(targets: tuple[str, ...], capability: tuple[int, int]) -> str | None:
+    # Cached: "auto" asks on every call, and the answer is fixed per (build, GPU model).
+    sass = [t for t in targets if t.startswith("sm_")]
+    ptx = [t for t in targets if t.startswith("compute_")]
+    return _cuda_archs.arch_reason(sass, ptx, capability)
+
+
+def _cuda_gpu_reason(index: int) -> str | None:
+    """Why the compiled CUDA kernels cannot run on GPU ``index`` (its compute capability), or None."""
+    targets = _ext.cuda_archs()
+    if targets is None:  # an extension that does not record its targets: trust it, as before
+        return None
+    return _targets_reason(tuple(targets), tuple(torch.cuda.get_device_capability(index)))
+
+
 def _cuda_reason() -> str | None:
     if not _ext.has_ext():
         return f"the compiled extension vqfast._C is not built (run: {_ext.REBUILD_COMMAND})"
     if not _ext.has_cuda_ext():
-        return "vqfast._C was built without CUDA kernels (needs a CUDA build of torch and nvcc at build time)"
+        hint = "" if torch.version.cuda is None else (
+            f"; rebuild with the CUDA {torch.version.cuda} nvcc installed (`pip install -v --no-build-isolation .` "
+            "prints a line 'vqfast: CUDA kernels: ...' that says why a build left them out)")
+        return f"vqfast._C was built without CUDA kernels (needs a CUDA build of torch and nvcc at build time){hint}"
     if not torch.cuda.is_available():
         return "no CUDA device is available"
-    return None
+    # Unavailable only when no visible GPU can run the kernels; on a machine with mixed GPUs the
+    # tensors' own GPU is checked by _cuda_inputs_reason.
+    by_reason: dict[str, list[str]] = {}
+    for index in range(torch.cuda.device_count()):
+        reason = _cuda_gpu_reason(index)
+        if reason is None:
+            return None
+        by_reason.setdefault(reason, []).append(f"cuda:{index} ({torch.cuda.get_device_name(index)})")
+    return "; ".join(f"{', '.join(gpus)}: {reason}" for reason, gpus in by_reason.items())
+
+
+def _cuda_inputs_reason(z: torch.Tensor, codebook: torch.Tensor) -> str | None:
+    reason = int32_indices_reason(z, codebook)
+    if reason is None and z.device.type == "cuda":
+        index = z.device.index if z.device.index is not None else torch.cuda.current_device()
+        gpu_reason = _cuda_gpu_reason(index)
+        if gpu_reason is not None:
+            reason = f"cuda:{index} ({torch.cuda.get_device_name(index)}): {gpu_reason}"
+    return reason
 
 
 def _triton_reason() -> str | None:
@@ -107,7 +145,7 @@ REGISTRY: dict[str, Backend] = {
     "cpu": Backend("cpu", _cpu_reason, _only("cpu")),
     # The GPU kernels are assumed to use 32-bit flat offsets until they declare otherwise.
     # The CUDA and Triton kernels address memory with 64-bit offsets and keep indices in int32.
-    "cuda": Backend("cuda", _cuda_reason, _only("cuda"), int32_indices_reason),
+    "cuda": Backend("cuda", _cuda_reason, _only("cuda"), _cuda_inputs_reason),
     "triton": Backend("triton", _triton_reason, _triton_device_reason, _triton_inputs_reason),
 }
 

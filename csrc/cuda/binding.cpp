@@ -15,6 +15,7 @@
 
 #include <climits>
 #include <limits>
+#include <string>
 #include <tuple>
 
 #include "nearest_codeword.h"
@@ -193,6 +194,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nearest_codeword(const at::Tensor
 }  // namespace
 }  // namespace cuda
 }  // namespace vqfast
+
+// Only a library with CUDA kernels has this op; vqfast/_ext.py asks for it after cuda_built().
+TORCH_LIBRARY_FRAGMENT(vqfast, m) {
+  // The nvcc targets the kernels were compiled for, ':'-separated: "sm_80:sm_90:compute_90".
+  m.def("cuda_archs() -> str", []() -> std::string { return vqfast::cuda::compiled_archs(); });
+}
 
 TORCH_LIBRARY_IMPL(vqfast, CUDA, m) {
   m.impl("nearest_codeword", &vqfast::cuda::nearest_codeword);

@@ -807,5 +807,17 @@ cudaError_t launch_gather_distance(const void* z, const void* codebook, DType dt
   });
 }
 
+// setup.py passes the list as bare tokens (-DVQFAST_CUDA_ARCHS=sm_80:sm_90:compute_90): a quoted
+// string would not survive the shell that ninja runs nvcc from, so it is stringified here.
+#define VQFAST_STRINGIFY_(x) #x
+#define VQFAST_STRINGIFY(x) VQFAST_STRINGIFY_(x)
+const char* compiled_archs() {
+#ifdef VQFAST_CUDA_ARCHS
+  return VQFAST_STRINGIFY(VQFAST_CUDA_ARCHS);
+#else
+  return "";
+#endif
+}
+
 }  // namespace cuda
 }  // namespace vqfast

@@ -78,5 +78,9 @@ int choose_code_splits(int64_t n, int64_t k);
 // Device bytes of the workspace launch_nearest_codeword needs for `splits` (0 when splits <= 1).
 size_t split_workspace_bytes(int64_t n, int splits);
 
+// The nvcc targets this library was compiled for, as setup.py listed them, separated by ':'
+// ("sm_80:sm_90:compute_90"); empty when the build did not say (a bare nvcc compile).
+const char* compiled_archs();
+
 }  // namespace cuda
 }  // namespace vqfast

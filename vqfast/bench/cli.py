@@ -5,6 +5,10 @@
     vqfast bench --preset quick --questions forward memory --results-dir /tmp/r
     vqfast bench --questions dropin --var-repo ~/VAR --taming-repo ~/taming-transformers
     vqfast bench --preset quick --questions faiss --isa all   # vqfast vs faiss-cpu at each CPU level
+    vqfast bench --preset quick --device cpu --results-dir benchmarks/results   # the committed tables
+
+Results go to ./bench-results (in the current directory) unless --results-dir says otherwise: never
+into the installed package.
 """
 from __future__ import annotations
 
@@ -12,7 +16,6 @@ import argparse
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
@@ -31,7 +34,7 @@ DEFAULT_QUESTIONS = ["forward", "train_step", "multiscale", "memory"]
 # the dispatch level inside one library since), so that both search at the same level.
 FAISS_LEVELS = {"generic": ("generic", "NONE"), "avx2": ("avx2", "AVX2"), "avx512": ("avx512", "AVX512"),
                 "neon": (None, "ARM_NEON")}
-DEFAULT_RESULTS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+DEFAULT_RESULTS_DIR = "bench-results"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,8 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"a checkout of VAR, for the dropin question (default: ${dropin.REPO_ENV['var']})")
     parser.add_argument("--taming-repo", default=None,
                         help=f"a checkout of taming-transformers, for dropin (default: ${dropin.REPO_ENV['taming']})")
-    parser.add_argument("--results-dir", default=str(DEFAULT_RESULTS_DIR),
-                        help="where <question>_<device>.jsonl files are appended to")
+    parser.add_argument("--results-dir", default=DEFAULT_RESULTS_DIR,
+                        help="where <question>_<device>.jsonl files are appended to (default: ./bench-results; "
+                             "the README's tables come from benchmarks/results)")
     parser.add_argument("--no-save", action="store_true", help="print the tables only, append nothing")
     parser.add_argument("--quiet", action="store_true", help="print the tables only, not per-provider progress")
     parser.add_argument("--isa", default="auto", choices=("auto", "all") + tuple(FAISS_LEVELS),
