@@ -147,9 +147,12 @@ def _summary(infos: list, size: int) -> str:
     cropped = sum(1 for i in infos if i.width != i.height)
     resized = len(infos) - kept
     notes = Counter(i.note for i in infos if i.note)
-    parts = [f"{resized} resized to {size} x {size} (the checkpoint's image size)"
-             + (f", {cropped} of them centre-cropped to a square first" if cropped else ""),
-             f"{kept} already {size} x {size}"]
+    parts = []
+    if resized:
+        parts.append(f"{resized} resized to {size} x {size} (the checkpoint's image size)"
+                     + (f", {cropped} of them centre-cropped to a square first" if cropped else ""))
+    if kept:
+        parts.append(f"{kept} already {size} x {size}")
     if notes:
         parts.append("converted: " + ", ".join(f"{n} {k}" for k, n in sorted(notes.items())))
     return "; ".join(parts)
