@@ -435,7 +435,7 @@ def train(cfg: dict, out: str | Path, resume: bool = False, checkpoint_every: in
         out.mkdir(parents=True, exist_ok=True)
     data, held = make_datasets(cfg, folder)
     torch.manual_seed(cfg["seed"])
-    model = build_model(cfg)
+    model = build_model(cfg).to(device)
     step, history, failures = 0, [], []
     if state is not None:
         model.load_state_dict(state["model"])
@@ -443,9 +443,8 @@ def train(cfg: dict, out: str | Path, resume: bool = False, checkpoint_every: in
     else:
         # Every process initialises from the same global first batch: equal codebooks.
         images, failed = data.load_batch(batch_indices(cfg, 0))
-        init_codebook_from_data(model, images)
+        init_codebook_from_data(model, images.to(device))
         failures += failed
-    model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.95))
     if state is not None:
         opt.load_state_dict(state["optimizer"])
