@@ -1,9 +1,9 @@
 import json
-
-import pytest
-import torch
+import re
 
 import numpy as np
+import pytest
+import torch
 
 from vqfast import train as vtrain
 from vqfast import tokenize as vtok
@@ -118,3 +118,55 @@ def test_kill_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     full = vtrain.train(tiny(6), tmp_path / "ref", progress=False, finish=False)
     rest = vtrain.train(tiny(6), tmp_path, resume=True, progress=False, finish=False)
     assert [h["loss"] for h in rest["history"]] == [h["loss"] for h in full["history"]]
+
+
+def test_train_command_on_a_folder(tmp_path, capsys):
+    from PIL import Image
+
+    from vqfast import cli
+
+    photos = tmp_path / "photos"
+    (photos / "more").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        y, x = np.mgrid[0:40, 0:56] / 40
+        img = np.stack([np.sin(3 * x + i), np.cos(4 * y - i), np.sin(2 * (x + y) + i)], -1)
+        Image.fromarray(((img + 1) * 127.5 + rng.normal(0, 4, img.shape)).clip(0, 255).astype(np.uint8)).save(
+            photos / ("more" if i % 2 else "") / f"p{i}.{'png' if i % 3 else 'jpg'}")
+    (photos / "broken.png").write_text("not a png")
+    out = tmp_path / "run"
+    args = ["train", "--preset", "tiny", "--data", str(photos), "--out", str(out), "--steps", "3", "--no-progress",
+            "--workers", "1"]
+    assert cli.main(args) == 0
+    said = capsys.readouterr()
+    assert "skipped 1 unreadable file: broken.png (UnidentifiedImageError" in said.err
+    assert "data: 9 training and 1 held-out images under" in said.out
+    assert "random square crops resized to 16 x 16 (the tiny preset's size)" in said.out
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["data"]["train_files"], m["data"]["heldout_files"], m["data"]["skipped_files"]) == (9, 1, 1)
+    assert m["steps"] == 3 and m["image_size"] == 16
+    # A second run into the same --out must say what to do; --overwrite replaces the first run.
+    assert cli.main(args) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert cli.main(args[:-4] + ["2", "--no-progress", "--image-size", "32", "--overwrite"]) == 0
+    assert "crops resized to 32 x 32 (--image-size)" in capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 2 and m["image_size"] == 32 and m["patch_nums"] == [1, 4, 8, 16]
+    # Resuming after the folder changed would change the data order: refused, naming the difference.
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(photos / "new.png")
+    assert cli.main(args[:-4] + ["4", "--image-size", "32", "--resume"]) == 2
+    assert re.search(r"checkpoint .*checkpoint.pt does not match this run: it was written with data=",
+                     capsys.readouterr().err)
+
+
+def test_image_size_and_batch_shares():
+    demo = vtrain.PRESETS["demo"]["model"]
+    assert vtrain.with_image_size(demo, 32)["patch_nums"] == demo["patch_nums"]
+    assert vtrain.with_image_size(demo, 64)["patch_nums"] == [1, 4, 6, 8, 12, 16]
+    assert vtrain.with_image_size(demo, 16)["patch_nums"] == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="multiple of this model's downsampling factor 4"):
+        vtrain.with_image_size(demo, 30)
+    cfg = vtrain.make_config("tiny", batch_size=6)
+    for step in (0, 5, 12345):
+        shares = [vtrain.batch_indices(cfg, step, r, 3) for r in range(3)]
+        assert sum(shares, []) == vtrain.batch_indices(cfg, step)
