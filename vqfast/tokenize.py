@@ -116,7 +116,10 @@ class _Images(torch.utils.data.Dataset):
 
 
 def _collate(items):
-    return items  # images are stacked after dropping failures
+    """-> (indices decoded, their images stacked (pinned by the loader on GPU) or None, infos, failures)."""
+    good = [(i, t, info) for i, t, info in items if t is not None]
+    images = torch.stack([t for _, t, _ in good]) if good else None
+    return [i for i, _, _ in good], images, [info for _, _, info in good], [(i, r) for i, t, r in items if t is None]
 
 
 def _inputs(path: Path) -> tuple[Path, list[str]]:
@@ -174,18 +177,16 @@ def encode(model: nn.Module, source, output, batch_size: int = 32, device="cpu",
     kept, infos, skipped = [], [], []
     per_scale: list[list[torch.Tensor]] = [[] for _ in geo["patch_nums"]]
     bar = tqdm(total=len(names), disable=not progress, desc="encode", unit="img", dynamic_ncols=True)
-    for items in loader:
-        good = [(i, t, info) for i, t, info in items if t is not None]
-        skipped += [(names[i] or str(root), reason) for i, t, reason in items if t is None]
-        if good:
-            images = torch.stack([t for _, t, _ in good]).to(device, non_blocking=True)
+    for done, images, batch_infos, failed in loader:
+        skipped += [(names[i] or str(root), reason) for i, reason in failed]
+        if images is not None:
             with amp_context(device, dtype):
-                idx_list = model.img_to_idxBl(images)
+                idx_list = model.img_to_idxBl(images.to(device, non_blocking=True))
             for s, idx in enumerate(idx_list):
                 per_scale[s].append(idx.cpu())
-            kept += [names[i] or root.name for i, _, _ in good]
-            infos += [info for _, _, info in good]
-        bar.update(len(items))
+            kept += [names[i] or root.name for i in done]
+            infos += batch_infos
+        bar.update(len(done) + len(failed))
     bar.close()
     if not kept:
         raise InputError(f"input {source}: none of its {len(names)} images could be decoded")

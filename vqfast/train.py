@@ -120,22 +120,24 @@ def decode_tokens(model: nn.Module, idx_list: list[torch.Tensor]) -> torch.Tenso
 
 
 @torch.no_grad()
-def init_codebook_from_data(model: nn.Module, images: torch.Tensor) -> None:
+def init_codebook_from_data(model: nn.Module, images: torch.Tensor) -> bool:
     """Codewords = random encoder feature vectors of ``images`` at every scale, plus 1 % noise.
 
     VAR's uniform +-1/K init leaves the codebook ~100x smaller than the features, so f_hat, and
     with it the decoder's input, stays near zero for hundreds of Adam steps; starting from features
     gives a useful reconstruction from the first steps (data-dependent init, as k-means init does).
+    Only for MultiScaleVQVAE: VAR's VQVAE initialises its codebook through its quantizer's own
+    options (k-means init), so it is left as built. Returns whether the codebook was set.
     """
-    geo = model_geometry(model)
     if _var_api(model):
-        f, codebook = model.quant_conv(model.encoder(images)), model.quantize.embedding.weight
-    else:
-        f, codebook = model.encoder(images), model.embedding.weight
+        return False
+    geo = model_geometry(model)
+    f = model.encoder(images)
     feats = torch.cat([F.interpolate(f, size=(p, p), mode="area").permute(0, 2, 3, 1).reshape(-1, f.shape[1])
                        for p in geo["patch_nums"]])
     cb = feats[torch.randint(0, len(feats), (geo["vocab_size"],))]
-    codebook.copy_(cb + 0.01 * cb.std() * torch.randn_like(cb))
+    model.embedding.weight.copy_(cb + 0.01 * cb.std() * torch.randn_like(cb))
+    return True
 
 
 def with_image_size(model_cfg: dict, size: int) -> dict:
