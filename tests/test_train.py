@@ -44,10 +44,11 @@ def test_outputs_and_tokenize_roundtrip(tmp_path):
                 "encode_tokens_per_s", "train_tokens_per_s"):
         assert key in m and m[key] > 0, key
     assert 1 <= m["perplexity"] <= 64 and 0 < m["codebook_usage"] <= 1
-    # Per-scale usage: one entry per scale, each counting that scale's held-out tokens.
-    assert [s["patch"] for s in m["per_scale"]] == [1, 2, 4, 8]
-    assert [s["tokens"] for s in m["per_scale"]] == [16 * p * p for p in (1, 2, 4, 8)]
-    assert max(s["codes_used"] for s in m["per_scale"]) <= m["codebook_used"]
+    # Per-scale usage: one entry per scale; the 1 x 1 scale of 16 images uses at most 16 codes.
+    assert m["patch_nums"] == [1, 2, 4, 8] and len(m["codebook_used_per_scale"]) == 4
+    assert 1 <= m["codebook_used_per_scale"][0] <= 16
+    assert max(m["codebook_used_per_scale"]) <= m["codebook_used"] <= sum(m["codebook_used_per_scale"])
+    assert m["codebook_usage_per_scale"] == [u / 64 for u in m["codebook_used_per_scale"]]
     for name in ("reconstructions.png", "loss_curve.png", "checkpoint.pt"):
         assert (tmp_path / name).stat().st_size > 0
     assert not list(tmp_path.glob("*.tmp"))
@@ -161,9 +162,10 @@ def test_train_command_on_a_folder(tmp_path, capsys):
 
 def test_image_size_and_batch_shares():
     demo = vtrain.PRESETS["demo"]["model"]
-    assert vtrain.with_image_size(demo, 32)["patch_nums"] == demo["patch_nums"]
-    assert vtrain.with_image_size(demo, 64)["patch_nums"] == [1, 4, 6, 8, 12, 16]
-    assert vtrain.with_image_size(demo, 16)["patch_nums"] == [1, 2, 3, 4]
+    key = "patch_nums" if "patch_nums" in demo else "v_patch_nums"
+    assert vtrain.with_image_size(demo, 32)[key] == demo[key]
+    assert vtrain.with_image_size(demo, 64)[key] == [1, 4, 6, 8, 12, 16]
+    assert vtrain.with_image_size(demo, 16)[key] == [1, 2, 3, 4]
     with pytest.raises(ValueError, match="multiple of this model's downsampling factor 4"):
         vtrain.with_image_size(demo, 30)
     cfg = vtrain.make_config("tiny", batch_size=6)

@@ -359,6 +359,7 @@ def evaluate(model: nn.Module, data, count: int, device: torch.device = torch.de
     p = total / total.sum()
     entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
     used = int((total > 0).sum())
+    used_per_scale = [int((c > 0).sum()) for c in counts]
     metrics = {
         "heldout_images": count,
         "heldout_psnr_db": torch.cat(psnrs).mean().item(),
@@ -366,9 +367,9 @@ def evaluate(model: nn.Module, data, count: int, device: torch.device = torch.de
         "codebook_usage": used / vocab,
         "codebook_used": used,
         "vocab_size": vocab,
+        "codebook_used_per_scale": used_per_scale,
+        "codebook_usage_per_scale": [u / vocab for u in used_per_scale],
         "perplexity": math.exp(entropy),
-        "per_scale": [{"patch": p_, "tokens": int(c.sum()), "codes_used": int((c > 0).sum()),
-                       "usage": int((c > 0).sum()) / vocab} for p_, c in zip(geo["patch_nums"], counts)],
         "encode_tokens_per_s": tokens / encode_s if encode_s else None,
     }
     return metrics, shown[0], shown[1]
@@ -443,8 +444,9 @@ def train(cfg: dict, out: str | Path, resume: bool = False, checkpoint_every: in
         model.load_state_dict(state["model"])
         step, history, failures = state["step"], state["history"], list(state.get("decode_failures", []))
     else:
-        # Every process initialises from the same global first batch: equal codebooks.
-        images, failed = data.load_batch(batch_indices(cfg, 0))
+        # Every process initialises from the same items (the last global batch of the item range,
+        # which training reaches last if ever): equal codebooks.
+        images, failed = data.load_batch(range(cfg["train_items"] - cfg["batch_size"], cfg["train_items"]))
         init_codebook_from_data(model, images.to(device))
         failures += failed
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.95))
@@ -684,7 +686,7 @@ def main(args: argparse.Namespace) -> int:
         if m is not None:
             say(f"held-out PSNR {m['heldout_psnr_db']:.2f} dB (mean-colour baseline "
                 f"{m['mean_colour_baseline_psnr_db']:.2f} dB), codebook usage {m['codebook_used']}/{m['vocab_size']} "
-                f"(per scale: {', '.join(str(s['codes_used']) for s in m['per_scale'])}), "
+                f"(per scale: {', '.join(map(str, m['codebook_used_per_scale']))}), "
                 f"perplexity {m['perplexity']:.1f}, wall {time.perf_counter() - t0:.0f} s")
             say(f"wrote {out / 'reconstructions.png'}, {out / 'metrics.json'}, {out / 'loss_curve.png'}, "
                 f"{out / 'checkpoint.pt'}")
