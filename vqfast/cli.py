@@ -39,7 +39,8 @@ def _version() -> str:
 
     import vqfast
 
-    return f"vqfast {vqfast.__version__} (torch {torch.__version__}, backends: {', '.join(vqfast.available_backends())})"
+    backends = ", ".join(vqfast.available_backends())
+    return f"vqfast {vqfast.__version__} (torch {torch.__version__}, backends: {backends})"
 
 
 class _VersionAction(argparse.Action):

@@ -289,7 +289,8 @@ def _check_args(args: argparse.Namespace) -> tuple[torch.device, str]:
             raise InputError(f"output {output} is a folder; name the token file to write")
     if not output.parent.is_dir():
         raise InputError(f"output {output}: the folder {output.parent} does not exist")
-    if args.mode == "decode" and output.exists() and not output.is_dir() and output.suffix.lower() not in IMAGE_SUFFIXES:
+    image_name = output.suffix.lower() in IMAGE_SUFFIXES
+    if args.mode == "decode" and output.exists() and not output.is_dir() and not image_name:
         raise InputError(f"output {output} is a file; give an image file name or a folder")
     device = torch.device(name)
     return device, args.dtype or ("bf16" if device.type == "cuda" else "fp32")

@@ -547,7 +547,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a folder of PNG / JPEG / WebP / BMP images, searched recursively "
                              "(default: the images bundled with scikit-image and scikit-learn)")
     parser.add_argument("--image-size", type=int, default=None,
-                        help="side of the square training crops (default: the preset's; the scales are stretched to it)")
+                        help="side of the square training crops (default: the preset's; the scales are "
+                             "stretched to it)")
     parser.add_argument("--steps", type=int, default=None, help="total optimisation steps (default: the preset's)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="global batch, split over torchrun's processes (default: the preset's)")
@@ -676,9 +677,12 @@ def main(args: argparse.Namespace) -> int:
                          if folder is not None else "the images bundled with scikit-image and scikit-learn"))
             + f"; random square crops resized to {size} x {size} ("
             + ("--image-size" if args.image_size else f"the {args.preset} preset's size") + ")")
-        say(f"model: {len(geo['patch_nums'])} scales {tuple(geo['patch_nums'])} = {geo['num_tokens']} tokens per image, "
-            f"vocabulary {geo['vocab_size']}; {device} {dtype}, "
+        say(f"model: {len(geo['patch_nums'])} scales {tuple(geo['patch_nums'])} = {geo['num_tokens']} tokens per "
+            f"image, vocabulary {geo['vocab_size']}; {device} {dtype}, "
             f"global batch {cfg['batch_size']}" + (f" over {world} processes" if world > 1 else ""))
+        if args.preset == "var" and device.type == "cpu":
+            say("note: the var preset is VAR's full tokenizer, sized for GPUs: on a CPU a step takes seconds "
+                "to minutes (try --preset demo)")
         t0 = time.perf_counter()
         result = train(cfg, out, resume=args.resume, checkpoint_every=args.checkpoint_every,
                        progress=not args.no_progress, folder=folder, device=device, dtype=dtype, workers=workers)
