@@ -20,7 +20,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH = "torch==2.13.0"
 BUILD = ["setuptools>=77", "wheel", "ninja", "numpy"]
-DEMO = ["scikit-image", "scikit-learn", "matplotlib", "tqdm", "pillow"]
+DEMO = ["scikit-image", "scikit-learn", "matplotlib", "tqdm"]
 TEST = ["pytest", "hypothesis", "faiss-cpu", "pytest-benchmark"]
 BENCH = ["pytest-benchmark", "faiss-cpu", "vector-quantize-pytorch", "matplotlib"]
 # Triton ships with CUDA builds of torch; on CPU-only machines it runs kernels in its interpreter.
