@@ -1,10 +1,13 @@
 import json
+import re
 
+import numpy as np
 import pytest
 import torch
 
 from vqfast import train as vtrain
 from vqfast import tokenize as vtok
+from vqfast.data import load_crop, to_uint8
 
 
 def tiny(steps, seed=0):
@@ -27,9 +30,9 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert [h["loss"] for h in rest["history"]] == [h["loss"] for h in full["history"]]
     a, b = full["model"].state_dict(), rest["model"].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    sa = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
-    sb = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
-    assert torch.equal(sa["rng"]["torch"], sb["rng"]["torch"])
+    sa = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    sb = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert torch.equal(sa["rng"]["cpu"][0], sb["rng"]["cpu"][0])
     for ga, gb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
         assert torch.equal(ga["exp_avg"], gb["exp_avg"])
 
@@ -41,27 +44,31 @@ def test_outputs_and_tokenize_roundtrip(tmp_path):
                 "encode_tokens_per_s", "train_tokens_per_s"):
         assert key in m and m[key] > 0, key
     assert 1 <= m["perplexity"] <= 64 and 0 < m["codebook_usage"] <= 1
+    # Per-scale usage: one entry per scale; the 1 x 1 scale of 16 images uses at most 16 codes.
+    assert m["patch_nums"] == [1, 2, 4, 8] and len(m["codebook_used_per_scale"]) == 4
+    assert 1 <= m["codebook_used_per_scale"][0] <= 16
+    assert max(m["codebook_used_per_scale"]) <= m["codebook_used"] <= sum(m["codebook_used_per_scale"])
+    assert m["codebook_usage_per_scale"] == [u / 64 for u in m["codebook_used_per_scale"]]
     for name in ("reconstructions.png", "loss_curve.png", "checkpoint.pt"):
         assert (tmp_path / name).stat().st_size > 0
     assert not list(tmp_path.glob("*.tmp"))
 
-    import matplotlib.pyplot as plt
-    import numpy as np
+    from PIL import Image
 
     img = (np.random.default_rng(0).random((20, 24, 3)) * 255).astype(np.uint8)
-    plt.imsave(tmp_path / "in.png", img)
-    args = vtok.argparse.Namespace(checkpoint=str(tmp_path / "checkpoint.pt"), mode="encode",
-                                   input=str(tmp_path / "in.png"), output=str(tmp_path / "tok.pt"))
-    assert vtok.main(args) == 0
-    tokens = torch.load(tmp_path / "tok.pt", weights_only=True)
-    assert [tuple(t.shape) for t in tokens["idx_list"]] == [(1, p * p) for p in (1, 2, 4, 8)]
+    Image.fromarray(img).save(tmp_path / "in.png")
     model = vtok.load_model(tmp_path / "checkpoint.pt")
-    assert all(torch.equal(a, b) for a, b in zip(
-        tokens["idx_list"], model.img_to_idxBl(vtok.image_to_tensor(tmp_path / "in.png", 16))))
-    args = vtok.argparse.Namespace(checkpoint=args.checkpoint, mode="decode", input=str(tmp_path / "tok.pt"),
-                                   output=str(tmp_path / "out.png"))
-    assert vtok.main(args) == 0
-    assert plt.imread(tmp_path / "out.png").shape[:2] == (16, 16)
+    done = vtok.encode(model, tmp_path / "in.png", tmp_path / "tok.pt", progress=False)
+    assert "centre crop 20 x 20, resized to 16 x 16" in done["summary"]
+    tokens = torch.load(tmp_path / "tok.pt", weights_only=True)
+    assert tokens["names"] == ["in.png"]
+    assert [tuple(t.shape) for t in tokens["tokens"]] == [(1, p * p) for p in (1, 2, 4, 8)]
+    expected = model.img_to_idxBl(load_crop(tmp_path / "in.png", 16)[0][None])
+    assert all(torch.equal(a.long(), b) for a, b in zip(tokens["tokens"], expected))
+    paths = vtok.decode(model, vtok.read_tokens(tmp_path / "tok.pt", model), tmp_path / "out.png", progress=False)
+    decoded = np.asarray(Image.open(paths[0]))
+    assert decoded.shape == (16, 16, 3)
+    assert np.array_equal(decoded, to_uint8(vtrain.decode_tokens(model, expected))[0])
 
 
 def test_corrupt_and_mismatched_checkpoint(tmp_path):
@@ -112,3 +119,56 @@ def test_kill_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     full = vtrain.train(tiny(6), tmp_path / "ref", progress=False, finish=False)
     rest = vtrain.train(tiny(6), tmp_path, resume=True, progress=False, finish=False)
     assert [h["loss"] for h in rest["history"]] == [h["loss"] for h in full["history"]]
+
+
+def test_train_command_on_a_folder(tmp_path, capsys):
+    from PIL import Image
+
+    from vqfast import cli
+
+    photos = tmp_path / "photos"
+    (photos / "more").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        y, x = np.mgrid[0:40, 0:56] / 40
+        img = np.stack([np.sin(3 * x + i), np.cos(4 * y - i), np.sin(2 * (x + y) + i)], -1)
+        Image.fromarray(((img + 1) * 127.5 + rng.normal(0, 4, img.shape)).clip(0, 255).astype(np.uint8)).save(
+            photos / ("more" if i % 2 else "") / f"p{i}.{'png' if i % 3 else 'jpg'}")
+    (photos / "broken.png").write_text("not a png")
+    out = tmp_path / "run"
+    args = ["train", "--preset", "tiny", "--data", str(photos), "--out", str(out), "--steps", "3", "--no-progress",
+            "--workers", "1"]
+    assert cli.main(args) == 0
+    said = capsys.readouterr()
+    assert "skipped 1 unreadable file: broken.png (UnidentifiedImageError" in said.err
+    assert "data: 9 training and 1 held-out images under" in said.out
+    assert "random square crops resized to 16 x 16 (the tiny preset's size)" in said.out
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["data"]["train_files"], m["data"]["heldout_files"], m["data"]["skipped_files"]) == (9, 1, 1)
+    assert m["steps"] == 3 and m["image_size"] == 16
+    # A second run into the same --out must say what to do; --overwrite replaces the first run.
+    assert cli.main(args) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert cli.main(args[:-4] + ["2", "--no-progress", "--image-size", "32", "--overwrite"]) == 0
+    assert "crops resized to 32 x 32 (--image-size)" in capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 2 and m["image_size"] == 32 and m["patch_nums"] == [1, 4, 8, 16]
+    # Resuming after the folder changed would change the data order: refused, naming the difference.
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(photos / "new.png")
+    assert cli.main(args[:-4] + ["4", "--image-size", "32", "--resume"]) == 2
+    assert re.search(r"checkpoint .*checkpoint.pt does not match this run: it was written with data=",
+                     capsys.readouterr().err)
+
+
+def test_image_size_and_batch_shares():
+    demo = vtrain.PRESETS["demo"]["model"]
+    key = "patch_nums" if "patch_nums" in demo else "v_patch_nums"
+    assert vtrain.with_image_size(demo, 32)[key] == demo[key]
+    assert vtrain.with_image_size(demo, 64)[key] == [1, 4, 6, 8, 12, 16]
+    assert vtrain.with_image_size(demo, 16)[key] == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="multiple of this model's downsampling factor 4"):
+        vtrain.with_image_size(demo, 30)
+    cfg = vtrain.make_config("tiny", batch_size=6)
+    for step in (0, 5, 12345):
+        shares = [vtrain.batch_indices(cfg, step, r, 3) for r in range(3)]
+        assert sum(shares, []) == vtrain.batch_indices(cfg, step)

@@ -1,6 +1,9 @@
 """The ``vqfast`` command: one subcommand per module, imported only when used.
 
-Each subcommand module defines ``add_arguments(parser)`` and ``main(args) -> int``.
+Each subcommand module defines ``add_arguments(parser)`` and ``main(args) -> int``. A user error
+(a bad argument, a missing or unreadable input, an output folder that does not exist) is an
+``InputError``: the command prints one line naming the argument or file and exits with status 2,
+as argparse does for its own errors. Subcommands check their inputs before any work starts.
 """
 from __future__ import annotations
 
@@ -10,21 +13,60 @@ import sys
 
 SUBCOMMANDS = {
     "demo": ("vqfast.demo", "quantise patches of real photographs and print a backend timing table"),
-    "train": ("vqfast.train", "train a multi-scale VQ-VAE tokenizer on bundled real images"),
+    "train": ("vqfast.train", "train a multi-scale VQ-VAE tokenizer on a folder of images or the bundled ones"),
     "tokenize": ("vqfast.tokenize", "turn images into multi-scale index maps and back with a trained checkpoint"),
     "bench": ("vqfast.bench.cli", "benchmark nearest-codeword search, training steps and memory against peers"),
 }
+USAGE_EXIT = 2
+
+
+class InputError(ValueError):
+    """Bad user input: an argument out of range, a missing, unreadable or mismatched file.
+
+    The message names the argument or file and says what is wrong; ``vqfast`` prints it as one line
+    and exits with status 2. Library callers can catch it as a ValueError.
+    """
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse prints its usage block before the error; one line keeps every user error alike.
+    def error(self, message: str):
+        self.exit(USAGE_EXIT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _version() -> str:
+    import torch
+
+    import vqfast
+
+    backends = ", ".join(vqfast.available_backends())
+    return f"vqfast {vqfast.__version__} (torch {torch.__version__}, backends: {backends})"
+
+
+class _VersionAction(argparse.Action):
+    # The version string imports torch: built only when asked for, so `vqfast --help` stays fast.
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(_version())
+        parser.exit()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vqfast", description="Fast vector quantization for PyTorch.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="vqfast", description="Fast vector quantization for PyTorch.")
+    parser.add_argument("--version", action=_VersionAction, help="print the vqfast and torch versions and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module_name)
         importlib.import_module(module_name).add_arguments(p)
     args = parser.parse_args(argv)
-    return int(importlib.import_module(args._module).main(args) or 0)
+    try:
+        return int(importlib.import_module(args._module).main(args) or 0)
+    except InputError as e:
+        print(f"vqfast {args.command}: error: {e}", file=sys.stderr)
+        return USAGE_EXIT
 
 
 if __name__ == "__main__":

@@ -1,21 +1,38 @@
-"""Real images for training and evaluation, all bundled in installed packages (no downloads).
+"""Real images for training and evaluation: a folder of the user's images, or images bundled in
+installed packages (no downloads).
 
-Sources:
+Bundled (``RealImageCrops``, what ``vqfast train`` uses without ``--data``):
 - photographs bundled in scikit-image (``skimage.data``) and scikit-learn (``load_sample_images``);
   greyscale ones are repeated over three channels;
 - scikit-learn's 1,797 handwritten 8 x 8 digits, upsampled (nearest) to the crop size.
+Every photograph's top 80 % of rows feeds ``train`` crops and its bottom 20 % ``heldout`` crops;
+digits 0..1437 are ``train`` and 1438..1796 ``heldout``.
 
-Deterministic split, no overlap: every photograph's top 80 % of rows feeds ``train`` crops and its
-bottom 20 % ``heldout`` crops; digits 0..1437 are ``train`` and 1438..1796 ``heldout`` (80 / 20).
+A folder (``ImageFolder`` + ``FolderCrops``, ``vqfast train --data DIR``): every PNG, JPEG, WebP and
+BMP file under DIR (recursive), decoded on the fly, so memory does not grow with the folder (only the
+list of names is kept). The held-out split is by file and deterministic: the files whose SHA-1 of
+their relative path is smallest (10 %, at least 1, at most 1000) are held out, whatever the listing
+order. Items are random square crops (area U[1/4, 1] of the largest centred square's area, uniform
+position) resized to ``size`` with antialiasing; train items are also flipped with probability 1/2.
 
-Item i of a split is a pure function of (seed, split, i): a crop position (and, for train, a
-horizontal flip) drawn from a generator seeded with those numbers, so the data order of a run is
-fixed by its seed and step, and resuming needs no loader state. Items are [3, size, size] float32
-in [-1, 1].
+For both sources, item i of a split is a pure function of (seed, split, i): the file (a fresh
+permutation of the files every epoch) and the crop come from generators seeded with those numbers,
+so the data order of a run is fixed by its seed and step, any number of loader workers gives the
+same batches, and resuming needs no loader state. Items are [3, size, size] float32 in [-1, 1].
+
+``load_image`` is the one decoder: PIL, EXIF orientation applied; pixels are scaled by their dtype
+(8 bits / 255, 16 bits / 65535); greyscale, palette, CMYK and the like become RGB; an alpha channel is
+composited over white.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,6 +46,20 @@ TRAIN_FRACTION = 0.8
 # One crop in DIGIT_SHARE comes from the digits: they are 1,797 tiny images next to 14 large
 # photographs, and 1/4 keeps both kinds in every batch of 32 on average (8 digits).
 DIGIT_SHARE = 4
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# PIL's names for those formats (MPO: the multi-picture JPEG some cameras write).
+IMAGE_FORMATS = frozenset({"PNG", "JPEG", "MPO", "WEBP", "BMP", "DIB"})
+SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
+HELDOUT_FRACTION = 0.1
+MAX_HELDOUT_FILES = 1000
+MIN_IMAGES = 2  # one held out, one to train on
+# Random crops cover U[1/4, 1] of the largest square's area: at least half its side, so a crop still
+# shows a recognisable part of the picture (torchvision's default 0.08 cuts out near-textures).
+MIN_CROP_AREA = 0.25
+# Decoding tries the next file of the epoch when a file fails (a truncated body the header scan
+# cannot see); this many failures in a row means the folder is broken, not one file.
+MAX_DECODE_ATTEMPTS = 16
 
 
 def _rgb(a: np.ndarray) -> np.ndarray:
@@ -58,6 +89,15 @@ def load_digits_images() -> np.ndarray:
     return np.round(load_digits().images * (255.0 / 16.0)).astype(np.uint8)
 
 
+def _check_item_args(split: str, size: int, length: int) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if not isinstance(size, int) or isinstance(size, bool) or not 8 <= size <= 4096:
+        raise ValueError(f"size must be an int in [8, 4096], got {size!r}")
+    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+        raise ValueError(f"length must be a positive int, got {length!r}")
+
+
 class RealImageCrops(torch.utils.data.Dataset):
     """Random crops of bundled real images; see the module docstring for the split and the seeding.
 
@@ -67,12 +107,7 @@ class RealImageCrops(torch.utils.data.Dataset):
 
     def __init__(self, split: str = "train", size: int = 32, length: int = 10_000, seed: int = 0,
                  use_digits: bool = True):
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if not isinstance(size, int) or isinstance(size, bool) or not 8 <= size <= 256:
-            raise ValueError(f"size must be an int in [8, 256], got {size!r}")
-        if not isinstance(length, int) or isinstance(length, bool) or length < 1:
-            raise ValueError(f"length must be a positive int, got {length!r}")
+        _check_item_args(split, size, length)
         self.split, self.size, self.length, self.seed = split, size, length, int(seed)
         self.use_digits = use_digits
         self.regions = []
@@ -82,7 +117,7 @@ class RealImageCrops(torch.utils.data.Dataset):
             if region.shape[0] >= size and region.shape[1] >= size:
                 self.regions.append(region)
         if not self.regions:
-            raise ValueError(f"size={size} is larger than every photograph's {split} region")
+            raise ValueError(f"size={size} is larger than every bundled photograph's {split} region")
         digits = load_digits_images()
         cut = int(round(len(digits) * TRAIN_FRACTION))
         self.digits = digits[:cut] if split == "train" else digits[cut:]
@@ -113,6 +148,257 @@ class RealImageCrops(torch.utils.data.Dataset):
         """Stack items ``indices`` into [len, 3, size, size]."""
         return torch.stack([self[int(i)] for i in indices])
 
+    def load_batch(self, indices) -> tuple[torch.Tensor, tuple[str, ...]]:
+        """(batch, names of files that failed to decode): the loader protocol shared with FolderCrops."""
+        return self.batch(indices), ()
+
+    def describe(self) -> dict:
+        return {"source": "bundled", "photographs": len(self.regions), "digits": len(self.digits)}
+
+
+# ---- one image file ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What ``load_image`` / ``load_crop`` did to a file, for messages: original (oriented) size,
+    the conversion note ("" when the file was 8-bit RGB), and the square crop's side."""
+
+    width: int
+    height: int
+    note: str
+    crop: int
+
+
+def _open(path):
+    from PIL import Image
+
+    img = Image.open(path)
+    if img.format not in IMAGE_FORMATS:
+        fmt = img.format
+        img.close()
+        raise ValueError(f"{fmt} is not a supported format (PNG, JPEG, WebP, BMP)")
+    return img
+
+
+def _oriented_size(img) -> tuple[int, int]:
+    # EXIF orientations 5..8 rotate by 90 degrees: the picture's width is the stored height.
+    orientation = img.getexif().get(0x0112, 1)
+    return (img.height, img.width) if orientation in (5, 6, 7, 8) else img.size
+
+
+def _to_rgb_or_grey16(img):
+    """-> (image in mode "RGB" or "F" (greyscale in [0, 1]), note)."""
+    from PIL import Image
+
+    mode = img.mode
+    if mode == "RGB":
+        return img, ""
+    if mode in SIXTEEN_BIT_MODES:
+        a = np.asarray(img).astype(np.float32)
+        return Image.fromarray(np.clip(a, 0, 65535) / np.float32(65535)), "16-bit greyscale (/ 65535)"
+    if mode in ("F", "I;32", "I;32B", "I;32L"):
+        raise ValueError(f"pixel mode {mode} (floating-point or 32-bit) has no defined scale")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB"), f"{mode} (alpha composited over white)"
+    names = {"1": "1-bit", "L": "greyscale", "P": "palette", "CMYK": "CMYK", "YCbCr": "YCbCr", "LAB": "LAB",
+             "HSV": "HSV", "RGBX": "RGBX"}
+    if mode not in names:
+        raise ValueError(f"pixel mode {mode} is not supported")
+    return img.convert("RGB"), names[mode]
+
+
+def _to_tensor(img) -> torch.Tensor:
+    """PIL "RGB" (uint8 / 255) or "F" ([0, 1]) -> [3, H, W] float32 in [-1, 1]."""
+    if img.mode == "F":
+        t = torch.from_numpy(np.array(img, dtype=np.float32))[None].expand(3, -1, -1)
+    else:
+        t = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float() / 255.0
+    return (t * 2 - 1).contiguous()
+
+
+def load_crop(path, size: int, rng: np.random.Generator | None = None, flip: bool = False
+              ) -> tuple[torch.Tensor, ImageInfo]:
+    """One image file -> ([3, size, size] float32 in [-1, 1], ImageInfo).
+
+    rng None: the centred square of the shorter side, resized to size (what ``vqfast tokenize`` does);
+    otherwise a random square crop (module docstring), mirrored with probability 1/2 when ``flip``.
+    Raises OSError or ValueError (with the reason) for a file that cannot be decoded.
+    """
+    from PIL import Image, ImageOps
+
+    with _open(path) as img:
+        w, h = _oriented_size(img)
+        side = min(w, h)
+        if side < 1:
+            raise ValueError("the image is empty")
+        mirror = False
+        if rng is None:
+            x, y, s = (w - side) // 2, (h - side) // 2, side
+        else:
+            s = max(1, int(round(side * math.sqrt(rng.uniform(MIN_CROP_AREA, 1.0)))))
+            x, y = int(rng.integers(w - s + 1)), int(rng.integers(h - s + 1))
+            mirror = flip and bool(rng.integers(2))
+        if s > size and img.format in ("JPEG", "MPO"):
+            # Decode at 1/2, 1/4 or 1/8 scale when the crop stays at least `size` wide: a 12 MP
+            # photo cropped to 256 px then decodes ~10x faster. The scale is uniform, so the
+            # stored (unrotated) size is the one to request.
+            img.draft(img.mode, (max(1, img.width * size // s), max(1, img.height * size // s)))
+        oriented = ImageOps.exif_transpose(img)
+        img_rgb, note = _to_rgb_or_grey16(oriented)
+        k = img_rgb.width / w  # < 1 when drafted
+        box = (x * k, y * k, (x + s) * k, (y + s) * k)
+        out = img_rgb.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+        if mirror:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        t = _to_tensor(out)
+    return t.clamp_(-1, 1), ImageInfo(w, h, note, s)
+
+
+def probe_image(path) -> str | None:
+    """None when ``path`` opens as a supported image (header only: cheap), else the reason."""
+    try:
+        with _open(path) as img:
+            w, h = img.size
+            if w < 1 or h < 1:
+                return "the image is empty"
+            if img.mode in ("F", "I;32", "I;32B", "I;32L"):
+                return f"pixel mode {img.mode} has no defined scale"
+    except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
+        return _reason(e)
+    return None
+
+
+def _reason(e: Exception) -> str:
+    text = str(e).split("\n")[0]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+# ---- a folder of images --------------------------------------------------------------------------
+
+def list_images(root) -> list[str]:
+    """Relative POSIX paths of the files under ``root`` with an image suffix, sorted."""
+    root = Path(root)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        for name in filenames:
+            if name.lower().endswith(IMAGE_SUFFIXES):
+                found.append((Path(dirpath) / name).relative_to(root).as_posix())
+    return sorted(found)
+
+
+def _heldout_rank(name: str) -> bytes:
+    return hashlib.sha1(name.encode("utf-8")).digest()
+
+
+@dataclass
+class ImageFolder:
+    """The readable images under ``root``, split by file into train and held-out lists."""
+
+    root: Path
+    train: list[str]
+    heldout: list[str]
+    skipped: list[tuple[str, str]]  # (relative path, reason)
+
+    @classmethod
+    def scan(cls, root, threads: int = 8) -> "ImageFolder":
+        """List and probe (header only) every image file; ValueError when too few are readable."""
+        root = Path(root)
+        if not root.is_dir():
+            raise ValueError(f"{root} is not a folder")
+        names = list_images(root)
+        with ThreadPoolExecutor(max(1, threads)) as pool:  # file opens wait on I/O, not the GIL
+            reasons = list(pool.map(lambda n: probe_image(root / n), names))
+        good = [n for n, r in zip(names, reasons) if r is None]
+        skipped = [(n, r) for n, r in zip(names, reasons) if r is not None]
+        if len(good) < MIN_IMAGES:
+            extra = f" ({len(skipped)} more could not be read)" if skipped else ""
+            raise ValueError(
+                f"{root} holds {len(good)} readable image{'s' if len(good) != 1 else ''} "
+                f"({', '.join(s[1:].upper() for s in IMAGE_SUFFIXES)}, searched recursively){extra}; "
+                f"training needs at least {MIN_IMAGES}: one held out, one to train on"
+            )
+        n_held = min(MAX_HELDOUT_FILES, max(1, round(len(good) * HELDOUT_FRACTION)))
+        by_hash = sorted(good, key=_heldout_rank)
+        held = set(by_hash[:n_held])
+        return cls(root, [n for n in good if n not in held], [n for n in good if n in held], skipped)
+
+    def digest(self) -> str:
+        """SHA-256 of the two file lists: a resumed run must see the same files in the same split."""
+        h = hashlib.sha256()
+        for split, names in (("train", self.train), ("heldout", self.heldout)):
+            h.update(split.encode())
+            for n in names:
+                h.update(b"\0" + n.encode("utf-8"))
+        return h.hexdigest()
+
+    def describe(self) -> dict:
+        return {"source": "folder", "root": str(self.root), "train_files": len(self.train),
+                "heldout_files": len(self.heldout), "skipped_files": len(self.skipped), "digest": self.digest()}
+
+
+def format_skipped(skipped: list[tuple[str, str]], limit: int = 20) -> str:
+    """One warning line for files that could not be read: the count, then names and reasons."""
+    shown = "; ".join(f"{n} ({r})" for n, r in skipped[:limit])
+    more = f"; and {len(skipped) - limit} more" if len(skipped) > limit else ""
+    return f"skipped {len(skipped)} unreadable file{'s' if len(skipped) != 1 else ''}: {shown}{more}"
+
+
+class FolderCrops(torch.utils.data.Dataset):
+    """Random crops of one split of an ``ImageFolder``; see the module docstring for the seeding."""
+
+    def __init__(self, folder: ImageFolder, split: str = "train", size: int = 32, length: int = 10_000,
+                 seed: int = 0):
+        _check_item_args(split, size, length)
+        self.folder, self.split, self.size, self.length, self.seed = folder, split, size, length, int(seed)
+        self.files = folder.train if split == "train" else folder.heldout
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, its permutation), per worker
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if self._order is None or self._order[0] != epoch:
+            rng = np.random.default_rng([self.seed, SPLITS.index(self.split), epoch, 1])
+            self._order = (epoch, rng.permutation(len(self.files)))
+        return self._order[1]
+
+    def item(self, i: int) -> tuple[torch.Tensor, tuple[str, ...]]:
+        """(item i, names of files that failed to decode on the way): a file that fails is replaced by
+        the next one of the epoch's order, deterministically."""
+        if not 0 <= i < self.length:
+            raise IndexError(f"index {i} out of range for {self.length} items")
+        n = len(self.files)
+        order = self._epoch_order(i // n)
+        failed = []
+        for attempt in range(min(n, MAX_DECODE_ATTEMPTS)):
+            name = self.files[order[(i + attempt) % n]]
+            rng = np.random.default_rng([self.seed, SPLITS.index(self.split), i, attempt])
+            try:
+                return load_crop(self.folder.root / name, self.size, rng, flip=self.split == "train")[0], tuple(failed)
+            except Exception as e:  # a corrupt body: PIL raises OSError, ValueError, SyntaxError, ...
+                failed.append(f"{name} ({_reason(e)})")
+        raise RuntimeError(f"{len(failed)} files in a row failed to decode under {self.folder.root}: "
+                           + "; ".join(failed))
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.item(i)[0]
+
+    def load_batch(self, indices) -> tuple[torch.Tensor, tuple[str, ...]]:
+        """Items ``indices`` stacked into [len, 3, size, size], and the files that failed to decode."""
+        items = [self.item(int(i)) for i in indices]
+        return torch.stack([t for t, _ in items]), tuple(f for _, fs in items for f in fs)
+
+    def batch(self, indices) -> torch.Tensor:
+        return self.load_batch(indices)[0]
+
+    def describe(self) -> dict:
+        return self.folder.describe()
+
+
+# ---- metrics -------------------------------------------------------------------------------------
 
 def to_uint8(img: torch.Tensor) -> np.ndarray:
     """[-1, 1] [B, 3, H, W] or [3, H, W] -> uint8 channels-last numpy."""

@@ -50,8 +50,20 @@ def _best_ms(fn, repeats: int) -> float:
 
 
 def main(args) -> int:
+    from vqfast.cli import InputError
+
+    for name in ("patch", "codes", "repeats"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name} must be a positive int, got {getattr(args, name)}")
+    images = load_photographs()
+    smallest = min(min(im.shape[:2]) for im in images)
+    if args.patch > smallest:
+        raise InputError(f"--patch {args.patch} is larger than the smallest photograph's side ({smallest})")
     g = torch.Generator().manual_seed(args.seed)
-    z = torch.cat([patches(im, args.patch) for im in load_photographs()])
+    z = torch.cat([patches(im, args.patch) for im in images])
+    if args.codes > z.shape[0]:
+        raise InputError(f"--codes {args.codes} is more than the {z.shape[0]} patches of {args.patch} x {args.patch} "
+                         f"pixels it samples them from")
     codebook = z[torch.randperm(z.shape[0], generator=g)[: args.codes]].clone()
     n, d = z.shape
     print(f"{n} patches of {args.patch}x{args.patch} RGB pixels (D={d}) from 5 photographs, K={codebook.shape[0]} codewords")

@@ -1,75 +1,318 @@
-"""``vqfast tokenize``: images -> multi-scale index maps (.pt) and back, with a ``vqfast train`` checkpoint.
+"""``vqfast tokenize``: images -> multi-scale index maps in one file, and back.
 
     vqfast tokenize --checkpoint runs/demo/checkpoint.pt encode photo.png tokens.pt
-    vqfast tokenize --checkpoint runs/demo/checkpoint.pt decode tokens.pt recon.png
+    vqfast tokenize --checkpoint runs/demo/checkpoint.pt encode photos/ tokens.pt   # a folder, recursive
+    vqfast tokenize --checkpoint vae_ch160v4096z32.pth decode tokens.pt recon/     # one PNG per image
 
-encode centre-crops the image to a square and resizes it to the model's image_size; tokens.pt
-holds {"patch_nums", "idx_list": [LongTensor [1, p * p] per scale]}.
+The checkpoint is a ``vqfast train`` checkpoint or a bare state_dict of VAR's VQVAE (its configuration
+read from the tensors' names and shapes by ``vqfast.models.vqvae_config_from_state_dict``).
+
+encode takes the centred square of each image (the shorter side) and resizes it to the model's image
+size, saying so; pixels are scaled by their dtype (8 bits / 255, 16 bits / 65535) and greyscale,
+palette or RGBA images converted (vqfast.data.load_crop). The token file is a dict of tensors and
+plain values, read back with ``weights_only=True``:
+
+    {"format": "vqfast-tokens-1", "names": [relative path per image], "patch_nums": [...],
+     "vocab_size": V, "image_size": S, "tokens": [int16 or int32 tensor [N, p * p] per scale]}
+
+decode writes one image file when the token file holds one image and the output names an image
+file, else one PNG per image under the output folder, at its relative path.
 """
 from __future__ import annotations
 
 import argparse
+import sys
+from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
+import torch.nn as nn
 
-from vqfast.data import to_uint8
-from vqfast.models import MultiScaleVQVAE
-from vqfast.train import CHECKPOINT_FORMAT, build_model
+from vqfast.checkpoint import load_safely, save_atomic
+from vqfast.cli import InputError
+from vqfast.data import IMAGE_SUFFIXES, format_skipped, list_images, load_crop, probe_image, to_uint8
+from vqfast.train import CHECKPOINT_FORMAT, amp_context, build_model, decode_tokens, model_geometry
+
+TOKENS_FORMAT = "vqfast-tokens-1"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="checkpoint.pt written by vqfast train")
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint.pt written by vqfast train, or a VAR VQVAE state_dict (.pth)")
     parser.add_argument("mode", choices=("encode", "decode"))
-    parser.add_argument("input", help="image file (encode) or tokens .pt (decode)")
-    parser.add_argument("output", help="tokens .pt (encode) or image file (decode)")
+    parser.add_argument("input", help="encode: an image file or a folder of images; decode: a token file")
+    parser.add_argument("output", help="encode: the token file to write; decode: an image file (one image) "
+                                       "or a folder")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    parser.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
+    parser.add_argument("--dtype", default=None, choices=("fp32", "bf16"),
+                        help="autocast dtype of the encoder and decoder; default: bf16 on cuda, fp32 on cpu")
+    parser.add_argument("--workers", type=int, default=0, help="image-decoding processes for encode (default 0)")
+    parser.add_argument("--backend", default="auto", help="nearest-codeword backend (default: auto)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def load_model(path: str | Path) -> MultiScaleVQVAE:
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"checkpoint {path} does not exist")
+# ---- the model -----------------------------------------------------------------------------------
+
+def load_model(path, backend: str = "auto") -> nn.Module:
+    """A tokenizer in eval mode from a ``vqfast train`` checkpoint or a bare VAR VQVAE state_dict,
+    read with weights_only=True; InputError naming the file when it is neither or does not load."""
+    obj = load_safely(path, "checkpoint")
+    if isinstance(obj, dict) and "format" in obj:
+        if obj.get("format") != CHECKPOINT_FORMAT:
+            raise InputError(f"checkpoint {path} has format {obj.get('format')!r}, not {CHECKPOINT_FORMAT!r}")
+        if not isinstance(obj.get("config"), dict) or not isinstance(obj.get("model"), dict):
+            raise InputError(f"checkpoint {path} lacks its 'config' or 'model' entry")
+        try:
+            model = build_model({**obj["config"], "backend": backend})
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"checkpoint {path} holds a configuration this version cannot build ({e})") from None
+        state = obj["model"]
+    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        model, state = _model_for_state_dict(path, obj), obj
+    else:
+        raise InputError(f"checkpoint {path} is neither a vqfast train checkpoint nor a VQVAE state_dict "
+                         f"(it holds a {type(obj).__name__})")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ValueError(f"checkpoint {path} is corrupt or not a vqfast checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint {path} is not a {CHECKPOINT_FORMAT} checkpoint")
-    model = build_model(state["config"])
-    model.load_state_dict(state["model"])
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0] if str(e) else "mismatch"
+        raise InputError(f"checkpoint {path} does not fit its model: {first}") from None
     return model.eval()
 
 
-def image_to_tensor(path: str | Path, size: int) -> torch.Tensor:
-    """Image file -> [1, 3, size, size] in [-1, 1] (centre square crop, antialiased resize)."""
-    import skimage.io
-    import skimage.transform
+def _model_for_state_dict(path, sd: dict) -> nn.Module:
+    """VAR's VQVAE configured from a bare state_dict's keys and shapes (vqfast.models)."""
+    from vqfast import models
 
-    a = skimage.io.imread(path)
-    if a.ndim == 2:
-        a = np.repeat(a[:, :, None], 3, axis=2)
-    a = a[:, :, :3].astype(np.float64)
-    if a.max() > 1.0:
-        a = a / 255.0
-    s = min(a.shape[:2])
-    y, x = (a.shape[0] - s) // 2, (a.shape[1] - s) // 2
-    a = skimage.transform.resize(a[y: y + s, x: x + s], (size, size), anti_aliasing=True)
-    return torch.from_numpy(a).float().permute(2, 0, 1)[None] * 2 - 1
+    config_of = getattr(models, "vqvae_config_from_state_dict", None)
+    if config_of is None:
+        raise InputError(f"checkpoint {path} is a bare state_dict; reading its configuration needs "
+                         f"vqfast.models.vqvae_config_from_state_dict, which this version of vqfast lacks")
+    try:
+        return models.VQVAE(**config_of(sd))
+    except ValueError as e:
+        raise InputError(f"checkpoint {path} is not a VQVAE state_dict: {e}") from None
+
+
+# ---- encode --------------------------------------------------------------------------------------
+
+class _Images(torch.utils.data.Dataset):
+    """File i -> (index, [3, S, S] tensor or None, ImageInfo or the failure's reason)."""
+
+    def __init__(self, root: Path, names: list[str], size: int):
+        self.root, self.names, self.size = root, names, size
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int):
+        path = self.root / self.names[i] if self.names[i] else self.root
+        try:
+            t, info = load_crop(path, self.size)
+            return i, t, info
+        except Exception as e:  # a body that fails to decode (the header probe passed)
+            return i, None, f"{type(e).__name__}: {e}"
+
+
+def _collate(items):
+    """-> (indices decoded, their images stacked (pinned by the loader on GPU) or None, infos, failures)."""
+    good = [(i, t, info) for i, t, info in items if t is not None]
+    images = torch.stack([t for _, t, _ in good]) if good else None
+    return [i for i, _, _ in good], images, [info for _, _, info in good], [(i, r) for i, t, r in items if t is None]
+
+
+def _inputs(path: Path) -> tuple[Path, list[str]]:
+    """(root, names) to encode; one image: (the file, [""]). InputError when nothing is readable."""
+    if path.is_file():
+        reason = probe_image(path)
+        if reason is not None:
+            raise InputError(f"input {path} cannot be read as an image ({reason})")
+        return path, [""]
+    if not path.is_dir():
+        raise InputError(f"input {path} does not exist")
+    names = list_images(path)
+    if not names:
+        raise InputError(f"input {path} holds no {'/'.join(s[1:].upper() for s in IMAGE_SUFFIXES)} images")
+    return path, names
+
+
+def _summary(infos: list, size: int) -> str:
+    """One line saying what was done to the images: crops, resizes, conversions."""
+    kept = sum(1 for i in infos if i.width == i.height == size)
+    if len(infos) == 1:
+        i = infos[0]
+        what = (f"{i.width} x {i.height}" + (f" {i.note}" if i.note else "") + ": "
+                + ("used as it is" if kept else
+                   (f"centre crop {i.crop} x {i.crop}, " if i.width != i.height else "")
+                   + f"resized to {size} x {size} (the checkpoint's image size)"))
+        return what
+    cropped = sum(1 for i in infos if i.width != i.height)
+    resized = len(infos) - kept
+    notes = Counter(i.note for i in infos if i.note)
+    parts = []
+    if resized:
+        parts.append(f"{resized} resized to {size} x {size} (the checkpoint's image size)"
+                     + (f", {cropped} of them centre-cropped to a square first" if cropped else ""))
+    if kept:
+        parts.append(f"{kept} already {size} x {size}")
+    if notes:
+        parts.append("converted: " + ", ".join(f"{n} {k}" for k, n in sorted(notes.items())))
+    return "; ".join(parts)
+
+
+@torch.no_grad()
+def encode(model: nn.Module, source, output, batch_size: int = 32, device="cpu", dtype: str = "fp32",
+           workers: int = 0, progress: bool = True) -> dict:
+    """Encode an image file or a folder (recursive) into one token file; returns what was written."""
+    from tqdm import tqdm
+
+    device = torch.device(device)
+    geo = model_geometry(model)
+    size = geo["image_size"]
+    root, names = _inputs(Path(source))
+    loader = torch.utils.data.DataLoader(_Images(root, names, size), batch_size=batch_size, num_workers=workers,
+                                         collate_fn=_collate, pin_memory=device.type == "cuda")
+    model.to(device)
+    kept, infos, skipped = [], [], []
+    per_scale: list[list[torch.Tensor]] = [[] for _ in geo["patch_nums"]]
+    bar = tqdm(total=len(names), disable=not progress, desc="encode", unit="img", dynamic_ncols=True)
+    for done, images, batch_infos, failed in loader:
+        skipped += [(names[i] or str(root), reason) for i, reason in failed]
+        if images is not None:
+            with amp_context(device, dtype):
+                idx_list = model.img_to_idxBl(images.to(device, non_blocking=True))
+            for s, idx in enumerate(idx_list):
+                per_scale[s].append(idx.cpu())
+            kept += [names[i] or root.name for i in done]
+            infos += batch_infos
+        bar.update(len(done) + len(failed))
+    bar.close()
+    if not kept:
+        raise InputError(f"input {source}: none of its {len(names)} images could be decoded")
+    # int16 holds vocabularies up to 32768 (VAR's is 4096): a quarter of int64's size.
+    small = torch.int16 if geo["vocab_size"] <= 2 ** 15 else torch.int32
+    payload = {"format": TOKENS_FORMAT, "names": kept, "patch_nums": list(geo["patch_nums"]),
+               "vocab_size": geo["vocab_size"], "image_size": size,
+               "tokens": [torch.cat(t).to(small) for t in per_scale]}
+    save_atomic(payload, output)
+    return {"payload": payload, "summary": _summary(infos, size), "skipped": skipped}
+
+
+# ---- decode --------------------------------------------------------------------------------------
+
+def read_tokens(path, model: nn.Module | None = None) -> dict:
+    """A token file, read safely and checked (against ``model`` when given); tokens as int64."""
+    t = load_safely(path, "token file")
+    if not isinstance(t, dict) or t.get("format") != TOKENS_FORMAT:
+        found = t.get("format") if isinstance(t, dict) else type(t).__name__
+        raise InputError(f"token file {path} is not a {TOKENS_FORMAT} file (format: {found!r})")
+    names, tokens, patch_nums = t.get("names"), t.get("tokens"), t.get("patch_nums")
+    if not isinstance(names, list) or not isinstance(tokens, list) or not isinstance(patch_nums, list):
+        raise InputError(f"token file {path} lacks its names, tokens or patch_nums")
+    if len(tokens) != len(patch_nums):
+        raise InputError(f"token file {path} holds {len(tokens)} token maps for {len(patch_nums)} scales")
+    for p, tok in zip(patch_nums, tokens):
+        if not isinstance(tok, torch.Tensor) or tok.dtype.is_floating_point or tuple(tok.shape) != (len(names), p * p):
+            raise InputError(f"token file {path}: the {p} x {p} scale's tokens are not an integer "
+                             f"[{len(names)}, {p * p}] tensor")
+    if model is not None:
+        geo = model_geometry(model)
+        if list(geo["patch_nums"]) != list(patch_nums) or geo["vocab_size"] != t.get("vocab_size"):
+            raise InputError(f"token file {path} was written for scales {tuple(patch_nums)} and vocabulary "
+                             f"{t.get('vocab_size')}, but the checkpoint has scales {geo['patch_nums']} and "
+                             f"vocabulary {geo['vocab_size']}")
+        for p, tok in zip(patch_nums, tokens):
+            if len(names) and (int(tok.min()) < 0 or int(tok.max()) >= geo["vocab_size"]):
+                raise InputError(f"token file {path}: the {p} x {p} scale has indices outside "
+                                 f"[0, {geo['vocab_size']})")
+    return {**t, "tokens": [tok.long() for tok in tokens]}
+
+
+def _output_paths(names: list[str], output: Path) -> list[Path]:
+    if len(names) == 1 and output.suffix.lower() in IMAGE_SUFFIXES:
+        return [output]
+    if output.suffix.lower() in IMAGE_SUFFIXES:
+        raise InputError(f"output {output} names one image, but the token file holds {len(names)}: "
+                         f"give a folder")
+    paths = [output / Path(n).with_suffix(".png") for n in names]
+    if len(set(paths)) != len(paths):  # photo.jpg and photo.png in one folder
+        paths = [output / (n + ".png") for n in names]
+    return paths
+
+
+@torch.no_grad()
+def decode(model: nn.Module, tokens: dict, output, batch_size: int = 32, device="cpu", dtype: str = "fp32",
+           progress: bool = True) -> list[Path]:
+    """Token dict (read_tokens) -> image files; returns their paths."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    device = torch.device(device)
+    paths = _output_paths(tokens["names"], Path(output))
+    model.to(device)
+    bar = tqdm(total=len(paths), disable=not progress, desc="decode", unit="img", dynamic_ncols=True)
+    for i in range(0, len(paths), batch_size):
+        idx_list = [t[i: i + batch_size].to(device) for t in tokens["tokens"]]
+        with amp_context(device, dtype):
+            images = to_uint8(decode_tokens(model, idx_list).float())
+        for path, img in zip(paths[i: i + batch_size], images):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(path)
+        bar.update(len(images))
+    bar.close()
+    return paths
+
+
+# ---- the command ---------------------------------------------------------------------------------
+
+def _check_args(args: argparse.Namespace) -> tuple[torch.device, str]:
+    for name in ("batch_size",):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be a positive int, got {getattr(args, name)}")
+    if args.workers < 0:
+        raise InputError(f"--workers must be 0 or more, got {args.workers}")
+    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device cuda: no CUDA device is available to this torch ({torch.__version__}); "
+                         f"use --device cpu")
+    if not Path(args.checkpoint).is_file():
+        raise InputError(f"--checkpoint {args.checkpoint}: no such file")
+    source, output = Path(args.input), Path(args.output)
+    if not source.exists():
+        raise InputError(f"input {source}: no such {'file' if args.mode == 'decode' else 'file or folder'}")
+    if args.mode == "decode" and not source.is_file():
+        raise InputError(f"input {source} is a folder; decode reads one token file")
+    if args.mode == "encode":
+        _inputs(source)
+        if output.is_dir():
+            raise InputError(f"output {output} is a folder; name the token file to write")
+    if not output.parent.is_dir():
+        raise InputError(f"output {output}: the folder {output.parent} does not exist")
+    image_name = output.suffix.lower() in IMAGE_SUFFIXES
+    if args.mode == "decode" and output.exists() and not output.is_dir() and not image_name:
+        raise InputError(f"output {output} is a file; give an image file name or a folder")
+    device = torch.device(name)
+    return device, args.dtype or ("bf16" if device.type == "cuda" else "fp32")
 
 
 def main(args: argparse.Namespace) -> int:
-    model = load_model(args.checkpoint)
+    device, dtype = _check_args(args)
+    model = load_model(args.checkpoint, backend=args.backend)
+    geo = model_geometry(model)
     if args.mode == "encode":
-        idx_list = model.img_to_idxBl(image_to_tensor(args.input, model.image_size))
-        torch.save({"patch_nums": list(model.patch_nums), "idx_list": idx_list}, args.output)
-        print(f"{args.input} -> {sum(i.shape[1] for i in idx_list)} tokens over scales {model.patch_nums} -> {args.output}")
+        done = encode(model, args.input, args.output, args.batch_size, device, dtype, args.workers,
+                      progress=not args.no_progress)
+        n = len(done["payload"]["names"])
+        print(f"{args.input}: {n} image{'s' if n != 1 else ''}, {done['summary']}")
+        print(f"-> {n} x {geo['num_tokens']} tokens over scales {geo['patch_nums']} (vocabulary {geo['vocab_size']}) "
+              f"in {args.output}")
+        if done["skipped"]:
+            print(f"warning: {format_skipped(done['skipped'])}", file=sys.stderr)
     else:
-        import matplotlib.pyplot as plt
-
-        tokens = torch.load(args.input, map_location="cpu", weights_only=True)
-        if not isinstance(tokens, dict) or list(tokens.get("patch_nums", [])) != list(model.patch_nums):
-            raise ValueError(f"{args.input} holds no index maps for this checkpoint's scales {model.patch_nums}")
-        plt.imsave(args.output, to_uint8(model.idxBl_to_img(tokens["idx_list"]))[0])
-        print(f"{args.input} -> {args.output}")
+        tokens = read_tokens(args.input, model)
+        paths = decode(model, tokens, args.output, args.batch_size, device, dtype, progress=not args.no_progress)
+        where = paths[0] if len(paths) == 1 else Path(args.output)
+        print(f"{args.input}: {len(paths)} image{'s' if len(paths) != 1 else ''} of {geo['image_size']} x "
+              f"{geo['image_size']} -> {where}")
     return 0
