@@ -22,7 +22,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH = "torch==2.13.0"
 BUILD = ["setuptools>=77", "wheel", "ninja", "numpy"]
-DEMO = ["scikit-image", "scikit-learn", "matplotlib", "tqdm"]
+DEMO = ["scikit-image", "scikit-learn", "matplotlib", "tqdm", "pillow"]
 TEST = ["pytest", "hypothesis", "faiss-cpu", "pytest-benchmark", "diffusers==0.42.1"]
 # The released taming-transformers (0.0.1, its v1 VectorQuantizer only) is a test reference. Its metadata
 # names torch, torchvision and pytorch-lightning, which must not replace the installed torch, and the
