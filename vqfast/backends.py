@@ -162,9 +162,10 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
     out = []
     for name in BACKEND_NAMES:
         b = REGISTRY[name]
-        if b.unavailable_reason() is not None:
-            continue
+        # The device check first: it is cheap, while triton's availability imports triton (seconds).
         if device_type is not None and b.device_reason(device_type) is not None:
+            continue
+        if b.unavailable_reason() is not None:
             continue
         out.append(name)
     return out
