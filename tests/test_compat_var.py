@@ -600,27 +600,31 @@ def test_half_inputs_compute_in_fp32(dtype):
 
 def test_torch_compile_forward_matches_eager_without_recompiling():
     torch._dynamo.reset()
-    eager, _ = make_pair(vocab_size=33, Cvae=4, v_patch_nums=(1, 2, 4))
+    eager, _ = make_pair(vocab_size=33, Cvae=4, v_patch_nums=(1, 3))
     twin = copy.deepcopy(eager)
+    # aot_eager: Dynamo's capture and AOTAutograd's backward without inductor's C++ compile time.
     compiled = torch.compile(twin, backend="aot_eager")
     eager.train(), twin.train()
     gen = torch.Generator().manual_seed(2)
+    # Tolerances of tests/test_compile.py: the traced graph may order fp32 operations differently
+    # (an ulp or two); the indices, hence the codewords, are the same.
+    tol = dict(rtol=1e-5, atol=1e-7)
     with torch._dynamo.config.patch(error_on_recompile=True):
         for _ in range(3):  # record_hit counts up: the compiled graph must not depend on it
-            f = torch.randn(2, 4, 4, 4, generator=gen)
+            f = torch.randn(2, 4, 3, 3, generator=gen)
             a, b = module_run(eager, f), module_run(compiled, f)
             for x, y in ((a[0], b[0]), (a[2], b[2]), (a[3], b[3])):
-                torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-7)
+                torch.testing.assert_close(y, x, **tol)
             for name in a[4]:
-                torch.testing.assert_close(b[4][name], a[4][name], rtol=1e-6, atol=1e-7)
-    assert torch.equal(eager.ema_vocab_hit_SV, twin.ema_vocab_hit_SV) and eager.record_hit == twin.record_hit == 9
+                torch.testing.assert_close(b[4][name], a[4][name], **tol)
+    assert torch.equal(eager.ema_vocab_hit_SV, twin.ema_vocab_hit_SV) and eager.record_hit == twin.record_hit == 6
     # In eval the whole forward is one graph.
     torch._dynamo.reset()
     twin.eval(), eager.eval()
     full = torch.compile(twin, backend="aot_eager", fullgraph=True)
-    f = torch.randn(2, 4, 4, 4, generator=gen)
+    f = torch.randn(2, 4, 3, 3, generator=gen)
     with torch.no_grad():
-        torch.testing.assert_close(full(f)[0], eager(f)[0], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(full(f)[0], eager(f)[0], **tol)
 
 
 # ---- bad input -------------------------------------------------------------------------------------------------------
@@ -649,14 +653,28 @@ def test_non_finite_values_raise_naming_where():
             ok(*args)
 
 
-def test_values_beyond_fp32_range_search_in_float64():
-    # |x| ~ 1e20: squared distances overflow fp32 (3.4e38); the pass is searched again in float64.
+def test_values_beyond_fp32_range_search_in_float64(monkeypatch):
+    # |x| ~ 1e20: squared distances overflow fp32 (3.4e38); the pass is searched again in float64
+    # through the public, fully checked vqfast.nearest_codeword (as it would itself switch to float64).
+    import vqfast.compat.var as var_module
+
+    searched = []
+
+    def spy(z, codebook, **kw):
+        searched.append((z.dtype, codebook.dtype))
+        return vqfast.nearest_codeword(z, codebook, **kw)
+
+    monkeypatch.setattr(var_module, "nearest_codeword", spy)
     compat, _ = make_pair(vocab_size=16, Cvae=3, v_patch_nums=(1, 2), quant_resi=0.0)
     with torch.no_grad():
+        f = torch.randn(2, 3, 2, 2)
+        compat.f_to_idxBl_or_fhat(f, False)
+        assert searched == []  # ordinary values: one pass, no float64 search
         compat.embedding.weight.mul_(1e20)
-        f = torch.randn(2, 3, 2, 2) * 1e20
-        idx = compat.f_to_idxBl_or_fhat(f, False)
-        ref, _, _ = oracle_pass(f, compat.embedding.weight, lambda si, SN: (lambda h: h), [(1, 1), (2, 2)], 0.25, False)
+        idx = compat.f_to_idxBl_or_fhat(f * 1e20, False)
+        ref, _, _ = oracle_pass(f * 1e20, compat.embedding.weight, lambda si, SN: (lambda h: h), [(1, 1), (2, 2)],
+                                0.25, False)
+    assert searched == [(torch.float64, torch.float64)] * 2
     for a, b in zip(idx, ref):
         assert torch.equal(a.reshape(-1), b)
 
