@@ -63,8 +63,9 @@ Differences from VAR, all deliberate:
   row rather than by VAR's dot product (it is not a unit vector after normalising); VAR's N(0, 1) init
   and training never produce one.
 
-Speed at tiny N: the ten searches of a pass share one set of checks (the codebook validated, the
-backend resolved and the values scanned once), and each scale launches only the op itself.
+Speed at tiny N: the ten searches of a pass share one set of checks (the codebook validated and the
+backend resolved once, the values scanned on the device and read back once), and each scale launches
+only the op itself; see ``_ScaleSearches``.
 """
 from __future__ import annotations
 
@@ -205,10 +206,12 @@ class _ScaleSearches:
     """The nearest-codeword searches of one pass over the scales, against one codebook.
 
     ``vqfast.nearest_codeword`` checks its arguments, scans both inputs for NaN/Inf (one device sync)
-    and resolves the backend on every call: about 85 us of the 110 us it takes at N = 1, K = 1 on the
-    2-core test machine, paid ten times per VAR batch. Here the codebook is checked and the backend
-    resolved once per pass, each scale launches the op alone, and the values are scanned on the device
-    (one aminmax per scale) and read back once, in ``finish``, after every scale has been queued.
+    and resolves the backend on every call: 0.36 ms above the op's 0.67 ms at N = 16, K = 4096, D = 32
+    (VAR's first scale at batch 16; 1 thread of the 2-core test machine, shared), paid at each of the
+    ten scales. Here the codebook is checked and the backend resolved once per pass, each scale
+    launches the op alone, and the values are scanned on the device (one aminmax per scale) and read
+    back once, in ``finish``, after every scale has been queued: 0.16 ms above the op per scale, and
+    one sync per pass instead of ten (benchmarks/var_scale_searches.py).
     """
 
     def __init__(self, codebook: torch.Tensor, metric: str, precision: str, backend: str, max_rows: int):
@@ -349,15 +352,17 @@ class VectorQuantizer2(nn.Module):
                 f"backend={self.vqfast_backend!r}, precision={self.vqfast_precision!r}")
 
     # ---- the scale loop shared by forward and f_to_idxBl_or_fhat -------------------------------------
-    def _residual_pass(self, f: torch.Tensor, patch_hws: List[Tuple[int, int]], with_loss: bool, stop_after: int):
-        """f [B, Cvae, H, W] fp32 -> (indices per scale [B*ph*pw], cumulative f_hat per scale, loss or None).
+    def _residual_pass(self, f: torch.Tensor, patch_hws: List[Tuple[int, int]], with_loss: bool, stop_after: int,
+                       all_f_hats: bool):
+        """f [B, Cvae, H, W] fp32 -> (indices per scale [B*ph*pw], cumulative f_hat after each scale (all_f_hats)
+        or after the last one only, loss or None).
 
         Scales after ``stop_after`` (when >= 0) are skipped. The loss is VAR's mean over all
         len(patch_hws) scales of beta * mse(f_hat.detach(), f) + mse(f_hat, f.detach()).
         """
         searches = _ScaleSearches(self.embedding.weight.detach(), "cosine" if self.using_znorm else "l2",
                                   self.vqfast_precision, self.vqfast_backend, f.shape[0] * f.shape[2] * f.shape[3])
-        out = self._run_scales(f, patch_hws, with_loss, stop_after, searches)
+        out = self._run_scales(f, patch_hws, with_loss, stop_after, all_f_hats, searches)
         if searches.finish():  # values beyond fp32's safe range: search again in float64
             cb64 = self.embedding.weight.detach().double()
 
@@ -365,10 +370,11 @@ class VectorQuantizer2(nn.Module):
                 return nearest_codeword(z.double(), cb64, metric=searches.metric, precision=self.vqfast_precision,
                                         backend=self.vqfast_backend)[0]
 
-            out = self._run_scales(f, patch_hws, with_loss, stop_after, search64)
+            out = self._run_scales(f, patch_hws, with_loss, stop_after, all_f_hats, search64)
         return out
 
-    def _run_scales(self, f, patch_hws, with_loss, stop_after, search):
+    def _run_scales(self, f, patch_hws, with_loss, stop_after, all_f_hats, search):
+        """The scale loop of ``_residual_pass``; ``search`` maps rows [N, Cvae] fp32 to indices [N]."""
         B, C, H, W = f.shape
         f_no_grad = f.detach()
         f_rest = f_no_grad.clone()
@@ -396,7 +402,10 @@ class VectorQuantizer2(nn.Module):
             if with_loss:
                 loss = loss + (F.mse_loss(f_hat.detach(), f).mul_(self.beta) + F.mse_loss(f_hat, f_no_grad))
             idx_list.append(idx_N)
-            f_hat_list.append(f_hat)
+            if all_f_hats or not f_hat_list:
+                f_hat_list.append(f_hat)
+            else:  # one [B, C, H, W] map, not ten, when only the last is wanted
+                f_hat_list[0] = f_hat
         if with_loss:
             loss = loss * (1.0 / SN)
         return idx_list, f_hat_list, loss if with_loss else None
@@ -410,7 +419,7 @@ class VectorQuantizer2(nn.Module):
             f_BChw = f_BChw.float()
         with torch.autocast("cuda", enabled=False):
             idx_list, f_hats, mean_vq_loss = self._residual_pass(
-                f_BChw, [(pn, pn) for pn in self.v_patch_nums], with_loss=True, stop_after=-1)
+                f_BChw, [(pn, pn) for pn in self.v_patch_nums], with_loss=True, stop_after=-1, all_f_hats=False)
             f_hat = (f_hats[-1].detach() - f_BChw.detach()).add_(f_BChw)
         if self.training:
             self._record_hits(idx_list)
@@ -456,7 +465,8 @@ class VectorQuantizer2(nn.Module):
         _check_feature_map(f_BChw, self.Cvae, patch_hws[-1])
         if f_BChw.dtype != torch.float32:
             f_BChw = f_BChw.float()
-        idx_list, f_hats, _ = self._residual_pass(f_BChw, patch_hws, with_loss=False, stop_after=self.prog_si)
+        idx_list, f_hats, _ = self._residual_pass(f_BChw, patch_hws, with_loss=False, stop_after=self.prog_si,
+                                                  all_f_hats=to_fhat)
         if to_fhat:
             return f_hats
         return [idx.reshape(f_BChw.shape[0], ph * pw) for idx, (ph, pw) in zip(idx_list, patch_hws)]
