@@ -352,17 +352,15 @@ class VectorQuantizer2(nn.Module):
                 f"backend={self.vqfast_backend!r}, precision={self.vqfast_precision!r}")
 
     # ---- the scale loop shared by forward and f_to_idxBl_or_fhat -------------------------------------
-    def _residual_pass(self, f: torch.Tensor, patch_hws: List[Tuple[int, int]], with_loss: bool, stop_after: int,
-                       all_f_hats: bool):
-        """f [B, Cvae, H, W] fp32 -> (indices per scale [B*ph*pw], cumulative f_hat after each scale (all_f_hats)
-        or after the last one only, loss or None).
+    def _residual_pass(self, f: torch.Tensor, patch_hws: List[Tuple[int, int]], with_loss: bool, stop_after: int):
+        """f [B, Cvae, H, W] fp32 -> (indices per scale [B*ph*pw], cumulative f_hat after each scale, loss or None).
 
         Scales after ``stop_after`` (when >= 0) are skipped. The loss is VAR's mean over all
         len(patch_hws) scales of beta * mse(f_hat.detach(), f) + mse(f_hat, f.detach()).
         """
         searches = _ScaleSearches(self.embedding.weight.detach(), "cosine" if self.using_znorm else "l2",
                                   self.vqfast_precision, self.vqfast_backend, f.shape[0] * f.shape[2] * f.shape[3])
-        out = self._run_scales(f, patch_hws, with_loss, stop_after, all_f_hats, searches)
+        out = self._run_scales(f, patch_hws, with_loss, stop_after, searches)
         if searches.finish():  # values beyond fp32's safe range: search again in float64
             cb64 = self.embedding.weight.detach().double()
 
@@ -370,11 +368,12 @@ class VectorQuantizer2(nn.Module):
                 return nearest_codeword(z.double(), cb64, metric=searches.metric, precision=self.vqfast_precision,
                                         backend=self.vqfast_backend)[0]
 
-            out = self._run_scales(f, patch_hws, with_loss, stop_after, all_f_hats, search64)
+            out = self._run_scales(f, patch_hws, with_loss, stop_after, search64)
         return out
 
-    def _run_scales(self, f, patch_hws, with_loss, stop_after, all_f_hats, search):
-        """The scale loop of ``_residual_pass``; ``search`` maps rows [N, Cvae] fp32 to indices [N]."""
+    def _run_scales(self, f, patch_hws, with_loss, stop_after, search):
+        """The scale loop of ``_residual_pass``; ``search`` maps rows [N, Cvae] fp32 to indices [N].
+        (vqfast.models.MultiScaleQuantizer overrides it to wrap ``search``: keep this signature.)"""
         B, C, H, W = f.shape
         f_no_grad = f.detach()
         f_rest = f_no_grad.clone()
@@ -402,10 +401,7 @@ class VectorQuantizer2(nn.Module):
             if with_loss:
                 loss = loss + (F.mse_loss(f_hat.detach(), f).mul_(self.beta) + F.mse_loss(f_hat, f_no_grad))
             idx_list.append(idx_N)
-            if all_f_hats or not f_hat_list:
-                f_hat_list.append(f_hat)
-            else:  # one [B, C, H, W] map, not ten, when only the last is wanted
-                f_hat_list[0] = f_hat
+            f_hat_list.append(f_hat)
         if with_loss:
             loss = loss * (1.0 / SN)
         return idx_list, f_hat_list, loss if with_loss else None
@@ -419,7 +415,7 @@ class VectorQuantizer2(nn.Module):
             f_BChw = f_BChw.float()
         with torch.autocast("cuda", enabled=False):
             idx_list, f_hats, mean_vq_loss = self._residual_pass(
-                f_BChw, [(pn, pn) for pn in self.v_patch_nums], with_loss=True, stop_after=-1, all_f_hats=False)
+                f_BChw, [(pn, pn) for pn in self.v_patch_nums], with_loss=True, stop_after=-1)
             f_hat = (f_hats[-1].detach() - f_BChw.detach()).add_(f_BChw)
         if self.training:
             self._record_hits(idx_list)
@@ -465,8 +461,7 @@ class VectorQuantizer2(nn.Module):
         _check_feature_map(f_BChw, self.Cvae, patch_hws[-1])
         if f_BChw.dtype != torch.float32:
             f_BChw = f_BChw.float()
-        idx_list, f_hats, _ = self._residual_pass(f_BChw, patch_hws, with_loss=False, stop_after=self.prog_si,
-                                                  all_f_hats=to_fhat)
+        idx_list, f_hats, _ = self._residual_pass(f_BChw, patch_hws, with_loss=False, stop_after=self.prog_si)
         if to_fhat:
             return f_hats
         return [idx.reshape(f_BChw.shape[0], ph * pw) for idx, (ph, pw) in zip(idx_list, patch_hws)]
