@@ -23,10 +23,10 @@ import time
 import torch
 
 import vqfast
+from vqfast.backends import resolve_backend
 from vqfast.bench.timing import synchronize
 from vqfast.compat.var import _ScaleSearches
 from vqfast.ops import _op_for
-from vqfast.backends import resolve_backend
 
 VAR_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 

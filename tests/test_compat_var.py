@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import io
-import math
 import os
 import sys
 import types
@@ -460,7 +458,8 @@ def test_decoding_paths_match_oracle():
         idx = compat.f_to_idxBl_or_fhat(f, False)
         enc_fhats = compat.f_to_idxBl_or_fhat(f, True)
         ref, base = [oracle_decode(compat.embedding.weight.to(dt),
-                                   oracle_phis_from_state({k: v.to(dt) for k, v in compat.named_parameters()}, 2, 0.5, 2),
+                                   oracle_phis_from_state({k: v.to(dt) for k, v in compat.named_parameters()},
+                                                          2, 0.5, 2),
                                    idx, pns, 5) for dt in (torch.float64, torch.float32)]
         # Teacher-forcing input: after each scale but the last, f_hat area-downsampled to the next side.
         var_input = compat.idxBl_to_var_input(idx)

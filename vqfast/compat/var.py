@@ -31,7 +31,8 @@ Phi convs' defaults, then N(0, 1) codewords, in VAR's order of random draws) and
     f_to_idxBl_or_fhat(f_BChw, to_fhat, v_patch_nums=None) -> per scale [B, ph*pw] int64 or cumulative f_hat
         (patch sizes may be ints or (h, w) pairs; the last must be (H, W)).
     idxBl_to_var_input(gt_ms_idx_Bl) -> [B, L - v_patch_nums[0]**2, Cvae] (VAR's teacher-forcing input)
-    embed_to_fhat(ms_h_BChw, all_to_max_scale=True, last_one=False), get_next_autoregressive_input(si, SN, f_hat, h_BChw),
+    embed_to_fhat(ms_h_BChw, all_to_max_scale=True, last_one=False),
+    get_next_autoregressive_input(si, SN, f_hat, h_BChw),
     eini(eini).
 
 The search is ``vqfast.nearest_codeword`` (squared L2; with ``using_znorm`` metric="cosine": the argmax of
@@ -170,7 +171,8 @@ def _check_backend_precision(backend: object, precision: object) -> None:
 def _patch_nums_problem(v_patch_nums: object) -> Optional[str]:
     """Why ``v_patch_nums`` is not VAR's list of square scale sides (>= 2 positive ints), or None."""
     if not isinstance(v_patch_nums, (list, tuple)):
-        return f"v_patch_nums must be a list or tuple of scale sides, e.g. (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), got {v_patch_nums!r}"
+        return (f"v_patch_nums must be a list or tuple of scale sides, e.g. (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), "
+                f"got {v_patch_nums!r}")
     if len(v_patch_nums) < 2 or not all(_is_int(p) and p >= 1 for p in v_patch_nums):
         return (f"v_patch_nums must hold at least two positive ints (VAR picks Phi by si / (SN - 1)), "
                 f"got {tuple(v_patch_nums)!r}")
@@ -198,7 +200,8 @@ def _check_feature_map(f: object, cvae: int, last_hw: Tuple[int, int]) -> None:
     if f.dim() != 4 or f.shape[1] != cvae:
         raise ValueError(f"f_BChw must be [B, Cvae={cvae}, H, W], got shape {tuple(f.shape)}")
     if tuple(f.shape[2:]) != tuple(last_hw):
-        raise ValueError(f"the last scale must cover f_BChw: its patch size {tuple(last_hw)} != (H, W) = {tuple(f.shape[2:])}")
+        raise ValueError(f"the last scale must cover f_BChw: its patch size {tuple(last_hw)} != (H, W) = "
+                         f"{tuple(f.shape[2:])}")
 
 
 # ---- the searches of one pass over the scales -----------------------------------------------------
@@ -251,7 +254,7 @@ class _ScaleSearches:
 
 # ---- the quantizer ----------------------------------------------------------------------------------
 class VectorQuantizer2(nn.Module):
-    """VAR's multi-scale residual quantizer with a codebook ``embedding`` [vocab_size, Cvae]; see the module docstring."""
+    """VAR's multi-scale residual quantizer, codebook ``embedding`` [vocab_size, Cvae]; see the module docstring."""
 
     def __init__(
         self,
@@ -407,8 +410,11 @@ class VectorQuantizer2(nn.Module):
         return idx_list, f_hat_list, loss if with_loss else None
 
     # ---- VAR's methods ------------------------------------------------------------------------------
-    def forward(self, f_BChw: torch.Tensor, ret_usages: bool = False) -> Tuple[torch.Tensor, Optional[List[float]], torch.Tensor]:
-        """f_BChw [B, Cvae, H, W] (H = W = v_patch_nums[-1]) -> (f_hat [B, Cvae, H, W] fp32, usages, mean_vq_loss [])."""
+    def forward(
+        self, f_BChw: torch.Tensor, ret_usages: bool = False
+    ) -> Tuple[torch.Tensor, Optional[List[float]], torch.Tensor]:
+        """f_BChw [B, Cvae, H, W] (H = W = v_patch_nums[-1]) -> (f_hat [B, Cvae, H, W] fp32, usages,
+        mean_vq_loss [])."""
         pn_last = self.v_patch_nums[-1]
         _check_feature_map(f_BChw, self.Cvae, (pn_last, pn_last))
         if f_BChw.dtype != torch.float32:
@@ -469,7 +475,8 @@ class VectorQuantizer2(nn.Module):
     def _check_index_list(self, name: str, idx_list: object, count: int) -> int:
         """idx_list: at least max(count, 1) index tensors [B, pn*pn] (int64 or int32) for the first scales -> B."""
         if not isinstance(idx_list, (list, tuple)) or len(idx_list) < max(count, 1):
-            raise ValueError(f"{name} must be a list of at least {max(count, 1)} index tensors [B, pn*pn], one per scale")
+            raise ValueError(f"{name} must be a list of at least {max(count, 1)} index tensors [B, pn*pn], "
+                             f"one per scale")
         batch = idx_list[0].shape[0] if isinstance(idx_list[0], torch.Tensor) and idx_list[0].dim() == 2 else None
         for si in range(max(count, 1)):
             t, pn = idx_list[si], self.v_patch_nums[si]
@@ -485,7 +492,8 @@ class VectorQuantizer2(nn.Module):
         after each scale but the last, the cumulative f_hat area-downsampled to the next scale's side."""
         SN = len(self.v_patch_nums)
         # Under progressive training (prog_si >= 0) only the first prog_si scales are read.
-        B = self._check_index_list("gt_ms_idx_Bl", gt_ms_idx_Bl, SN - 1 if self.prog_si < 0 else min(SN - 1, self.prog_si))
+        used = SN - 1 if self.prog_si < 0 else min(SN - 1, self.prog_si)
+        B = self._check_index_list("gt_ms_idx_Bl", gt_ms_idx_Bl, used)
         C, HW = self.Cvae, self.v_patch_nums[-1]
         f_hat = gt_ms_idx_Bl[0].new_zeros(B, C, HW, HW, dtype=torch.float32)
         next_scales = []
@@ -496,7 +504,8 @@ class VectorQuantizer2(nn.Module):
             h = self.embedding(gt_ms_idx_Bl[si]).transpose_(1, 2).view(B, C, pn, pn)
             f_hat.add_(self.quant_resi[si / (SN - 1)](F.interpolate(h, size=(HW, HW), mode="bicubic")))
             pn_next = self.v_patch_nums[si + 1]
-            next_scales.append(F.interpolate(f_hat, size=(pn_next, pn_next), mode="area").view(B, C, -1).transpose(1, 2))
+            nxt = F.interpolate(f_hat, size=(pn_next, pn_next), mode="area")
+            next_scales.append(nxt.view(B, C, -1).transpose(1, 2))
         return torch.cat(next_scales, dim=1) if next_scales else None
 
     def embed_to_fhat(
