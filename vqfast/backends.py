@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from vqfast import _cuda_archs, _ext
-from vqfast._validation import int32_indices_reason
+from vqfast._validation import PRECISIONS, int32_indices_reason
 
 BACKEND_NAMES = ("torch", "cpu", "cuda", "triton")
 ENV_VAR = "VQFAST_BACKEND"
@@ -154,6 +154,14 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cpu": ("cpu", "torch"),
     "cuda": ("cuda", "triton", "torch"),
 }
+
+
+def check_search_options(backend: object, precision: object) -> None:
+    """The ``backend=`` / ``precision=`` options every quantizer takes: ValueError naming the one that is wrong."""
+    if not isinstance(backend, str) or backend not in ("auto",) + BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {('auto',) + BACKEND_NAMES}, got {backend!r}")
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 
 def available_backends(device: str | torch.device | None = None) -> list[str]:

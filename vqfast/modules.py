@@ -47,8 +47,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vqfast import distributed
-from vqfast._validation import METRICS, PRECISIONS, check_choice
-from vqfast.backends import BACKEND_NAMES
+from vqfast._validation import METRICS, check_choice
+from vqfast.backends import check_search_options
 from vqfast.kmeans import kmeans
 from vqfast.ops import nearest_codeword
 from vqfast.reference import normalize_for_metric
@@ -135,10 +135,8 @@ class VectorQuantizer(nn.Module):
         for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        check_choice("precision", precision, PRECISIONS)
+        check_search_options(backend, precision)
         check_choice("metric", metric, METRICS)
-        if not isinstance(backend, str) or backend not in ("auto",) + BACKEND_NAMES:
-            raise ValueError(f"backend must be one of {('auto',) + BACKEND_NAMES}, got {backend!r}")
         _check_learning_options(ema, decay, eps, kmeans_init, kmeans_iters, dead_code_threshold)
         check_choice("index_shape", index_shape, INDEX_SHAPES)
         self.num_embeddings = num_embeddings

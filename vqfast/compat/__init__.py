@@ -33,8 +33,7 @@ import importlib
 
 import torch.nn as nn
 
-from vqfast._validation import PRECISIONS, check_choice
-from vqfast.backends import BACKEND_NAMES
+from vqfast.backends import check_search_options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +118,13 @@ def recognise(module: nn.Module) -> Recognised | None:
     return next((r for r in RECOGNISED if r.matches(cls)), None)
 
 
+def _is_compat_instance(module: nn.Module) -> bool:
+    """An instance of a vqfast.compat class itself (not a converted foreign instance, not a helper part)."""
+    cls = type(module)
+    return (cls.__module__.startswith(__name__ + ".") and "_vqfast_original" not in cls.__dict__
+            and callable(getattr(module, "_vqfast_adopt", None)))
+
+
 def _looks_like_quantizer(module: nn.Module) -> bool:
     name = type(module).__name__.lower()
     return "quantiz" in name or name in ("residualvq", "vectorquantize")
@@ -141,14 +147,19 @@ def accelerate(model: nn.Module, *, backend: str = "auto", precision: str = "exa
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(backend, str) or backend not in ("auto",) + BACKEND_NAMES:
-        raise ValueError(f"backend must be one of {('auto',) + BACKEND_NAMES}, got {backend!r}")
-    check_choice("precision", precision, PRECISIONS)
+    check_search_options(backend, precision)
     if not isinstance(verbose, bool):
         raise TypeError(f"verbose must be a bool, got {type(verbose).__name__}")
     for name, module in model.named_modules():
         entry = recognise(module)
         where = name or "(the model)"
+        if entry is None and _is_compat_instance(module):
+            # One of vqfast.compat's classes built directly: it takes the new backend and precision.
+            module._vqfast_adopt(backend=backend, precision=precision)
+            if verbose:
+                print(f"vqfast.accelerate: {where}: {type(module).__module__}.{type(module).__name__} is vqfast's "
+                      f"already (backend={backend!r}, precision={precision!r})")
+            continue
         if entry is None:
             if verbose and _looks_like_quantizer(module):
                 cls = type(module)

@@ -41,15 +41,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from vqfast._validation import PRECISIONS, check_choice
-from vqfast.backends import BACKEND_NAMES
+from vqfast.backends import check_search_options
 from vqfast.ops import nearest_codeword
-
-
-def _check_backend_precision(backend: object, precision: object) -> None:
-    if not isinstance(backend, str) or backend not in ("auto",) + BACKEND_NAMES:
-        raise ValueError(f"backend must be one of {('auto',) + BACKEND_NAMES}, got {backend!r}")
-    check_choice("precision", precision, PRECISIONS)
 
 
 def _like_matmul_output(t: torch.Tensor) -> torch.Tensor:
@@ -112,7 +105,7 @@ class _FusedSearchQuantizer(nn.Module):
         self.embedding.weight.data.uniform_(-1.0 / n_e, 1.0 / n_e)
 
     def _vqfast_adopt(self, backend: str = "auto", precision: str = "exact") -> None:
-        _check_backend_precision(backend, precision)
+        check_search_options(backend, precision)
         self.vqfast_backend = backend
         self.vqfast_precision = precision
 

@@ -80,8 +80,8 @@ import torch.distributed as tdist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vqfast._validation import PRECISIONS, check_choice, check_nearest_codeword_inputs, magnitude_limit
-from vqfast.backends import BACKEND_NAMES, resolve_backend
+from vqfast._validation import check_nearest_codeword_inputs, magnitude_limit
+from vqfast.backends import check_search_options, resolve_backend
 from vqfast.ops import _op_for, nearest_codeword
 
 __all__ = ["VectorQuantizer2", "Phi", "PhiShared", "PhiPartiallyShared", "PhiNonShared"]
@@ -160,12 +160,6 @@ def _is_int(x: object) -> bool:
 
 def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _check_backend_precision(backend: object, precision: object) -> None:
-    if not isinstance(backend, str) or backend not in ("auto",) + BACKEND_NAMES:
-        raise ValueError(f"backend must be one of {('auto',) + BACKEND_NAMES}, got {backend!r}")
-    check_choice("precision", precision, PRECISIONS)
 
 
 def _patch_nums_problem(v_patch_nums: object) -> Optional[str]:
@@ -285,7 +279,7 @@ class VectorQuantizer2(nn.Module):
         problem = _patch_nums_problem(v_patch_nums)
         if problem is not None:
             raise ValueError(problem)
-        _check_backend_precision(backend, precision)
+        check_search_options(backend, precision)
 
         self.vocab_size: int = vocab_size
         self.Cvae: int = Cvae
@@ -338,7 +332,7 @@ class VectorQuantizer2(nn.Module):
         return None
 
     def _vqfast_adopt(self, backend: str = "auto", precision: str = "exact") -> None:
-        _check_backend_precision(backend, precision)
+        check_search_options(backend, precision)
         self.vqfast_backend = backend
         self.vqfast_precision = precision
 
