@@ -357,6 +357,11 @@ void search(const at::Tensor& z_src, const T* cb, int64_t K, int64_t D, bool cos
   const double n_terms = static_cast<double>(D + 3);
   const double u = unit_roundoff<T>();
   const double gamma = n_terms * u / (1.0 - n_terms * u);
+  // Products and squares below the smallest normal number lose up to half a subnormal spacing each,
+  // which the relative bound does not cover (float32: |z_j|, |c_j| < 1e-19; at 2^-75 half the rows
+  // of a Gaussian sample were ranked wrongly without it). The same term as reference.ranking_tolerance.
+  const double underflow = 8.0 * static_cast<double>(D + 3) * static_cast<double>(std::numeric_limits<T>::min()) *
+                           static_cast<double>(std::numeric_limits<T>::epsilon());
 
   const bool small_d = std::is_same<T, float>::value && D <= SMALL_D;
   // Small-D layout: -2 c transposed to [D, Kp], Kp a multiple of 32, padding never wins (+inf).
@@ -422,7 +427,7 @@ void search(const at::Tensor& z_src, const T* cb, int64_t K, int64_t D, bool cos
         // reference's bound matters when the codebook is tiny next to z (the classic uniform
         // [-1/K, 1/K] initialisation): there the looser bound made every row ambiguous.
         const double a = cmax * (2.0 * std::sqrt(s) + cmax);
-        state[r].reset(exact ? static_cast<T>(2.0 * gamma * a) : T(0));
+        state[r].reset(exact ? static_cast<T>(2.0 * gamma * a + underflow) : T(0));
       }
 
       at::Tensor z_tile;
