@@ -44,7 +44,8 @@ def bench_cli(tmp_path_factory):
     results = tmp_path_factory.mktemp("bench_results")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), VQFAST_NO_EXT_WARNING="1")
-    cmd = [sys.executable, "-m", "vqfast", "bench", "--preset", "tiny", "--device", "cpu", "--results-dir", str(results)]
+    cmd = [sys.executable, "-m", "vqfast", "bench", "--preset", "tiny", "--device", "cpu",
+           "--results-dir", str(results)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env, timeout=1200)
     return proc, results
 
@@ -90,5 +91,6 @@ def pytest_terminal_summary(terminalreporter):
     for line in _CAUGHT:
         terminalreporter.write_line(f"planted bug caught by: {line}")
     if FAST_MISMATCH:
-        parts = [f"{key} {differ}/{rows} rows ({differ / rows:.2%})" for key, (differ, rows) in sorted(FAST_MISMATCH.items())]
+        parts = [f"{key} {differ}/{rows} rows ({differ / rows:.2%})"
+                 for key, (differ, rows) in sorted(FAST_MISMATCH.items())]
         terminalreporter.write_line("fast precision, rows whose index differs from the oracle: " + ", ".join(parts))

@@ -54,7 +54,7 @@ def examples(n: int) -> settings:
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-KINDS = ("gaussian", "offset", "lattice", "duplicates", "tiny_codebook", "magnitude")
+KINDS = ("gaussian", "offset", "lattice", "duplicates", "tiny_codebook", "magnitude", "wide")
 
 
 def make_hard_case(kind: str, n: int, k: int, d: int, seed: int, scale: float = 1.0):
@@ -78,6 +78,14 @@ def make_hard_case(kind: str, n: int, k: int, d: int, seed: int, scale: float = 
         cb = distinct[torch.randint(0, distinct.shape[0], (k,), generator=g)]
         pick = torch.randint(0, k, (n,), generator=g)
         z = cb[pick] + 1e-3 * randn(n, d) * (torch.rand(n, 1, generator=g) < 0.5)
+    elif kind == "wide":
+        # Every value at its own magnitude, 2^-100 to 2^40 (1e-30 to 1e12): products underflow,
+        # one feature dominates a distance, signs mixed.
+        def wide(*shape):
+            exponent = torch.randint(-100, 41, shape, generator=g).double()
+            mantissa = 1 + torch.rand(*shape, generator=g, dtype=torch.float64)
+            return torch.sign(randn(*shape)) * mantissa * 2.0**exponent
+        cb, z = wide(k, d), wide(n, d)
     elif kind == "tiny_codebook":
         # The classic initialisation: uniform in [-1/K, 1/K] next to unit-scale z.
         cb = (torch.rand(k, d, generator=g, dtype=torch.float64) * 2 - 1) / k

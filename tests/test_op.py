@@ -1,4 +1,5 @@
-"""The public op: every available backend against the reference, registry behaviour, opcheck, torch.compile, fallback."""
+"""The public op: every (device, backend) pair against the independent oracle, registry behaviour, opcheck,
+torch.compile, fallback."""
 import os
 import subprocess
 import sys

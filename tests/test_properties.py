@@ -9,7 +9,8 @@ The inputs reach the hard cases: shapes across the CPU kernel's 128-row tiles, 5
 32-codeword micro-kernel steps and its D <= 32 / D > 32 paths (N, K up to a few thousand); common
 offsets (1e3 +- 1e-2, where the expansion cancels every digit); integer and half-integer lattices
 with exact ties; many duplicated codewords (more than the kernel's 8 candidates per row); codebooks
-tiny next to z; magnitudes of 1e-30 and 1e19; fp16 / bf16; non-contiguous views. CI draws a fixed
+tiny next to z; magnitudes of 1e-30 and 1e19, and every value at its own magnitude (1e-30 to 1e12)
+at those shapes; fp16 / bf16; non-contiguous views. CI draws a fixed
 set of examples (conftest.py, profile "ci"); `pytest --slow` draws ten times as many at random.
 """
 import numpy as np
@@ -80,9 +81,9 @@ def hard_inputs(draw):
         else:
             k = max(1, k // 2)
     scale = draw(st.sampled_from([1e-30, 1e19])) if kind == "magnitude" else 1.0
-    # fp16 cannot hold 1e19 (it becomes inf, which is rejected, not searched).
-    dtypes = (torch.float32, torch.float64) if kind == "magnitude" else DTYPES
-    dtype = draw(st.sampled_from(dtypes))
+    # fp16 cannot hold 1e19 or 2^40 (they become inf, which is rejected, not searched).
+    dtypes = {"magnitude": (torch.float32, torch.float64), "wide": (torch.float32, torch.bfloat16, torch.float64)}
+    dtype = draw(st.sampled_from(dtypes.get(kind, DTYPES)))
     metric = draw(st.sampled_from(["l2", "l2", "l2", "cosine"]))
     layout = draw(st.sampled_from(["contiguous", "contiguous", "transposed", "strided"]))
     z, cb = make_hard_case(kind, n, k, d, draw(st.integers(0, 2**31 - 1)), scale)

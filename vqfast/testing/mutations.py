@@ -39,7 +39,8 @@ def patch_source(owner, name: str, old: str, new: str) -> None:
         raise RuntimeError(f"{getattr(owner, '__name__', owner)}.{name} no longer contains {old!r} exactly once: "
                            f"update vqfast/testing/mutations.py")
     namespace: dict = {}
-    exec(compile(source.replace(old, new), inspect.getsourcefile(func), "exec"), inspect.unwrap(func).__globals__, namespace)
+    code = compile(source.replace(old, new), inspect.getsourcefile(func), "exec")
+    exec(code, inspect.unwrap(func).__globals__, namespace)
     setattr(owner, name, namespace[name])
 
 

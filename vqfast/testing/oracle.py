@@ -9,16 +9,18 @@ metric="cosine" both sides are first divided by max(||x||, 1e-12), also in float
 The contract it checks (README, "How the kernels stay exact"):
 
   exact  the chosen codeword's float64 distance equals the float64 minimum of its row, and among
-         codewords at exactly that distance the lowest index wins. No float32 slack. The oracle's
-         own float64 sums round too (by at most gamma_{D+2} d, gamma_n = n u / (1 - n u), u = 2^-53),
-         as does the kernels' float64 re-rank, possibly in another order: a row where some other
-         codeword lies within that rounding of the minimum without equalling it is undecidable in
-         float64 ("ambiguous"); there any codeword within it is accepted. Random data essentially
-         never has one; data on exact grids (lattices, common offsets of 1e3 +- 1e-2) has none,
-         because their float64 sums are exact.
-         Cosine normalises in the search dtype: each normalised vector is off by at most
-         (D + 4) u_s (u_s = 2^-24 for a float32 search), so each distance by 8 (D + 4) u_s + O(u_s^2)
-         and the pick by twice that: 16 (D + 4) u_s plus one u_s of second-order room.
+         codewords at exactly that distance the lowest index wins. No float32 slack. Two roundings
+         are all the room there is. (1) The oracle's own float64 sums are within gamma_{D+2} d of
+         the truth (gamma_n = n u / (1 - n u), u = 2^-53), as are the kernels' float64 re-ranks,
+         summed in another order: on a row where another codeword (not a bitwise copy of the pick)
+         lies that close to the minimum, equal included, float64 cannot decide ("ambiguous"), and
+         any codeword within that rounding is accepted (z = -1.4e15 (1, ..., 1) against 0 and -e_1:
+         1.4e-16 apart relative, equal in float64, and the kernels rightly pick -e_1). Unless every
+         sum is exact: inputs on a fine enough grid (integer lattices, common offsets 1e3 +- 1e-2 in
+         float32; sums_are_exact) leave no row ambiguous, ties included. Random data has
+         essentially no ambiguous row. (2) Cosine normalises in the search dtype: each normalised
+         vector is off by at most (D + 4) u_s (u_s = 2^-24 for a float32 search), each distance by
+         8 times that, the pick by twice that (cosine_room).
 
   fast   the ranked value ||c||^2 - 2 z.c is computed from operands rounded to a unit u_op
          (0: fp32 FMA or native fp16/bf16 products; 2^-10: tf32, round-to-nearest 2^-11 or
@@ -30,7 +32,7 @@ The contract it checks (README, "How the kernels stay exact"):
          normalisation term above). fast_rounding() lists (u_op, u_acc) per backend and dtype.
 
     distances(z, codebook, metric)                 [N, K] float64 direct distances
-    nearest(z, codebook, metric) -> Answer          the oracle's answer, with its own rounding room
+    nearest(z, codebook, metric) -> Answer          the oracle's answer and its ambiguous rows
     exact_violations(answer, indices, ...)          rows that break the exact contract
     fast_bound(z, codebook, metric, u_op, u_acc)    per-row room of fast mode
     distance_violations(answer, indices, reported)  rows whose reported float32 distance is off
