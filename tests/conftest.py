@@ -91,6 +91,7 @@ def pytest_terminal_summary(terminalreporter):
     for line in _CAUGHT:
         terminalreporter.write_line(f"planted bug caught by: {line}")
     if FAST_MISMATCH:
-        parts = [f"{key} {differ}/{rows} rows ({differ / rows:.2%})"
-                 for key, (differ, rows) in sorted(FAST_MISMATCH.items())]
-        terminalreporter.write_line("fast precision, rows whose index differs from the oracle: " + ", ".join(parts))
+        parts = [f"{key}: index differs on {differ}/{rows} rows ({differ / rows:.2%}), distance above the "
+                 f"minimum on {above} ({above / rows:.2%})"
+                 for key, (differ, above, rows) in sorted(FAST_MISMATCH.items())]
+        terminalreporter.write_line("fast precision against the oracle, " + "; ".join(parts))
