@@ -3,15 +3,15 @@
 
 Exact mode is held to the contract with no float32 slack: the oracle's pick on every row, the lowest
 index on exact ties. Fast mode is held to the per-row bound derived from each backend's documented
-rounding (oracle.fast_rounding), and its measured mismatch rate is printed at the end of the run.
+rounding (oracle.fast_rounding); its measured mismatch rate is printed at the end of the run.
 
 The inputs reach the hard cases: shapes across the CPU kernel's 128-row tiles, 512-codeword blocks,
 32-codeword micro-kernel steps and its D <= 32 / D > 32 paths (N, K up to a few thousand); common
 offsets (1e3 +- 1e-2, where the expansion cancels every digit); integer and half-integer lattices
 with exact ties; many duplicated codewords (more than the kernel's 8 candidates per row); codebooks
 tiny next to z; magnitudes of 1e-30 and 1e19, and every value at its own magnitude (1e-30 to 1e12)
-at those shapes; fp16 / bf16; non-contiguous views. CI draws a fixed
-set of examples (conftest.py, profile "ci"); `pytest --slow` draws ten times as many at random.
+at those shapes; fp16 / bf16; non-contiguous views. CI draws a fixed set of examples (conftest.py,
+profile "ci"); `pytest --slow` draws ten times as many at random and runs the larger sweeps.
 """
 import numpy as np
 import pytest
@@ -124,7 +124,7 @@ def test_hard_cases_fast_within_bound(backend, inputs):
 
 def _mixed_case(n, k, d, seed):
     """Gaussian data with the hard parts placed across block edges: copies of codeword 5 in later
-    blocks, queries exactly on codewords and exactly half-way between two codewords."""
+    blocks, queries exactly on codewords and half-way between two codewords in different blocks."""
     z, cb = make_hard_case("gaussian", n, k, d, seed)
     for j in (k // 2, k - 1, 511, 512, 2047):
         if 5 < j < k:
@@ -189,9 +189,10 @@ def test_exact_ties_on_integer_grids_go_to_the_lowest_index(backend, seed, n, k,
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("exponent", [-75, -72, -70, -66])
 def test_subnormal_squares_keep_the_exact_argmin(backend, exponent):
-    # From 2^-75 to 2^-63 float32 squares are subnormal: IEEE gradual underflow keeps the ranking
-    # within the absolute tolerance, a kernel that flushes subnormals to zero (-ffast-math, FTZ/DAZ;
-    # torch.set_flush_denormal(True) reproduces it) fails here at 2^-72..2^-66.
+    # From 2^-75 to 2^-63 float32 products are subnormal and lose up to half a subnormal spacing each:
+    # the ranking bound's underflow term (8 (D + 3) x smallest normal x eps) sends such rows to the
+    # float64 re-rank. Without it the CPU kernel got 123 of these 256 rows wrong at 2^-75; a kernel
+    # that flushes subnormals to zero (-ffast-math, FTZ/DAZ) loses far more than the term covers.
     g = torch.Generator().manual_seed(exponent)
     z = (torch.randn(256, 4, generator=g, dtype=torch.float64) * 2.0**exponent).float()
     cb = (torch.randn(64, 4, generator=g, dtype=torch.float64) * 2.0**exponent).float()
