@@ -1,8 +1,9 @@
 """The benchmark runner's machinery on the tiny preset: records, ratios, tables, results files.
 
 No timing is asserted (timings depend on the machine); what is checked is that every provider
-finds the same codewords as the fp64 reference, that ratios are the quotients they claim to be,
-that skips carry reasons, and that the files and tables hold what the runner measured.
+finds the same codewords as the float64 oracle, that a wrong kernel or a crashing provider fails the
+run (it cannot be reported as correct, or as skipped), that ratios are the quotients they claim to
+be, that skips carry reasons, and that the files and tables hold what the runner measured.
 """
 import argparse
 import importlib.util
@@ -13,17 +14,21 @@ import pytest
 import torch
 
 import vqfast
+from vqfast import ops
 from vqfast.bench import cli, forward, memory, presets, providers, results, table, timing
-from vqfast.reference import nearest_codeword_reference
+from vqfast.testing import mutations, oracle
 
 ENV_FIELDS = ("device", "device_type", "torch", "triton", "date", "commit")
 
 
 @pytest.fixture(scope="module")
-def tiny_records():
-    env, records = cli.run_questions("tiny", torch.device("cpu"), ["forward", "train_step", "multiscale"],
-                                     log=lambda *a, **k: None)
-    return env, records
+def tiny_records(bench_cli):
+    """The records `vqfast bench --preset tiny` appended (conftest.py runs it once per session)."""
+    proc, results_dir = bench_cli
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = [r for path in sorted(results_dir.glob("*.jsonl")) for r in results.read_jsonl(path)]
+    assert records
+    return {f: records[0][f] for f in ENV_FIELDS}, records
 
 
 def test_measure_counts_runs_and_summarises():
@@ -62,7 +67,8 @@ def test_add_ratios_are_quotients():
 @pytest.mark.parametrize("n,d,k", [(1, 1, 1), (37, 3, 5), (300, 17, 129), (65, 100, 7)])
 def test_peer_searches_match_reference(n, d, k):
     z, cb = torch.randn(n, d), torch.randn(k, d)
-    ref_idx, ref_q, _ = nearest_codeword_reference(z, cb)
+    ref_idx = oracle.nearest(z, cb).indices
+    ref_q = cb[ref_idx]
     fns = [providers.seeds_forward, providers.torch_chunked_forward]
     if providers._faiss_reason(torch.device("cpu"), torch.float32) is None:
         fns.append(providers.faiss_forward)
@@ -76,7 +82,7 @@ def test_torch_chunked_spans_several_chunks(monkeypatch):
     monkeypatch.setattr(providers, "CHUNK_ELEMENTS", 64)  # 64 // K=9 = 7 rows per chunk over 50 rows
     z, cb = torch.randn(50, 3), torch.randn(9, 3)
     idx, _ = providers.torch_chunked_forward(z, cb)
-    assert torch.equal(idx, nearest_codeword_reference(z, cb)[0])
+    assert torch.equal(idx, oracle.nearest(z, cb).indices)
 
 
 def test_forward_records(tiny_records):
@@ -97,10 +103,16 @@ def test_forward_records(tiny_records):
         c = r["case"]
         assert r["tflops"] == pytest.approx(2 * c["n"] * c["k"] * c["d"] / (r["value"] * 1e-3) / 1e12)
         assert 0.0 <= r["index_mismatch"] <= 1.0
-        if r["group"] == "vqfast" and r["precision"] == "exact":
-            # vqfast's exact search is the reference the mismatch is measured against.
-            assert r["index_mismatch"] == 0.0 and r["qerr_increase"] == 0.0
+        c = r["case"]
+        assert r["checked_rows"] == c["n"]  # the tiny shapes fit the oracle's budget whole
+        if r["group"] == "vqfast":
+            assert r["wrong_rows"] == 0  # exact: the oracle's answer; fast: within its rounding bound
+            if r["precision"] == "exact":
+                assert r["index_mismatch"] == 0.0 and r["qerr_increase"] == 0.0
+        else:
+            assert r["wrong_rows"] is None  # peers promise no precision contract
         assert r["qerr_increase"] >= -1e-12  # nothing beats the exact nearest codeword
+    assert not table.failures(records)
     # faiss is skipped off float32 with its reason, never silently dropped.
     bf16 = [r for r in rows if r["case"]["dtype"] == "bfloat16" and r["provider"] == "faiss-cpu"]
     assert all(r["status"] == "skipped" and "float32" in r["reason"] for r in bf16)
@@ -158,6 +170,54 @@ def test_multiscale_record(tiny_records):
             assert r["reason"] == "vqfast.models not available"
         else:
             assert r["tokens_per_image"] == 680 and r["value"] > 0
+
+
+TINY_CASE = {"set": "headline", "n": 300, "d": 5, "k": 40, "dtype": "float32"}
+
+
+def test_a_wrong_kernel_fails_the_benchmark(monkeypatch, tmp_path, capsys):
+    # The CPU kernel returns the second-nearest codeword on every other row: the benchmark must show
+    # its mismatch against the oracle, call it wrong, leave the correct peers alone, and exit 1.
+    monkeypatch.setattr(ops, "_op_for", ops._op_for)  # restored after the test
+
+    def second_nearest(op, z, cb, metric, precision):
+        out = op(z, cb, metric, precision)
+        rows = torch.arange(0, z.shape[0], 2)
+        return mutations._with_indices(z, cb, metric, out, rows, mutations._second_best(oracle.distances(z[rows], cb)))
+
+    mutations.wrap_backend("cpu", second_nearest)
+    recs = forward.run_case(TINY_CASE, presets.get_preset("tiny"), torch.device("cpu"), {}, log=lambda *a: None)
+    by_name = {r["provider"]: r for r in recs}
+    assert by_name["vqfast-cpu"]["wrong_rows"] == 150 and by_name["vqfast-cpu"]["index_mismatch"] == 0.5
+    for name in ("seeds", "torch-chunked", "vqfast-torch"):
+        assert by_name[name]["index_mismatch"] == 0.0 and not by_name[name]["wrong_rows"], name
+    assert any("vqfast-cpu" in line and "150 of 300" in line for line in table.failures(recs))
+    assert "150 of 300" in table.format_table(recs, "forward")
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--preset", "tiny", "--device", "cpu", "--questions", "forward", "--no-save", "--quiet"])
+    assert cli.main(args) == 1
+    assert "FAILED: forward vqfast-cpu" in capsys.readouterr().out
+
+
+def test_a_crashing_provider_is_an_error_not_a_skip(monkeypatch):
+    def crash(z, codebook):
+        raise RuntimeError("segfault-like failure")
+
+    monkeypatch.setattr(providers, "faiss_forward", crash)
+    monkeypatch.setattr(providers, "_faiss_reason", lambda device, dtype: None)
+    recs = forward.run_case(TINY_CASE, presets.get_preset("tiny"), torch.device("cpu"), {}, log=lambda *a: None)
+    faiss = next(r for r in recs if r["provider"] == "faiss-cpu")
+    assert faiss["status"] == "error" and "segfault-like failure" in faiss["reason"]
+    text = table.format_table(results.add_ratios(recs), "forward")
+    assert "ERROR" in text and "faiss-cpu FAILED" in text and "skipped" not in text
+    assert any("faiss-cpu" in line and "raised" in line for line in table.failures(recs))
+    # The memory question too: a measuring subprocess that fails is an error.
+    monkeypatch.setattr(memory, "_measure_subprocess", lambda case, provider: crash(None, None))
+    case = {"kind": "forward", "n": 9, "d": 2, "k": 3}
+    mem = memory.run(presets.get_preset("tiny"), torch.device("cpu"), {}, log=lambda *a: None, case_list=[case])
+    assert mem and all(r["status"] == "error" for r in mem)
+    assert len(table.failures(mem)) == len(mem)
 
 
 def test_memory_guard_skips_with_reason(monkeypatch):

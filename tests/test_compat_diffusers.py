@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vqfast
-from tests.helpers import brute_force_fp64
+from vqfast.testing.oracle import distances as brute_force_fp64
 from tests.test_modules import _MaxNumel
 from vqfast.compat.diffusers import VectorQuantizer
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 import vqfast
-from tests.helpers import brute_force_fp64
+from vqfast.testing.oracle import distances as brute_force_fp64
 from tests.test_modules import _MaxNumel
 from vqfast.compat.taming import VectorQuantizer, VectorQuantizer2
 

@@ -1,26 +1,21 @@
-"""The pure-PyTorch reference and torch backend against an independent fp64 brute force and faiss-cpu."""
+"""The pure-PyTorch reference and torch backend against the independent oracle and faiss-cpu."""
 import pytest
 import torch
 
 import vqfast
-from tests.helpers import assert_indices_optimal, brute_force_fp64
+from tests.helpers import assert_exact
 from vqfast import reference
+from vqfast.testing import oracle
 
 SHAPES = [(1, 1, 1), (3, 1, 5), (17, 3, 1), (100, 17, 513), (513, 100, 3), (1000, 3, 1000), (257, 1, 100), (64, 513, 17)]
 
 
 @pytest.mark.parametrize("n,d,k", SHAPES)
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-def test_reference_exact_against_fp64_brute_force(n, d, k, metric):
+def test_reference_float64_against_oracle(n, d, k, metric):
     z = torch.randn(n, d, dtype=torch.float64)
     cb = torch.randn(k, d, dtype=torch.float64)
-    idx, cw, dist = reference.nearest_codeword_reference(z, cb, metric)
-    assert idx.dtype == torch.int64 and idx.shape == (n,)
-    assert cw.shape == (n, d) and cw.dtype == z.dtype and dist.dtype == torch.float32
-    assert torch.equal(cw, cb[idx])
-    assert_indices_optimal(idx, z, cb, metric)  # exact: same as brute force, lowest index on ties
-    want = brute_force_fp64(z, cb, metric).gather(1, idx[:, None]).squeeze(1)
-    torch.testing.assert_close(dist, want.float(), rtol=1e-6, atol=1e-7)
+    assert_exact(z, cb, reference.nearest_codeword_reference(z, cb, metric), metric)
 
 
 @pytest.mark.parametrize("n,d,k", SHAPES)
@@ -28,11 +23,7 @@ def test_reference_exact_against_fp64_brute_force(n, d, k, metric):
 def test_torch_backend_fp32_exact(n, d, k, metric):
     z = torch.randn(n, d)
     cb = torch.randn(k, d)
-    idx, cw, dist = reference.nearest_codeword_torch(z, cb, metric, "exact")
-    # fp32 inputs, fp64-verified: the chosen codeword's distance equals the minimum (fp32 inputs are exact in fp64).
-    assert_indices_optimal(idx, z, cb, metric)
-    want = brute_force_fp64(z, cb, metric).gather(1, idx[:, None]).squeeze(1)
-    torch.testing.assert_close(dist, want.float(), rtol=2e-6, atol=1e-6)
+    assert_exact(z, cb, reference.nearest_codeword_torch(z, cb, metric, "exact"), metric)
 
 
 def test_exact_mode_survives_cancellation():
@@ -43,10 +34,8 @@ def test_exact_mode_survives_cancellation():
     cb = offset + torch.randn(300, 8, generator=g) * 0.05
     z = offset + torch.randn(400, 8, generator=g) * 0.05
     plain = (z.pow(2).sum(1, keepdim=True) + cb.pow(2).sum(1) - 2 * z @ cb.T).argmin(1)
-    true = brute_force_fp64(z, cb).argmin(1)
-    assert (plain != true).any(), "the test data no longer provokes cancellation"
-    idx = reference.search(z, cb, "l2", "exact")
-    assert torch.equal(idx, true)
+    answer = assert_exact(z, cb, reference.nearest_codeword_torch(z, cb))
+    assert (plain != answer.indices).any(), "the test data no longer provokes cancellation"
 
 
 def test_duplicate_codewords_lowest_index():
@@ -85,9 +74,9 @@ def test_against_faiss_index_flat_l2(n, d, k):
     idx, _, dist = reference.nearest_codeword_torch(z, cb)
     same = idx.numpy() == fi[:, 0]
     # faiss computes fp32 expansions without re-ranking: rows may differ only where it is a near-tie.
-    d64 = brute_force_fp64(z, cb)
-    gap = (d64.gather(1, torch.from_numpy(fi[:, :1]).long()).squeeze(1) - d64.gather(1, idx[:, None]).squeeze(1)).abs()
-    assert (same | (gap.numpy() <= 1e-4 * (1 + d64.min(1).values.numpy()))).all()
+    answer = oracle.nearest(z, cb)
+    gap = (answer.chosen(torch.from_numpy(fi[:, 0])) - answer.chosen(idx)).abs()
+    assert (same | (gap.numpy() <= 1e-4 * (1 + answer.best.numpy()))).all()
     assert same.mean() > 0.99
     torch.testing.assert_close(dist, torch.from_numpy(fd[:, 0]), rtol=1e-4, atol=1e-4)
 
@@ -116,5 +105,5 @@ def test_exact_search_ignores_a_callers_autocast(backend):
     cb = torch.randn(512, 16, generator=g)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert (z @ cb.T).dtype == torch.bfloat16
-        idx = vqfast.nearest_codeword(z, cb, backend=backend)[0]
-    assert_indices_optimal(idx, z, cb)
+        out = vqfast.nearest_codeword(z, cb, backend=backend)
+    assert_exact(z, cb, out)

@@ -8,7 +8,7 @@ import vqfast
 import vqfast.kmeans as vq_kmeans
 from vqfast import ResidualVectorQuantizer, VectorQuantizer, VectorQuantizer2
 from vqfast.kmeans import kmeans
-from vqfast.reference import nearest_codeword_reference
+from vqfast.testing import oracle
 from vqfast.testing.seeds import SeedResidualVectorQuantizer, SeedVectorQuantizer, SeedVectorQuantizer2
 
 BACKENDS = vqfast.available_backends("cpu")
@@ -116,7 +116,7 @@ def test_ema_step_matches_formula(backend, metric):
     w0 = m.get_codebook().clone().double()
     cs0, avg0 = m.cluster_size.clone().double(), m.embed_avg.clone().double()
     flat = z.detach().movedim(1, -1).reshape(-1, d).double()
-    idx = nearest_codeword_reference(flat, w0, metric=metric)[0]
+    idx = oracle.nearest(flat, w0, metric).indices
     q, loss, indices = m(z)
     assert torch.equal(indices, idx)
     data = F.normalize(flat, dim=-1) if metric == "cosine" else flat
@@ -349,3 +349,38 @@ def test_empty_batch_trains_nothing():
     assert m._kmeans_pending and not bool(m.initted)
     # The EMA still decays (as on a rank whose batch is empty), which leaves every codeword in place.
     torch.testing.assert_close(m.get_codebook(), state["embedding.weight"])
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 3, 0)])
+@pytest.mark.parametrize("kind,options", [("vq", {}), ("vq", {"ema": True, "dead_code_threshold": 1.0}),
+                                          ("vq2", {}), ("rvq", {})])
+def test_empty_batch_loss_is_zero_not_nan(shape, kind, options):
+    # The decision (modules.py docstring): no vectors, no quantisation error; loss 0 attached to the
+    # graph, so backward gives zero gradients instead of NaN ones.
+    build = {"vq": lambda: VectorQuantizer(8, 3, **options), "vq2": lambda: VectorQuantizer2(8, 3, **options),
+             "rvq": lambda: ResidualVectorQuantizer(2, 8, 3, **options)}[kind]
+    m = build()
+    z = torch.randn(shape).requires_grad_(True)
+    q, loss, _ = m(z)
+    assert q.shape == z.shape and loss.shape == () and loss.item() == 0.0
+    (q.sum() + loss).backward()
+    assert torch.equal(z.grad, torch.zeros(shape))
+    for p in m.parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p))
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_dead_code_threshold_is_strict(ema):
+    # "Falls below the threshold": a code whose EMA usage equals it exactly stays; the next float
+    # below it is restarted from the batch (far from every initial codeword, so the two are told apart).
+    k, d, t = 6, 3, 0.5
+    m = VectorQuantizer(k, d, ema=ema, dead_code_threshold=t)
+    below = float(torch.nextafter(torch.tensor(t), torch.tensor(0.0)))
+    with torch.no_grad():
+        m.cluster_size.copy_(torch.tensor([1.0, t, below, 1.0, t, 1.0]))
+    z = torch.randn(1, d, 30) + 10.0
+    _, _, idx = m(z)
+    far = m.get_codebook().norm(dim=1) > 5.0  # re-seeded from the batch
+    assert far.tolist() == [False, False, True, False, False, False]
+    assert set(idx.tolist()) == {2}

@@ -26,6 +26,11 @@ Index maps and lookups: ``index_shape="spatial"`` (keyword-only) makes forward r
 turns such a map back into codewords [B, C, *S], and ``get_codebook_entry(indices, shape)`` is the same
 lookup with taming-transformers' signature (shape = (B, *S, C), channels-last, or None for [*indices.shape, C]).
 
+An empty batch (zero vectors, e.g. [0, C, H, W] or [B, C, 0]) gives empty outputs and loss 0, not
+the NaN of the classic mean over no elements: it carries no quantisation error, and a NaN loss would
+poison every parameter's optimizer state (on every rank, under DDP, when one rank's shard is empty).
+The zero stays attached to z and the codebook, so backward runs and gives zero gradients.
+
 Usage statistics: ``code_counts`` (assignments per code since construction or ``reset_usage()``,
 this process only), ``perplexity()`` and ``dead_code_fraction()``. They live in a non-persistent
 buffer, and EMA / k-means state is registered only when its option is on, so a state_dict saved from
@@ -261,6 +266,8 @@ class VectorQuantizer(nn.Module):
         return z_cl, q.view(z_cl.shape), indices
 
     def _loss(self, q: torch.Tensor, z_cl: torch.Tensor) -> torch.Tensor:
+        if z_cl.numel() == 0:  # no vectors: loss 0, not the NaN of a mean over nothing (module docstring)
+            return (q.sum() + z_cl.sum()) * 0.0
         if self.ema:  # the codebook is learnt by EMA: only the commitment term trains the encoder
             return self.beta * F.mse_loss(q.detach(), z_cl)
         return F.mse_loss(q, z_cl.detach()) + self.beta * F.mse_loss(q.detach(), z_cl)

@@ -1,4 +1,8 @@
-"""Pure-PyTorch twins of vqfast's ops: the fallback backend ("torch") and the test oracle.
+"""Pure-PyTorch twins of vqfast's ops: the fallback backend ("torch").
+
+Not the test oracle: the torch backend, the Triton re-rank and nearest_codeword_reference all run
+``search`` below, so the tests and the benchmark judge every backend, this one included, by
+vqfast.testing.oracle, a float64 brute force that shares no code with any of them.
 
 Contract of ``nearest_codeword`` (every backend honours it):
 
@@ -163,7 +167,8 @@ def nearest_codeword_torch(
 def nearest_codeword_reference(
     z: torch.Tensor, codebook: torch.Tensor, metric: str = "l2"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The oracle: the same contract computed in float64 throughout (expansion, then exact re-rank)."""
+    """The torch backend's algorithm in float64 throughout (expansion, then exact re-rank); the test
+    oracle is vqfast.testing.oracle, which shares no code with this."""
     indices = search(z, codebook, metric, "exact", compute_dtype=torch.float64)
     codewords = codebook.index_select(0, indices).to(z.dtype)
     distances = codeword_distances(z.double(), codebook.index_select(0, indices).double(), metric).float()

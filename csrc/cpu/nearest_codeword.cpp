@@ -127,6 +127,14 @@ void search(const at::Tensor& z_src, const T* cb, int64_t K, int64_t D, bool cos
   const double u = unit_roundoff<T>();
   const double gamma = n_terms * u / (1.0 - n_terms * u);
   const T tol_coef = exact ? static_cast<T>(2.0 * gamma * (1.0 + 4.0 * u)) : T(0);
+  // Products and squares below the smallest normal number lose up to half a subnormal spacing each,
+  // which the relative bound does not cover (float32: |z_j|, |c_j| < 1e-19; at 2^-75 half the rows
+  // of a Gaussian sample were ranked wrongly without it). The same term as reference.ranking_tolerance;
+  // (D + 3) 2^-146 in float32 is itself a representable (subnormal) number.
+  const T tol_floor = exact ? static_cast<T>(8.0 * static_cast<double>(D + 3) *
+                                             static_cast<double>(std::numeric_limits<T>::min()) *
+                                             static_cast<double>(std::numeric_limits<T>::epsilon()))
+                            : T(0);
   // Rounded up past the double computation and the conversion to T.
   const T cmax_up = static_cast<T>(std::sqrt(cmax2) * (1.0 + static_cast<double>(D + 2) * 0x1p-50)) *
                     (T(1) + T(4) * static_cast<T>(u));
@@ -160,7 +168,8 @@ void search(const at::Tensor& z_src, const T* cb, int64_t K, int64_t D, bool cos
         }
         zt = zbuf.data();
       }
-      const TileArgs<T> args{zt, mt, D, cb_m2.data(), csq.data(), K, Kp, tol_coef, cmax_up, state.data(), scratch.data()};
+      const TileArgs<T> args{zt, mt, D, cb_m2.data(), csq.data(), K, Kp, tol_coef, cmax_up, tol_floor, state.data(),
+                                 scratch.data()};
       if constexpr (std::is_same<T, float>::value) {
         kernels.search_f32(args);
       } else {

@@ -65,7 +65,11 @@ std::vector<int64_t> search(const Kernels& k, const std::vector<float>& z, const
       st[r].best = INFINITY;
       st[r].tol = float(2 * gamma * cmax * (2 * zn + cmax));
     }
-    k.search_f32(TileArgs<float>{&z[r0 * D], mt, D, m2.data(), csq.data(), K, Kp, st.data(), scratch.data()});
+    // The driver's exact-mode tolerance: 2 gamma_{D+3} (rounded up), max||c|| rounded up, no underflow floor
+    // (the values here are normal).
+    const float tol_coef = float(2 * gamma * (1 + 4 * u)), cmax_up = float(cmax * (1 + 4 * u));
+    k.search_f32(TileArgs<float>{&z[r0 * D], mt, D, m2.data(), csq.data(), K, Kp, tol_coef, cmax_up, 0.f, st.data(),
+                                 scratch.data()});
     for (int64_t r = 0; r < mt; ++r) {
       const RowState<float>& s = st[r];
       int64_t best_k = s.best_k;

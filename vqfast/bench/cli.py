@@ -9,6 +9,9 @@
 
 Results go to ./bench-results (in the current directory) unless --results-dir says otherwise: never
 into the installed package.
+
+Exits 1 when a provider raised or a vqfast provider returned rows that break its precision's
+contract against the float64 oracle (table.failures); the tables show those rows as ERROR / wrong.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import torch
 from vqfast.bench import dropin, faiss_cpu, forward, memory, multiscale, train_step
 from vqfast.bench.presets import PRESETS, get_preset
 from vqfast.bench.results import add_ratios, append_jsonl, environment, results_path
-from vqfast.bench.table import format_table, header_line
+from vqfast.bench.table import failures, format_table, header_line
 
 # Each question module has cases(preset) and run(preset, device, env, log, case_list).
 QUESTIONS = {"forward": forward, "train_step": train_step, "multiscale": multiscale, "memory": memory,
@@ -136,7 +139,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"\n## {q}\n\n{table}")
     for q, count in saved.items():
         print(f"appended {count} records to {results_path(args.results_dir, q, device.type)}")
-    return 0
+    failed = failures(records)
+    for line in failed:
+        print(f"FAILED: {line}")
+    return 1 if failed else 0
 
 
 def standalone(question: str, argv: list[str]) -> int:

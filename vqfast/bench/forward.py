@@ -2,9 +2,14 @@
 
 Per case and provider the record holds ms (median and best), TFLOP/s counting 2 N K D flops, GB/s
 counting one read of z and the codebook and one write of indices + codewords (the useful measure
-when K is small and the search is memory bound), and, against vqfast's exact search of the same
-inputs, the fraction of rows whose index differs and the relative increase in quantisation error
-sum |z - c|^2. On CUDA it also times a GEMM-only run (z @ codebook.T, same shape and precision)
+when K is small and the search is memory bound), and, against the independent float64 oracle
+(vqfast.testing.oracle) on a sample of rows (all rows when N x K x D is small; oracle.sample_rows),
+the fraction of rows whose index differs (index_mismatch), the relative increase in quantisation
+error sum |z - c|^2 (qerr_increase), and wrong_rows: sampled rows that break the provider's own
+contract (exact mode: not the oracle's pick; fast mode: beyond the bound of its documented rounding,
+oracle.fast_bound). Peers promise neither, so they get no wrong_rows. A vqfast provider with wrong
+rows, or any provider that raises (status "error", never "skipped"), makes `vqfast bench` exit 1
+(table.failures). On CUDA it also times a GEMM-only run (z @ codebook.T, same shape and precision)
 in the same process, so gemm_fraction = gemm ms / provider ms says how close the fused search
 comes to the matrix multiply it cannot avoid.
 """
@@ -12,11 +17,11 @@ from __future__ import annotations
 
 import torch
 
-import vqfast
 from vqfast.bench import providers as P
 from vqfast.bench.presets import Preset
 from vqfast.bench.results import available_memory_bytes
 from vqfast.bench.timing import measure
+from vqfast.testing import oracle
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -35,8 +40,22 @@ def cases(preset: Preset) -> list[dict]:
     return out
 
 
-def _quant_error(z: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor) -> float:
-    return float(((z.double() - codebook.double().index_select(0, idx.to(codebook.device))) ** 2).sum())
+def oracle_answer(z: torch.Tensor, codebook: torch.Tensor, rows: torch.Tensor) -> oracle.Answer:
+    """The oracle's answer for rows [M] of z (on z's device)."""
+    return oracle.nearest(z[rows.to(z.device)], codebook)
+
+
+def wrong_rows(prov: P.Provider, answer: oracle.Answer, idx: torch.Tensor, z: torch.Tensor,
+               codebook: torch.Tensor) -> int | None:
+    """Sampled rows where a vqfast provider breaks its precision's contract (None for peers)."""
+    if prov.group != "vqfast":
+        return None
+    if prov.precision == "exact":
+        bad = oracle.exact_violations(answer, idx, codebook, oracle.effective_search_dtype(z, codebook))
+    else:
+        u_op, u_acc = oracle.fast_rounding(prov.backend, z.device.type, z.dtype, codebook.dtype)
+        bad = oracle.fast_violations(answer, idx, oracle.fast_bound(z, codebook, "l2", u_op, u_acc))
+    return int(bad.sum())
 
 
 def _gemm_ms(z: torch.Tensor, codebook: torch.Tensor, precision: str, preset: Preset) -> float:
@@ -60,8 +79,8 @@ def make_inputs(case: dict, device: torch.device) -> tuple[torch.Tensor, torch.T
 def run_case(case: dict, preset: Preset, device: torch.device, env: dict, log=print) -> list[dict]:
     n, d, k, dtype = case["n"], case["d"], case["k"], DTYPES[case["dtype"]]
     z, codebook = make_inputs(case, device)
-    exact_idx, _, _ = vqfast.nearest_codeword(z, codebook, precision="exact")
-    exact_err = _quant_error(z, codebook, exact_idx)
+    rows = oracle.sample_rows(n, k, d)
+    answer = oracle_answer(z, codebook, rows)
     gemm: dict[str, float] = {}
     elem = z.element_size()
     traffic = (n * d + k * d) * elem + n * (8 + d * elem)
@@ -81,22 +100,32 @@ def run_case(case: dict, preset: Preset, device: torch.device, env: dict, log=pr
             log(f"  {prov.name:<22} skipped: {reason}")
             records.append(rec)
             continue
-        with torch.no_grad():
-            idx, _ = fn(z, codebook)
-            t = measure(lambda: fn(z, codebook), device=device, warmup=max(0, preset.warmup - 1), repeats=preset.repeats)
+        try:
+            with torch.no_grad():
+                idx, _ = fn(z, codebook)
+                t = measure(lambda: fn(z, codebook), device=device, warmup=max(0, preset.warmup - 1),
+                            repeats=preset.repeats)
+        except Exception as exc:  # a provider that crashes is a finding, shown as an error
+            rec.update(status="error", reason=f"{type(exc).__name__}: {exc}", value=None)
+            log(f"  {prov.name:<22} ERROR: {rec['reason']}")
+            records.append(rec)
+            continue
         value = t.stat(preset.stat)
-        err = _quant_error(z, codebook, idx)
+        picked = idx[rows.to(idx.device)].to(answer.indices.device)
         rec.update(
             value=value, median_ms=t.median_ms, best_ms=t.best_ms, repeats=len(t.runs_ms),
             tflops=2.0 * n * k * d / (value * 1e-3) / 1e12, gbps=traffic / (value * 1e-3) / 1e9,
-            index_mismatch=float((idx.to(exact_idx.device) != exact_idx).double().mean()),
-            qerr_increase=(err - exact_err) / exact_err if exact_err > 0 else 0.0,
+            checked_rows=int(rows.numel()),
+            index_mismatch=oracle.mismatch_fraction(answer, picked),
+            qerr_increase=oracle.quantisation_error_increase(answer, picked),
+            wrong_rows=wrong_rows(prov, answer, picked, z[rows.to(z.device)], codebook),
         )
         if device.type == "cuda":
             if prov.precision not in gemm:
                 gemm[prov.precision] = _gemm_ms(z, codebook, prov.precision, preset)
             rec.update(gemm_ms=gemm[prov.precision], gemm_fraction=gemm[prov.precision] / value)
-        log(f"  {prov.name:<22} {value:10.3f} ms  mismatch {rec['index_mismatch']:.2e}")
+        wrong = "" if not rec["wrong_rows"] else f"  WRONG on {rec['wrong_rows']} of {rec['checked_rows']} rows"
+        log(f"  {prov.name:<22} {value:10.3f} ms  mismatch {rec['index_mismatch']:.2e}{wrong}")
         records.append(rec)
     return records
 

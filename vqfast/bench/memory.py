@@ -119,20 +119,20 @@ def run(preset: Preset, device: torch.device, env: dict, log=print, case_list: l
             need = prov.working_bytes(case["n"], case["k"], case["d"], torch.float32)
             if reason is None and need > MEMORY_SHARE * available_memory_bytes(device):
                 reason = f"needs ~{need / 2**30:.1f} GiB of working memory, more than {MEMORY_SHARE:.0%} of what is free"
-            if reason is None:
-                try:
-                    if device.type == "cuda":
-                        value = _measure_in_process(case, prov.name, device)
-                    else:
-                        value = _measure_subprocess(case, prov.name)
-                except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                    reason = str(exc)
             if reason is not None:
                 rec.update(status="skipped", reason=reason, value=None)
                 log(f"  {prov.name:<22} skipped: {reason}")
-            else:
-                rec["value"] = value
-                log(f"  {prov.name:<22} {value / 2**20:10.1f} MiB")
+                records.append(rec)
+                continue
+            try:
+                if device.type == "cuda":
+                    rec["value"] = _measure_in_process(case, prov.name, device)
+                else:
+                    rec["value"] = _measure_subprocess(case, prov.name)
+                log(f"  {prov.name:<22} {rec['value'] / 2**20:10.1f} MiB")
+            except Exception as exc:  # a provider that crashes is a finding (an error), never a skip
+                rec.update(status="error", reason=f"{type(exc).__name__}: {exc}", value=None)
+                log(f"  {prov.name:<22} ERROR: {rec['reason']}")
             records.append(rec)
     return records
 

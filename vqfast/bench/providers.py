@@ -40,6 +40,7 @@ class Provider:
     # Bytes of working memory beyond the inputs for a case (used to skip what cannot fit).
     working_bytes: Callable[..., int]
     precision: str = "exact"
+    backend: str | None = None  # the vqfast backend a "vqfast" provider runs
 
 
 def _always(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -126,7 +127,8 @@ def forward_providers(device: torch.device, precisions: tuple[str, ...] = ("exac
     for backend in vqfast.available_backends(device):
         for precision in precisions:
             name = f"vqfast-{backend}" + ("" if precision == "exact" else "-fast")
-            out.append((Provider(name, "vqfast", _always, _chunk_bytes, precision), vqfast_forward(backend, precision)))
+            out.append((Provider(name, "vqfast", _always, _chunk_bytes, precision, backend),
+                        vqfast_forward(backend, precision)))
     return out
 
 

@@ -53,6 +53,7 @@ struct TileArgs {
   int64_t Kp;           // K rounded up to a multiple of CODE_PAD
   T tol_coef;           // 2 gamma_{D+3} ("exact" precision) or 0 ("fast")
   T cmax;               // an upper bound of max ||c||
+  T tol_floor;          // added to every exact tolerance: what subnormal products and sums lose
   RowState<T>* state;   // [rows], set by the kernel
   T* scratch;           // D * TILE_ROWS + BLOCK_ELEMS elements
 };

@@ -234,7 +234,7 @@ void init_states(const TileArgs<T>& a, const T* zT) {
     for (int l = 0; l < W && r0 + l < a.rows; ++l) {
       RowState<T>& st = a.state[r0 + l];
       const T zn = sizeof(T) == 4 ? __builtin_sqrtf(static_cast<float>(s[l])) : __builtin_sqrt(s[l]);
-      const T tol = a.tol_coef == T(0) ? T(0) : a.tol_coef * a.cmax * (T(2) * zn + a.cmax) * slack;
+      const T tol = a.tol_coef == T(0) ? T(0) : a.tol_coef * a.cmax * (T(2) * zn + a.cmax) * slack + a.tol_floor;
       st.best = infinity<T>();
       st.best_k = 0;
       st.tol = tol;

@@ -1,0 +1,47 @@
+"""Planted bugs must be caught: each mutation of vqfast/testing/mutations.py is applied in memory to a
+fresh pytest process (VQFAST_MUTATION, read by tests/conftest.py) that runs the tests listed for it,
+stopping at the first failure. A run that passes means the suite lets that bug through ("survives").
+
+The list covers the CPU kernel's outputs (second-nearest on 1 % of rows, no float64 re-rank, wrong
+picks on near ties, the highest index on ties, codewords off by 1e-3, distances from the cancelling
+expansion, fast mode 10 % wrong), the torch backend's reference search without its re-rank, the
+module loss (beta on the wrong term), EMA (Laplace smoothing off), dead-code restarts (<= for <) and
+the benchmark (mismatches against vqfast itself, a crash not failing the run).
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vqfast.testing.mutations import MUTATIONS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_with(name: str | None, args: tuple[str, ...]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("VQFAST_MUTATION", None)
+    if name is not None:
+        env["VQFAST_MUTATION"] = name
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+
+
+@pytest.mark.parametrize("name", sorted(MUTATIONS))
+def test_planted_bug_is_caught(name):
+    mutation = MUTATIONS[name]
+    out = _run_with(name, mutation.tests)
+    tail = (out.stdout[-3000:] + out.stderr[-1500:]).strip()
+    # pytest exits 1 when tests failed; 0 means the bug survived; anything else (2 collection error,
+    # 4 usage error, 5 no tests) means the mutation or its test selection is broken.
+    assert out.returncode != 0, f"planted bug survived: {mutation.what}\n{tail}"
+    assert out.returncode == 1 and " failed" in out.stdout, f"the run did not fail on a test:\n{tail}"
+    # The failure must be a test's assertion (or pytest.fail), not the planted code crashing.
+    caught = [line for line in out.stdout.splitlines() if line.startswith("planted bug caught by: ")]
+    assert caught and all(line.endswith(("(AssertionError)", "(Failed)")) for line in caught), tail
+
+
+def test_unknown_mutation_is_a_usage_error():
+    out = _run_with("no-such-mutation", ("tests/test_readme.py",))
+    assert out.returncode == 4 and "no-such-mutation" in out.stderr + out.stdout
