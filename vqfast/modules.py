@@ -108,17 +108,23 @@ class CodebookLearning(nn.Module):
         return out
 
     @torch.no_grad()
-    def _update_ema(self, flat: torch.Tensor, indices: torch.Tensor) -> None:
+    def _assignment_stats(self, flat: torch.Tensor, indices: torch.Tensor, with_sums: bool = True):
+        """Rows flat [N, D] assigned to indices [N] -> (counts [K], sums [K, D]) over every rank's rows."""
         k, d = self.num_embeddings, self.embedding_dim
         data = normalize_for_metric(flat.float(), self.metric)
         # counts and sums in one [K, 1 + D] tensor: a single all_reduce gives every rank the statistics
         # of the concatenated global batch, whatever each rank's batch size.
         stats = torch.zeros(k, 1 + d, dtype=torch.float32, device=flat.device)
         stats[:, 0].index_add_(0, indices, torch.ones_like(data[:, 0]))
-        if self.ema:
+        if with_sums:
             stats[:, 1:].index_add_(0, indices, data)
         distributed.all_reduce_sum_(stats)
-        counts, sums = stats[:, 0], stats[:, 1:]
+        return stats[:, 0], stats[:, 1:]
+
+    @torch.no_grad()
+    def _update_ema(self, flat: torch.Tensor, indices: torch.Tensor) -> None:
+        k = self.num_embeddings
+        counts, sums = self._assignment_stats(flat, indices, with_sums=self.ema)
         self.cluster_size.mul_(self.decay).add_(counts.to(self.cluster_size.dtype), alpha=1 - self.decay)
         if not self.ema:
             return

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from vqfast.data import to_uint8
-from vqfast.models import MultiScaleVQVAE
+from vqfast.models import VQVAE
 from vqfast.train import CHECKPOINT_FORMAT, build_model
 
 
@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output", help="tokens .pt (encode) or image file (decode)")
 
 
-def load_model(path: str | Path) -> MultiScaleVQVAE:
+def load_model(path: str | Path) -> VQVAE:
     path = Path(path)
     if not path.exists():
         raise ValueError(f"checkpoint {path} does not exist")
@@ -62,14 +62,14 @@ def main(args: argparse.Namespace) -> int:
     model = load_model(args.checkpoint)
     if args.mode == "encode":
         idx_list = model.img_to_idxBl(image_to_tensor(args.input, model.image_size))
-        torch.save({"patch_nums": list(model.patch_nums), "idx_list": idx_list}, args.output)
-        print(f"{args.input} -> {sum(i.shape[1] for i in idx_list)} tokens over scales {model.patch_nums} -> {args.output}")
+        torch.save({"patch_nums": list(model.v_patch_nums), "idx_list": idx_list}, args.output)
+        print(f"{args.input} -> {sum(i.shape[1] for i in idx_list)} tokens over scales {model.v_patch_nums} -> {args.output}")
     else:
         import matplotlib.pyplot as plt
 
         tokens = torch.load(args.input, map_location="cpu", weights_only=True)
-        if not isinstance(tokens, dict) or list(tokens.get("patch_nums", [])) != list(model.patch_nums):
-            raise ValueError(f"{args.input} holds no index maps for this checkpoint's scales {model.patch_nums}")
-        plt.imsave(args.output, to_uint8(model.idxBl_to_img(tokens["idx_list"]))[0])
+        if not isinstance(tokens, dict) or list(tokens.get("patch_nums", [])) != list(model.v_patch_nums):
+            raise ValueError(f"{args.input} holds no index maps for this checkpoint's scales {model.v_patch_nums}")
+        plt.imsave(args.output, to_uint8(model.idxBl_to_img(tokens["idx_list"], same_shape=True, last_one=True))[0])
         print(f"{args.input} -> {args.output}")
     return 0

@@ -24,29 +24,31 @@ import torch
 import torch.nn.functional as F
 
 from vqfast.data import RealImageCrops, mean_colour_baseline, psnr, to_uint8
-from vqfast.models import MultiScaleVQVAE
+from vqfast.models import VQVAE
 
 CHECKPOINT_FORMAT = "vqfast-train-1"
 
+# ``model`` holds vqfast.models.VQVAE's constructor arguments (VAR's names; the codebook options of
+# vqfast.models.MultiScaleQuantizer included), in plain types.
 PRESETS: dict[str, dict] = {
-    # For tests: 16 x 16 crops, 4 scales, ~30 k parameters; a step takes milliseconds.
+    # For tests: 16 x 16 crops, 4 scales, VAR's architecture at 2 levels and width 8; a step takes milliseconds.
     "tiny": dict(
-        model=dict(vocab_size=64, Cvae=8, ch=8, ch_mult=(1, 2), patch_nums=(1, 2, 4, 8), image_size=16, num_phi=2),
+        model=dict(vocab_size=64, z_channels=8, ch=8, ch_mult=(1, 2), num_res_blocks=1, norm_groups=4,
+                   v_patch_nums=(1, 2, 4, 8), image_size=16, share_quant_resi=2),
         batch_size=8, steps=20, lr=2e-3, eval_images=16, train_items=100_000,
     ),
     # The main job on 2 CPU cores: 32 x 32 crops -> 8 x 8 latents, 6 scales = 130 tokens per image.
     "demo": dict(
-        # Channels 8/16/32 at 32/16/8 px, ~0.5 GFLOP forward per batch of 16: ~5 steps/s on one
-        # busy core, so 1500 steps take ~5 minutes. lr 4e-3 (cosine-decayed): at 1e-3 the output
-        # bias alone needs ~500 Adam steps to reach the mean colour.
-        model=dict(vocab_size=256, Cvae=16, ch=8, ch_mult=(1, 2, 4), patch_nums=(1, 2, 3, 4, 6, 8), image_size=32,
-                   num_phi=4),
+        # lr 4e-3 (cosine-decayed): at 1e-3 the output bias alone needs ~500 Adam steps to reach the mean colour.
+        model=dict(vocab_size=256, z_channels=16, ch=8, ch_mult=(1, 2, 4), num_res_blocks=1, norm_groups=4,
+                   v_patch_nums=(1, 2, 3, 4, 6, 8), image_size=32),
         batch_size=16, steps=1500, lr=4e-3, eval_images=256, train_items=1_000_000,
     ),
-    # VAR's tokenizer shape (256 x 256, 10 scales, 680 tokens, vocabulary 4096, Cvae 32): GPU-sized.
+    # VAR's published tokenizer (vae_ch160v4096z32.pth: 256 x 256, 10 scales, 680 tokens, vocabulary
+    # 4096, z_channels 32, four Phi): GPU-sized.
     "var": dict(
-        model=dict(vocab_size=4096, Cvae=32, ch=128, ch_mult=(1, 1, 2, 2, 4),
-                   patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), image_size=256, num_phi=4),
+        model=dict(vocab_size=4096, z_channels=32, ch=160, v_patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+                   image_size=256),
         batch_size=8, steps=50_000, lr=2e-4, eval_images=64, train_items=10_000_000,
     ),
 }
@@ -69,8 +71,7 @@ def make_config(preset: str, steps: int | None = None, seed: int = 0, backend: s
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     cfg = copy.deepcopy(PRESETS[preset])
-    cfg["model"]["ch_mult"] = list(cfg["model"]["ch_mult"])
-    cfg["model"]["patch_nums"] = list(cfg["model"]["patch_nums"])
+    cfg["model"] = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg["model"].items()}
     if steps is not None:
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive int, got {steps!r}")
@@ -85,10 +86,8 @@ def _identity(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if k not in ("steps", "backend")}
 
 
-def build_model(cfg: dict) -> MultiScaleVQVAE:
-    m = cfg["model"]
-    return MultiScaleVQVAE(**{**m, "ch_mult": tuple(m["ch_mult"]), "patch_nums": tuple(m["patch_nums"])},
-                           backend=cfg.get("backend", "auto"))
+def build_model(cfg: dict) -> VQVAE:
+    return VQVAE(**cfg["model"], test_mode=False, backend=cfg.get("backend", "auto"))
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -118,21 +117,6 @@ def load_checkpoint(path: Path, cfg: dict) -> dict:
     return state
 
 
-@torch.no_grad()
-def init_codebook_from_data(model: MultiScaleVQVAE, images: torch.Tensor) -> None:
-    """Codewords = random encoder feature vectors of ``images`` at every scale, plus 1 % noise.
-
-    VAR's uniform +-1/K init leaves the codebook ~100x smaller than the features, so f_hat, and
-    with it the decoder's input, stays near zero for hundreds of Adam steps; starting from features
-    gives a useful reconstruction from the first steps (data-dependent init, as k-means init does).
-    """
-    f = model.encoder(images)
-    feats = torch.cat([model._down(f, p).permute(0, 2, 3, 1).reshape(-1, model.Cvae) for p in model.patch_nums])
-    pick = torch.randint(0, len(feats), (model.vocab_size,))
-    cb = feats[pick]
-    model.embedding.weight.copy_(cb + 0.01 * cb.std() * torch.randn_like(cb))
-
-
 def batch_indices(cfg: dict, step: int) -> range:
     """The data order: step t trains on items [t * B, (t + 1) * B) of the train split."""
     b = cfg["batch_size"]
@@ -141,9 +125,9 @@ def batch_indices(cfg: dict, step: int) -> range:
 
 
 @torch.no_grad()
-def evaluate(model: MultiScaleVQVAE, images: torch.Tensor, batch_size: int = 64) -> dict:
-    """Held-out metrics: PSNR of reconstructions vs the mean-colour baseline, codebook usage,
-    perplexity of the token distribution, and encode throughput."""
+def evaluate(model: VQVAE, images: torch.Tensor, batch_size: int = 64) -> dict:
+    """Held-out metrics: PSNR of reconstructions vs the mean-colour baseline, codebook usage (overall
+    and per scale), perplexity of the token distribution, and encode throughput."""
     model.eval()
     recons, tokens = [], []
     t0 = time.perf_counter()
@@ -152,11 +136,12 @@ def evaluate(model: MultiScaleVQVAE, images: torch.Tensor, batch_size: int = 64)
     encode_s = time.perf_counter() - t0
     tokens = torch.cat(tokens)
     for i in range(0, len(images), batch_size):
-        recons.append(model.idxBl_to_img(_split_tokens(model, tokens[i: i + batch_size])))
+        recons.append(model.idxBl_to_img(_split_tokens(model, tokens[i: i + batch_size]), same_shape=True, last_one=True))
     recon = torch.cat(recons)
     counts = torch.bincount(tokens.flatten(), minlength=model.vocab_size).double()
     p = counts / counts.sum()
     entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
+    used_per_scale = [int(torch.unique(t).numel()) for t in _split_tokens(model, tokens)]
     model.train()
     return {
         "heldout_images": len(images),
@@ -165,12 +150,14 @@ def evaluate(model: MultiScaleVQVAE, images: torch.Tensor, batch_size: int = 64)
         "codebook_usage": int((counts > 0).sum().item()) / model.vocab_size,
         "codebook_used": int((counts > 0).sum().item()),
         "perplexity": math.exp(entropy),
+        "codebook_used_per_scale": used_per_scale,
+        "codebook_usage_per_scale": [u / model.vocab_size for u in used_per_scale],
         "encode_tokens_per_s": tokens.numel() / encode_s,
     }, recon
 
 
-def _split_tokens(model: MultiScaleVQVAE, flat: torch.Tensor) -> list[torch.Tensor]:
-    return list(flat.split([p * p for p in model.patch_nums], dim=1))
+def _split_tokens(model: VQVAE, flat: torch.Tensor) -> list[torch.Tensor]:
+    return list(flat.split([p * p for p in model.v_patch_nums], dim=1))
 
 
 def _save_grid(path: Path, originals: torch.Tensor, recons: torch.Tensor, pairs_per_row: int = 4) -> None:
@@ -228,8 +215,6 @@ def train(cfg: dict, out: str | Path, resume: bool = False, checkpoint_every: in
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.95))
     step, history = 0, []
     data = RealImageCrops("train", cfg["model"]["image_size"], cfg["train_items"], seed=seed)
-    if not resume:
-        init_codebook_from_data(model, data.batch(range(cfg["train_items"] - cfg["batch_size"], cfg["train_items"])))
     if resume:
         if not ckpt_path.exists():
             raise ValueError(f"--resume given but {ckpt_path} does not exist")
@@ -259,7 +244,8 @@ def train(cfg: dict, out: str | Path, resume: bool = False, checkpoint_every: in
             group["lr"] = cfg["lr"] * 0.5 * (1 + math.cos(math.pi * step / cfg["steps"]))
         img = data.batch(batch_indices(cfg, step))
         t0 = time.perf_counter()
-        recon, vq_loss, idx_list = model(img)
+        model.quantize.reset_usage()  # the progress bar shows this batch's codebook usage
+        recon, _, vq_loss = model(img)
         rec_loss = F.mse_loss(recon, img)
         loss = rec_loss + vq_loss
         opt.zero_grad(set_to_none=True)
@@ -270,7 +256,7 @@ def train(cfg: dict, out: str | Path, resume: bool = False, checkpoint_every: in
         step += 1
         with torch.no_grad():
             batch_psnr = psnr(recon, img).mean().item()
-            used = torch.unique(torch.cat(idx_list, dim=1)).numel()
+            used = round(model.quantize.codebook_usage() * model.vocab_size)
         history.append({"step": step, "loss": loss.item(), "rec_loss": rec_loss.item(), "psnr": batch_psnr})
         bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{batch_psnr:.2f}", usage=f"{used}/{model.vocab_size}")
         bar.update(1)
