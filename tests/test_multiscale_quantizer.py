@@ -104,11 +104,12 @@ def test_usage_per_scale_counts_every_forward():
 
 # ---- each option against the oracle ------------------------------------------------------------------
 
-def test_ema_moves_codes_to_the_mean_of_their_rows_over_all_scales():
+@pytest.mark.parametrize("batch", [1, 3])  # with one image the last scale's rows are a view of the residual
+def test_ema_moves_codes_to_the_mean_of_their_rows_over_all_scales(batch):
     q = make(ema=True, decay=0.8)
     assert not q.embedding.weight.requires_grad and q.quant_resi.qresi_ls[0].weight.requires_grad
     avg0 = q.embed_avg.clone()
-    f = features()
+    f = features(batch=batch)
     records, _ = oracle(q, f)
     q.train()(f)
     rows = torch.cat([r for r, _, _ in records])
@@ -261,3 +262,58 @@ def test_option_errors():
         make(l2_codes="yes")
     with pytest.raises(ValueError, match="decay"):
         make(ema=True, decay=1.5)
+
+
+# ---- torch.distributed -------------------------------------------------------------------------------
+
+SPLITS = [(1, 3), (3, 1), (2, 2), (1, 3), (3, 1)]  # images per rank of each global batch of 4
+
+
+def _dist_models():
+    torch.manual_seed(0)
+    synced = MultiScaleQuantizer(*ARGS, ema=True, decay=0.7, kmeans_init=True, kmeans_iters=2, dead_code_threshold=2.0)
+    torch.manual_seed(0)
+    ema_only = MultiScaleQuantizer(*ARGS, ema=True, decay=0.7)
+    return synced.train(), ema_only.train()
+
+
+def _dist_train(models, rank=None):
+    for step, split in enumerate(SPLITS):
+        f = features(seed=100 + step, batch=4)
+        if rank is not None:
+            f = f[sum(split[:rank]): sum(split[: rank + 1])]
+        for q in models:
+            q(f)
+    return [{k: v.clone() for k, v in q.state_dict().items()} for q in models]
+
+
+def _dist_worker(rank, init_file, out_dir):
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.save(_dist_train(_dist_models(), rank), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_keep_one_codebook(tmp_path):
+    """Every option's statistics and draws are synchronised: both ranks end with the same state, and
+    with EMA alone (order-free sums) it is one process's state on the concatenated batches."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_dist_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for a, b in zip(*ranks):
+        assert list(a) == list(b)
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+    synced, ema_only = ranks[0]
+    assert bool(synced["initted"])
+    single = _dist_train(_dist_models())[1]
+    for key, value in single.items():
+        torch.testing.assert_close(ema_only[key], value, rtol=1e-5, atol=1e-6)

@@ -199,16 +199,18 @@ class MultiScaleQuantizer(VectorQuantizer2, CodebookLearning):
             metric = "cosine" if self.l2_codes or self.using_znorm else "l2"
 
         def lookup_search(z_NC: torch.Tensor) -> torch.Tensor:
+            # A copy: at the last scale z_NC can be a view of the residual the loop then updates in place.
+            z = z_NC.detach().clone()
             if self._custom_lookup():
-                rows = self._lookup_rows(z_NC.detach())
+                rows = self._lookup_rows(z)
                 # The public op per scale: its checks and float64 fallback cost ~0.1 ms, against a
                 # training step of ~100 ms for the demo preset.
                 idx = nearest_codeword(rows.detach(), codes, metric=metric, precision=self.vqfast_precision,
                                        backend=self.vqfast_backend)[0]
             else:
-                rows, idx = z_NC.detach(), search(z_NC)
+                rows, idx = z, search(z_NC)
             if self._collected is not None:
-                self._collected.append((rows, idx, z_NC.detach()))
+                self._collected.append((rows, idx, z))
             return idx
 
         return super()._run_scales(f, patch_hws, with_loss, stop_after, lookup_search)
