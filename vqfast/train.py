@@ -34,7 +34,8 @@ PRESETS: dict[str, dict] = {
     # For tests: 16 x 16 crops, 4 scales, VAR's architecture at 2 levels and width 8; a step takes milliseconds.
     "tiny": dict(
         model=dict(vocab_size=64, z_channels=8, ch=8, ch_mult=(1, 2), num_res_blocks=1, norm_groups=4,
-                   v_patch_nums=(1, 2, 4, 8), image_size=16, share_quant_resi=2),
+                   v_patch_nums=(1, 2, 4, 8), image_size=16, share_quant_resi=2,
+                   kmeans_init=True, dead_code_threshold=1.0),
         batch_size=8, steps=20, lr=2e-3, eval_images=16, train_items=100_000,
     ),
     # The main job on 2 CPU cores: 32 x 32 crops -> 8 x 8 latents, 6 scales = 130 tokens per image.
@@ -222,6 +223,8 @@ def train(cfg: dict, out: str | Path, resume: bool = False, checkpoint_every: in
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, history = state["step"], state["history"]
+        # VAR keeps the schedule counter of ema_vocab_hit_SV outside its state_dict.
+        model.quantize.record_hit = state["record_hit"]
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
@@ -229,7 +232,7 @@ def train(cfg: dict, out: str | Path, resume: bool = False, checkpoint_every: in
     def checkpoint() -> None:
         save_checkpoint(ckpt_path, {
             "format": CHECKPOINT_FORMAT, "config": cfg, "step": step, "history": history,
-            "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "record_hit": model.quantize.record_hit,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
         })
 
