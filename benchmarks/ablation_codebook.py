@@ -6,7 +6,8 @@
     python benchmarks/ablation_codebook.py --report-only      # redraw the plot and table from the JSON
 
 Every variant is ``vqfast train --preset demo`` with the preset's codebook options replaced by the
-variant's (``none`` is VAR's quantizer as is, ``chosen`` the preset itself), run by the trainer's own
+variant's (``none`` is VAR's quantizer as is, ``chosen`` the preset itself; one more row pairs l2 codes
+with the low-dimensional lookup, as the literature does), run by the trainer's own
 ``train()`` in a child process with one torch thread, ``--jobs`` (default 2) at a time. Held-out
 metrics come from the trainer's metrics.json: codebook usage (codes hit at least once by the 256
 held-out crops' tokens, overall and per scale), perplexity, PSNR. Times: the training loop's wall
@@ -40,6 +41,8 @@ VARIANTS: dict[str, dict | None] = {
     "ema": {"ema": True},
     "l2_codes": {"l2_codes": True},
     "codebook_dim_8": {"codebook_dim": 8},
+    # The literature's pairing (ViT-VQGAN, LlamaGen): a low-dimensional lookup of l2-normalised codes.
+    "l2_codes+codebook_dim_8": {"l2_codes": True, "codebook_dim": 8},
     "simvq": {"simvq": True},
     "chosen": None,  # the demo preset's own options
 }
