@@ -136,6 +136,10 @@ def test_config_from_state_dict_rejects_foreign_dicts():
         vqvae_config_from_state_dict([1, 2])
     with pytest.raises(ValueError, match="unknown override"):
         vqvae_config_from_state_dict(sd, patch_nums=(1, 2))
+    with pytest.raises(ValueError, match=r"codebook-option state \(quantize.cluster_size"):
+        vqvae_config_from_state_dict(meta_model(**SMALL, dead_code_threshold=1.0).state_dict())
+    with pytest.raises(ValueError, match="quantize.embedding.weight has 4 columns but the encoder outputs 6"):
+        vqvae_config_from_state_dict({**sd, "quantize.embedding.weight": torch.zeros(37, 4)})
 
 
 # ---- the building blocks against plain formulas ----------------------------------------------------

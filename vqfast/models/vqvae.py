@@ -279,7 +279,17 @@ def vqvae_config_from_state_dict(state_dict, **overrides) -> dict:
     def shape(key: str) -> tuple[int, ...]:
         return tuple(state_dict[key].shape)
 
-    vocab_size, z_channels = shape("quantize.embedding.weight")
+    extra = sorted(k for k in keys if k.startswith(("quantize.project_in.", "quantize.embedding.", "quantize.cluster_size",
+                                                     "quantize.embed_avg", "quantize.initted"))
+                   and k != "quantize.embedding.weight")
+    if extra:
+        raise ValueError(f"state_dict holds codebook-option state ({', '.join(extra[:4])}): it is not a bare VAR "
+                         "VQVAE state_dict; rebuild such a model from the configuration saved with it")
+    z_channels = shape("encoder.conv_out.weight")[0]
+    vocab_size, code_dim = shape("quantize.embedding.weight")
+    if code_dim != z_channels:
+        raise ValueError(f"quantize.embedding.weight has {code_dim} columns but the encoder outputs "
+                         f"{z_channels} channels (encoder.conv_out.weight): not a VAR VQVAE state_dict")
     ch = shape("encoder.conv_in.weight")[0]
     levels = _count(keys, r"encoder\.down\.(\d+)\.")
     if levels == 0:
