@@ -1,4 +1,4 @@
-"""Question 3: VAR multi-scale tokenisation (MultiScaleVQVAE.img_to_idxBl) of an image batch.
+"""Question 3: VAR multi-scale tokenisation (vqfast.models.VQVAE.img_to_idxBl) of an image batch.
 
     pytest benchmarks/bench_multiscale.py --vq-preset quick
     python benchmarks/bench_multiscale.py --preset quick     # table + results/multiscale_<device>.jsonl

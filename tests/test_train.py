@@ -96,7 +96,7 @@ def test_presets_build():
     demo = vtrain.build_model(vtrain.make_config("demo"))
     assert demo.num_tokens == 130 and demo.image_size == 32
     var = vtrain.PRESETS["var"]["model"]
-    assert sum(p * p for p in var["patch_nums"]) == 680 and var["vocab_size"] == 4096 and var["Cvae"] == 32
+    assert sum(p * p for p in var["v_patch_nums"]) == 680 and var["vocab_size"] == 4096 and var["z_channels"] == 32
 
 
 def test_kill_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

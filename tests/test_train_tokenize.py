@@ -92,17 +92,13 @@ def test_checkpoints_are_checked(tmp_path, ckpt):
     with pytest.raises(InputError, match="shape.pt does not fit its model: Error"):
         vtok.load_model(tmp_path / "shape.pt")
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "foreign.pt")
-    pattern = ("not a VQVAE state_dict" if hasattr(models, "vqvae_config_from_state_dict")
-               else "needs vqfast.models.vqvae_config_from_state_dict")
-    with pytest.raises(InputError, match=pattern):
+    with pytest.raises(InputError, match="foreign.pt is not a VQVAE state_dict"):
         vtok.load_model(tmp_path / "foreign.pt")
     torch.save([torch.zeros(1)], tmp_path / "list.pt")
     with pytest.raises(InputError, match="neither a vqfast train checkpoint nor a VQVAE state_dict"):
         vtok.load_model(tmp_path / "list.pt")
 
 
-@pytest.mark.skipif(not hasattr(models, "vqvae_config_from_state_dict"),
-                    reason="vqfast.models.vqvae_config_from_state_dict (VAR's VQVAE) is not in this version")
 def test_bare_var_state_dict(tmp_path):
     """A state_dict as VAR saves it (no vqfast wrapper): configuration read from it, same tokens."""
     torch.manual_seed(0)

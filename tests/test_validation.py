@@ -370,13 +370,15 @@ def test_module_with_empty_batch_returns_empty_outputs():
 
 
 def test_models_reject_wrong_images():
-    from vqfast.models import ImprovedVQVAE, MultiScaleVQVAE, SimpleVQVAE
+    from vqfast.models import VQVAE, ImprovedVQVAE, SimpleVQVAE
 
-    ms = MultiScaleVQVAE(vocab_size=37, Cvae=5, ch=8, ch_mult=(1, 2), patch_nums=(1, 3, 4, 7), image_size=14, num_phi=3)
-    for model, size in ((SimpleVQVAE(), 32), (ImprovedVQVAE(), 32), (ms, 14)):
-        with pytest.raises(TypeError, match="img must be a floating-point tensor"):
+    ms = VQVAE(vocab_size=37, z_channels=5, ch=8, ch_mult=(1, 2), num_res_blocks=1, norm_groups=4,
+               v_patch_nums=(1, 3, 4, 7), share_quant_resi=3)
+    # Each message names the argument as the model's forward calls it (VAR's VQVAE: inp).
+    for model, size, name in ((SimpleVQVAE(), 32, "img"), (ImprovedVQVAE(), 32, "img"), (ms, 14, "inp")):
+        with pytest.raises(TypeError, match=f"{name} must be a floating-point tensor"):
             model(torch.zeros(1, 3, size, size, dtype=torch.uint8))
-        with pytest.raises(ValueError, match=r"img must be \[B, 3"):
+        with pytest.raises(ValueError, match=rf"{name} must be \[B, 3"):
             model(torch.zeros(3, size, size))
-        with pytest.raises(TypeError, match="img must be a torch.Tensor"):
+        with pytest.raises(TypeError, match=f"{name} must be a torch.Tensor"):
             model([[0.0]])

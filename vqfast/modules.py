@@ -112,7 +112,135 @@ def _check_indices(indices: object, num_embeddings: int) -> None:
             raise ValueError(f"indices must lie in [0, num_embeddings = {num_embeddings}), got values in [{lo}, {hi}]")
 
 
-class VectorQuantizer(nn.Module):
+class CodebookLearning(nn.Module):
+    """The codebook-learning steps (EMA, k-means init, dead-code restarts), shared by VectorQuantizer
+    and the multi-scale quantizer of vqfast.models. A subclass sets ``num_embeddings``,
+    ``embedding_dim``, ``metric`` and ``backend``, builds ``embedding`` (its ``weight``
+    [num_embeddings, embedding_dim] is the searched codebook), then calls ``_init_codebook_learning``.
+    The steps take flat rows [N, embedding_dim] and their indices [N]; they run without autograd.
+    """
+
+    def _init_codebook_learning(self, ema, decay, eps, kmeans_init, kmeans_iters, dead_code_threshold) -> None:
+        """Set the options and register the state they need (after ``embedding`` exists)."""
+        _check_learning_options(ema, decay, eps, kmeans_init, kmeans_iters, dead_code_threshold)
+        self.ema = ema
+        self.decay = float(decay)
+        self.eps = float(eps)
+        self.kmeans_init = kmeans_init
+        self.kmeans_iters = kmeans_iters
+        self.dead_code_threshold = float(dead_code_threshold)
+        if ema or self.dead_code_threshold > 0:
+            # EMA usage per code, in assignments per training step. Starting at 1 with embed_avg = weight
+            # keeps weight = embed_avg / cluster_size for codes that are never used (no blow-up at step 1).
+            self.register_buffer("cluster_size", torch.ones(self.num_embeddings))
+        if ema:
+            self.register_buffer("embed_avg", self.embedding.weight.detach().clone())
+            self.embedding.weight.requires_grad_(False)
+        # A Python flag mirrors the ``initted`` buffer so forward branches on no tensor value: once the
+        # codebook is initialised, torch.compile(fullgraph=True) traces a graph without k-means in it.
+        self._kmeans_pending = kmeans_init
+        if kmeans_init:
+            self.register_buffer("initted", torch.tensor(False))
+            self.register_load_state_dict_post_hook(_sync_kmeans_flag)
+
+    def _learning_repr(self) -> str:
+        out = ""
+        if self.ema:
+            out += f", ema=True, decay={self.decay}, eps={self.eps}"
+        if self.kmeans_init:
+            out += f", kmeans_init=True, kmeans_iters={self.kmeans_iters}"
+        if self.dead_code_threshold > 0:
+            out += f", dead_code_threshold={self.dead_code_threshold}"
+        return out
+
+    @torch.no_grad()
+    def _assignment_stats(self, flat: torch.Tensor, indices: torch.Tensor, with_sums: bool = True):
+        """Rows flat [N, D] assigned to indices [N] -> (counts [K], sums [K, D]) over every rank's rows."""
+        k, d = self.num_embeddings, self.embedding_dim
+        data = normalize_for_metric(flat.float(), self.metric)
+        # counts and sums in one [K, 1 + D] tensor: a single all_reduce gives every rank the statistics
+        # of the concatenated global batch, whatever each rank's batch size.
+        stats = torch.zeros(k, 1 + d, dtype=torch.float32, device=flat.device)
+        stats[:, 0].index_add_(0, indices, torch.ones_like(data[:, 0]))
+        if with_sums:
+            stats[:, 1:].index_add_(0, indices, data)
+        distributed.all_reduce_sum_(stats)
+        return stats[:, 0], stats[:, 1:]
+
+    @torch.no_grad()
+    def _update_ema(self, flat: torch.Tensor, indices: torch.Tensor) -> None:
+        k = self.num_embeddings
+        counts, sums = self._assignment_stats(flat, indices, with_sums=self.ema)
+        self.cluster_size.mul_(self.decay).add_(counts.to(self.cluster_size.dtype), alpha=1 - self.decay)
+        if not self.ema:
+            return
+        self.embed_avg.mul_(self.decay).add_(sums.to(self.embed_avg.dtype), alpha=1 - self.decay)
+        # Laplace smoothing: no code divides by ~0, and the total usage n is preserved.
+        n = self.cluster_size.sum()
+        smoothed = (self.cluster_size + self.eps) / (n + k * self.eps) * n
+        new = self.embed_avg / smoothed[:, None]
+        self.embedding.weight.copy_(normalize_for_metric(new, self.metric).to(self.embedding.weight.dtype))
+
+    @torch.no_grad()
+    def _set_codes(self, mask: torch.Tensor, values: torch.Tensor, usage: torch.Tensor) -> None:
+        """Codes where mask [K] is True take codewords values [K, D] and EMA usage usage [K] (EMA state reset)."""
+        w = self.embedding.weight
+        m = mask[:, None]
+        w.copy_(torch.where(m, values.to(w.dtype), w))
+        if hasattr(self, "cluster_size"):
+            self.cluster_size.copy_(torch.where(mask, usage.to(self.cluster_size.dtype), self.cluster_size))
+        if self.ema:
+            reset = (values.float() * usage.float()[:, None]).to(self.embed_avg.dtype)
+            self.embed_avg.copy_(torch.where(m, reset, self.embed_avg))
+
+    @torch.no_grad()
+    def _kmeans_init(self, flat: torch.Tensor) -> None:
+        k, d = self.num_embeddings, self.embedding_dim
+        data = distributed.gather_rows(flat.float())  # every rank's rows, in rank order
+        if data.shape[0] == 0:  # the same on every rank: wait for a batch with rows
+            return
+        if distributed.rank() == 0:
+            centroids, counts = kmeans(data, k, iters=self.kmeans_iters, metric=self.metric, backend=self.backend)
+        else:
+            centroids = torch.empty(k, d, dtype=torch.float32, device=flat.device)
+            counts = torch.empty(k, dtype=torch.float32, device=flat.device)
+        distributed.broadcast_(centroids)
+        distributed.broadcast_(counts)
+        # A cluster left empty by Lloyd keeps its centroid; usage 1 keeps it from collapsing to 0 in EMA.
+        self._set_codes(torch.ones(k, dtype=torch.bool, device=flat.device), centroids, counts.clamp_min(1.0))
+        self.initted.fill_(True)
+        self._kmeans_pending = False
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, flat: torch.Tensor) -> None:
+        k = self.num_embeddings
+        dead = self.cluster_size < self.dead_code_threshold  # [K] bool
+        # One uniform draw per code, every step, before any branch: the random stream (and so the
+        # codebook) is the same for one process and for rank 0 of a group seeing the same global batch.
+        u = torch.rand(k, device=flat.device)
+        if distributed.is_distributed():
+            # Rank 0 decides which codes are dead and whether rows are gathered at all, so every rank
+            # enters the same collectives; skipping the gather when nothing is dead saves a round trip.
+            dead = distributed.broadcast_(dead.to(torch.uint8)).bool()
+            if not bool(dead.any()):
+                return
+            data = distributed.gather_rows(flat.float())
+            if data.shape[0] == 0:  # the same on every rank: nothing to seed from
+                return
+            seeds = data[(u * data.shape[0]).long().clamp_max(data.shape[0] - 1)]
+            distributed.broadcast_(seeds)  # rank 0's draw wins
+        elif flat.shape[0] == 0:
+            return
+        else:
+            # Branch-free on one process: a candidate row for every code, kept where the code is dead.
+            # Static shapes and no host sync, so torch.compile(fullgraph=True) traces it; K x D extra work.
+            seeds = flat.float()[(u * flat.shape[0]).long().clamp_max(flat.shape[0] - 1)]
+        seeds = normalize_for_metric(seeds, self.metric)
+        usage = torch.full((k,), self.dead_code_threshold, dtype=torch.float32, device=flat.device)
+        self._set_codes(dead, seeds, usage)
+
+
+class VectorQuantizer(CodebookLearning):
     """Codebook of ``num_embeddings`` vectors of size ``embedding_dim``.
 
     loss = mse(q, z.detach()) + beta * mse(q.detach(), z)   (codebook term + commitment term)
@@ -142,7 +270,6 @@ class VectorQuantizer(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         check_search_options(backend, precision)
         check_choice("metric", metric, METRICS)
-        _check_learning_options(ema, decay, eps, kmeans_init, kmeans_iters, dead_code_threshold)
         check_choice("index_shape", index_shape, INDEX_SHAPES)
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
@@ -150,30 +277,12 @@ class VectorQuantizer(nn.Module):
         self.backend = backend
         self.precision = precision
         self.metric = metric
-        self.ema = ema
-        self.decay = float(decay)
-        self.eps = float(eps)
-        self.kmeans_init = kmeans_init
-        self.kmeans_iters = kmeans_iters
-        self.dead_code_threshold = float(dead_code_threshold)
         self.index_shape = index_shape
         self.embedding = nn.Embedding(num_embeddings, embedding_dim)
         self.embedding.weight.data.uniform_(-1 / num_embeddings, 1 / num_embeddings)
         # Not persistent: a classic state_dict (embedding.weight only) must load with strict=True.
         self.register_buffer("code_counts", torch.zeros(num_embeddings, dtype=torch.int64), persistent=False)
-        if ema or self.dead_code_threshold > 0:
-            # EMA usage per code, in assignments per training step. Starting at 1 with embed_avg = weight
-            # keeps weight = embed_avg / cluster_size for codes that are never used (no blow-up at step 1).
-            self.register_buffer("cluster_size", torch.ones(num_embeddings))
-        if ema:
-            self.register_buffer("embed_avg", self.embedding.weight.detach().clone())
-            self.embedding.weight.requires_grad_(False)
-        # A Python flag mirrors the ``initted`` buffer so forward branches on no tensor value: once the
-        # codebook is initialised, torch.compile(fullgraph=True) traces a graph without k-means in it.
-        self._kmeans_pending = kmeans_init
-        if kmeans_init:
-            self.register_buffer("initted", torch.tensor(False))
-            self.register_load_state_dict_post_hook(_sync_kmeans_flag)
+        self._init_codebook_learning(ema, decay, eps, kmeans_init, kmeans_iters, dead_code_threshold)
         self.register_load_state_dict_pre_hook(_fill_learning_state)
 
     def get_codebook(self) -> torch.Tensor:
@@ -207,14 +316,8 @@ class VectorQuantizer(nn.Module):
         ) + self._learning_repr()
 
     def _learning_repr(self) -> str:
-        out = "" if self.index_shape == "flat" else f", index_shape={self.index_shape!r}"
-        if self.ema:
-            out += f", ema=True, decay={self.decay}, eps={self.eps}"
-        if self.kmeans_init:
-            out += f", kmeans_init=True, kmeans_iters={self.kmeans_iters}"
-        if self.dead_code_threshold > 0:
-            out += f", dead_code_threshold={self.dead_code_threshold}"
-        return out
+        shape = "" if self.index_shape == "flat" else f", index_shape={self.index_shape!r}"
+        return shape + super()._learning_repr()
 
     # ---- usage statistics -------------------------------------------------------------------
     @torch.no_grad()
@@ -302,86 +405,6 @@ class VectorQuantizer(nn.Module):
     def _record_usage(self, indices: torch.Tensor) -> None:
         # index_add, not bincount: a static [K] shape keeps torch.compile free of graph breaks.
         self.code_counts.index_add_(0, indices, torch.ones_like(indices))
-
-    @torch.no_grad()
-    def _update_ema(self, flat: torch.Tensor, indices: torch.Tensor) -> None:
-        k, d = self.num_embeddings, self.embedding_dim
-        data = normalize_for_metric(flat.float(), self.metric)
-        # counts and sums in one [K, 1 + D] tensor: a single all_reduce gives every rank the statistics
-        # of the concatenated global batch, whatever each rank's batch size.
-        stats = torch.zeros(k, 1 + d, dtype=torch.float32, device=flat.device)
-        stats[:, 0].index_add_(0, indices, torch.ones_like(data[:, 0]))
-        if self.ema:
-            stats[:, 1:].index_add_(0, indices, data)
-        distributed.all_reduce_sum_(stats)
-        counts, sums = stats[:, 0], stats[:, 1:]
-        self.cluster_size.mul_(self.decay).add_(counts.to(self.cluster_size.dtype), alpha=1 - self.decay)
-        if not self.ema:
-            return
-        self.embed_avg.mul_(self.decay).add_(sums.to(self.embed_avg.dtype), alpha=1 - self.decay)
-        # Laplace smoothing: no code divides by ~0, and the total usage n is preserved.
-        n = self.cluster_size.sum()
-        smoothed = (self.cluster_size + self.eps) / (n + k * self.eps) * n
-        new = self.embed_avg / smoothed[:, None]
-        self.embedding.weight.copy_(normalize_for_metric(new, self.metric).to(self.embedding.weight.dtype))
-
-    @torch.no_grad()
-    def _set_codes(self, mask: torch.Tensor, values: torch.Tensor, usage: torch.Tensor) -> None:
-        """Codes where mask [K] is True take codewords values [K, D] and EMA usage usage [K] (EMA state reset)."""
-        w = self.embedding.weight
-        m = mask[:, None]
-        w.copy_(torch.where(m, values.to(w.dtype), w))
-        if hasattr(self, "cluster_size"):
-            self.cluster_size.copy_(torch.where(mask, usage.to(self.cluster_size.dtype), self.cluster_size))
-        if self.ema:
-            reset = (values.float() * usage.float()[:, None]).to(self.embed_avg.dtype)
-            self.embed_avg.copy_(torch.where(m, reset, self.embed_avg))
-
-    @torch.no_grad()
-    def _kmeans_init(self, flat: torch.Tensor) -> None:
-        k, d = self.num_embeddings, self.embedding_dim
-        data = distributed.gather_rows(flat.float())  # every rank's rows, in rank order
-        if data.shape[0] == 0:  # the same on every rank: wait for a batch with rows
-            return
-        if distributed.rank() == 0:
-            centroids, counts = kmeans(data, k, iters=self.kmeans_iters, metric=self.metric, backend=self.backend)
-        else:
-            centroids = torch.empty(k, d, dtype=torch.float32, device=flat.device)
-            counts = torch.empty(k, dtype=torch.float32, device=flat.device)
-        distributed.broadcast_(centroids)
-        distributed.broadcast_(counts)
-        # A cluster left empty by Lloyd keeps its centroid; usage 1 keeps it from collapsing to 0 in EMA.
-        self._set_codes(torch.ones(k, dtype=torch.bool, device=flat.device), centroids, counts.clamp_min(1.0))
-        self.initted.fill_(True)
-        self._kmeans_pending = False
-
-    @torch.no_grad()
-    def _restart_dead_codes(self, flat: torch.Tensor) -> None:
-        k = self.num_embeddings
-        dead = self.cluster_size < self.dead_code_threshold  # [K] bool
-        # One uniform draw per code, every step, before any branch: the random stream (and so the
-        # codebook) is the same for one process and for rank 0 of a group seeing the same global batch.
-        u = torch.rand(k, device=flat.device)
-        if distributed.is_distributed():
-            # Rank 0 decides which codes are dead and whether rows are gathered at all, so every rank
-            # enters the same collectives; skipping the gather when nothing is dead saves a round trip.
-            dead = distributed.broadcast_(dead.to(torch.uint8)).bool()
-            if not bool(dead.any()):
-                return
-            data = distributed.gather_rows(flat.float())
-            if data.shape[0] == 0:  # the same on every rank: nothing to seed from
-                return
-            seeds = data[(u * data.shape[0]).long().clamp_max(data.shape[0] - 1)]
-            distributed.broadcast_(seeds)  # rank 0's draw wins
-        elif flat.shape[0] == 0:
-            return
-        else:
-            # Branch-free on one process: a candidate row for every code, kept where the code is dead.
-            # Static shapes and no host sync, so torch.compile(fullgraph=True) traces it; K x D extra work.
-            seeds = flat.float()[(u * flat.shape[0]).long().clamp_max(flat.shape[0] - 1)]
-        seeds = normalize_for_metric(seeds, self.metric)
-        usage = torch.full((k,), self.dead_code_threshold, dtype=torch.float32, device=flat.device)
-        self._set_codes(dead, seeds, usage)
 
 
 class VectorQuantizer2(VectorQuantizer):

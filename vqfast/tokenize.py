@@ -31,6 +31,7 @@ import torch.nn as nn
 from vqfast.checkpoint import load_safely, save_atomic
 from vqfast.cli import InputError
 from vqfast.data import IMAGE_SUFFIXES, format_skipped, list_images, load_crop, probe_image, to_uint8
+from vqfast.models import VQVAE, vqvae_config_from_state_dict
 from vqfast.train import CHECKPOINT_FORMAT, amp_context, build_model, decode_tokens, model_geometry
 
 TOKENS_FORMAT = "vqfast-tokens-1"
@@ -83,14 +84,8 @@ def load_model(path, backend: str = "auto") -> nn.Module:
 
 def _model_for_state_dict(path, sd: dict) -> nn.Module:
     """VAR's VQVAE configured from a bare state_dict's keys and shapes (vqfast.models)."""
-    from vqfast import models
-
-    config_of = getattr(models, "vqvae_config_from_state_dict", None)
-    if config_of is None:
-        raise InputError(f"checkpoint {path} is a bare state_dict; reading its configuration needs "
-                         f"vqfast.models.vqvae_config_from_state_dict, which this version of vqfast lacks")
     try:
-        return models.VQVAE(**config_of(sd))
+        return VQVAE(**vqvae_config_from_state_dict(sd))
     except ValueError as e:
         raise InputError(f"checkpoint {path} is not a VQVAE state_dict: {e}") from None
 

@@ -41,48 +41,47 @@ from vqfast.checkpoint import load_safely, save_atomic
 from vqfast.cli import InputError
 from vqfast.data import (FolderCrops, ImageFolder, RealImageCrops, format_skipped, mean_colour_baseline, psnr,
                          to_uint8)
-from vqfast.models import MultiScaleVQVAE
+from vqfast.models import VQVAE
 
 CHECKPOINT_FORMAT = "vqfast-train-2"
 OUTPUT_FILES = ("checkpoint.pt", "checkpoint.pt.tmp", "metrics.json", "reconstructions.png", "loss_curve.png")
 
+# ``model`` holds vqfast.models.VQVAE's constructor arguments (VAR's names; the codebook options of
+# vqfast.models.MultiScaleQuantizer included), in plain types.
 PRESETS: dict[str, dict] = {
-    # For tests: 16 x 16 crops, 4 scales, ~30 k parameters; a step takes milliseconds.
+    # For tests: 16 x 16 crops, 4 scales, VAR's architecture at 2 levels and width 8; a step takes milliseconds.
     "tiny": dict(
-        model=dict(vocab_size=64, Cvae=8, ch=8, ch_mult=(1, 2), patch_nums=(1, 2, 4, 8), image_size=16, num_phi=2),
+        model=dict(vocab_size=64, z_channels=8, ch=8, ch_mult=(1, 2), num_res_blocks=1, norm_groups=4,
+                   v_patch_nums=(1, 2, 4, 8), image_size=16, share_quant_resi=2,
+                   kmeans_init=True, dead_code_threshold=1.0),
         batch_size=8, steps=20, lr=2e-3, eval_images=16, train_items=100_000,
     ),
     # The main job on 2 CPU cores: 32 x 32 crops -> 8 x 8 latents, 6 scales = 130 tokens per image.
     "demo": dict(
-        # Channels 8/16/32 at 32/16/8 px, ~0.5 GFLOP forward per batch of 16: ~5 steps/s on one
-        # busy core, so 1500 steps take ~5 minutes. lr 4e-3 (cosine-decayed): at 1e-3 the output
-        # bias alone needs ~500 Adam steps to reach the mean colour.
-        model=dict(vocab_size=256, Cvae=16, ch=8, ch_mult=(1, 2, 4), patch_nums=(1, 2, 3, 4, 6, 8), image_size=32,
-                   num_phi=4),
-        batch_size=16, steps=1500, lr=4e-3, eval_images=256, train_items=1_000_000,
+        # VAR's network at width 8/16/32 (32/16/8 px), one residual block per encoder level, attention
+        # kept: a step costs ~1.6x the previous demo model's on one core, so 900 steps instead of 1500
+        # take no longer; without attention 1100 steps reached 24.5 dB held-out PSNR, with it 27.1 dB in 1000.
+        # k-means init + dead-code restarts: held-out usage 37 % -> ~100 % (benchmarks/ablation_codebook.py).
+        # lr 4e-3 (cosine-decayed): at 1e-3 the output bias alone needs ~500 Adam steps to reach the mean colour.
+        model=dict(vocab_size=256, z_channels=16, ch=8, ch_mult=(1, 2, 4), num_res_blocks=1, norm_groups=4,
+                   v_patch_nums=(1, 2, 3, 4, 6, 8), image_size=32, kmeans_init=True, dead_code_threshold=1.0),
+        batch_size=16, steps=900, lr=4e-3, eval_images=256, train_items=1_000_000,
     ),
-    # VAR's tokenizer shape (256 x 256, 10 scales, 680 tokens, vocabulary 4096, Cvae 32): GPU-sized.
+    # VAR's published tokenizer (vae_ch160v4096z32.pth: 256 x 256, 10 scales, 680 tokens, vocabulary
+    # 4096, z_channels 32, four Phi): GPU-sized.
     "var": dict(
-        model=dict(vocab_size=4096, Cvae=32, ch=128, ch_mult=(1, 1, 2, 2, 4),
-                   patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), image_size=256, num_phi=4),
+        model=dict(vocab_size=4096, z_channels=32, ch=160, v_patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+                   image_size=256),
         batch_size=8, steps=50_000, lr=2e-4, eval_images=64, train_items=10_000_000,
     ),
 }
 
 
-# ---- the model: build_model and PRESETS pick it; the functions below are the trainer's and
-# `vqfast tokenize`'s only contact with its API. Two APIs exist: VAR's VQVAE (forward(inp, ret_usages)
-# -> (recon, usages, vq_loss); idxBl_to_img(ms_idx_Bl, same_shape, last_one); the codebook in
-# quantize.embedding) and MultiScaleVQVAE (forward(img) -> (recon, vq_loss, idx_list); idxBl_to_img(idx_list)).
+# ---- the model: build_model and PRESETS pick it (vqfast.models.VQVAE, VAR's tokenizer); the functions
+# below are the trainer's and `vqfast tokenize`'s only contact with its API.
 
-def build_model(cfg: dict) -> nn.Module:
-    m = cfg["model"]
-    return MultiScaleVQVAE(**{**m, "ch_mult": tuple(m["ch_mult"]), "patch_nums": tuple(m["patch_nums"])},
-                           backend=cfg.get("backend", "auto"))
-
-
-def _var_api(model: nn.Module) -> bool:
-    return isinstance(getattr(model, "quantize", None), nn.Module)
+def build_model(cfg: dict) -> VQVAE:
+    return VQVAE(**cfg["model"], test_mode=False, backend=cfg.get("backend", "auto"))
 
 
 def _inner(model: nn.Module) -> nn.Module:
@@ -92,52 +91,21 @@ def _inner(model: nn.Module) -> nn.Module:
 def model_geometry(model: nn.Module) -> dict:
     """{"image_size", "patch_nums", "vocab_size", "num_tokens"} of a tokenizer."""
     model = _inner(model)
-    if _var_api(model):
-        patch_nums = tuple(model.quantize.v_patch_nums)
-        image_size, vocab = model.downsample * patch_nums[-1], model.vocab_size
-    else:
-        patch_nums, image_size, vocab = tuple(model.patch_nums), model.image_size, model.vocab_size
-    return {"image_size": image_size, "patch_nums": patch_nums, "vocab_size": vocab,
-            "num_tokens": sum(p * p for p in patch_nums)}
+    patch_nums = tuple(model.quantize.v_patch_nums)
+    return {"image_size": model.downsample * patch_nums[-1], "patch_nums": patch_nums,
+            "vocab_size": model.vocab_size, "num_tokens": sum(p * p for p in patch_nums)}
 
 
 def model_forward(model: nn.Module, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Training forward (model may be DDP-wrapped) -> (reconstruction, vq_loss, codebook usage in %)."""
-    if _var_api(_inner(model)):
-        recon, usages, vq_loss = model(img, ret_usages=True)
-        return recon, vq_loss, float(np.mean(usages))  # VAR's per-scale EMA hit rates, averaged
-    recon, vq_loss, idx_list = model(img)
-    used = torch.unique(torch.cat(idx_list, dim=1)).numel()
-    return recon, vq_loss, 100.0 * used / _inner(model).vocab_size
+    recon, usages, vq_loss = model(img, ret_usages=True)
+    return recon, vq_loss, float(np.mean(usages))  # VAR's per-scale EMA hit rates, averaged
 
 
 @torch.no_grad()
 def decode_tokens(model: nn.Module, idx_list: list[torch.Tensor]) -> torch.Tensor:
     """Index maps (one [B, p * p] per scale) -> images [B, 3, H, W] in [-1, 1]."""
-    if _var_api(model):
-        return model.idxBl_to_img(idx_list, same_shape=True, last_one=True)
-    return model.idxBl_to_img(idx_list)
-
-
-@torch.no_grad()
-def init_codebook_from_data(model: nn.Module, images: torch.Tensor) -> bool:
-    """Codewords = random encoder feature vectors of ``images`` at every scale, plus 1 % noise.
-
-    VAR's uniform +-1/K init leaves the codebook ~100x smaller than the features, so f_hat, and
-    with it the decoder's input, stays near zero for hundreds of Adam steps; starting from features
-    gives a useful reconstruction from the first steps (data-dependent init, as k-means init does).
-    Only for MultiScaleVQVAE: VAR's VQVAE initialises its codebook through its quantizer's own
-    options (k-means init), so it is left as built. Returns whether the codebook was set.
-    """
-    if _var_api(model):
-        return False
-    geo = model_geometry(model)
-    f = model.encoder(images)
-    feats = torch.cat([F.interpolate(f, size=(p, p), mode="area").permute(0, 2, 3, 1).reshape(-1, f.shape[1])
-                       for p in geo["patch_nums"]])
-    cb = feats[torch.randint(0, len(feats), (geo["vocab_size"],))]
-    model.embedding.weight.copy_(cb + 0.01 * cb.std() * torch.randn_like(cb))
-    return True
+    return model.idxBl_to_img(idx_list, same_shape=True, last_one=True)
 
 
 def with_image_size(model_cfg: dict, size: int) -> dict:
@@ -443,12 +411,8 @@ def train(cfg: dict, out: str | Path, resume: bool = False, checkpoint_every: in
     if state is not None:
         model.load_state_dict(state["model"])
         step, history, failures = state["step"], state["history"], list(state.get("decode_failures", []))
-    else:
-        # Every process initialises from the same items (the last global batch of the item range,
-        # which training reaches last if ever): equal codebooks.
-        images, failed = data.load_batch(range(cfg["train_items"] - cfg["batch_size"], cfg["train_items"]))
-        init_codebook_from_data(model, images.to(device))
-        failures += failed
+        # VAR keeps the schedule counter of ema_vocab_hit_SV outside its state_dict.
+        model.quantize.record_hit = int(state["record_hit"])
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.95))
     if state is not None:
         opt.load_state_dict(state["optimizer"])
@@ -470,6 +434,7 @@ def train(cfg: dict, out: str | Path, resume: bool = False, checkpoint_every: in
             save_atomic({
                 "format": CHECKPOINT_FORMAT, "config": cfg, "step": step, "history": history,
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "rng": rng, "world_size": world,
+                "record_hit": model.quantize.record_hit,
                 "decode_failures": all_failures,
             }, ckpt_path)
 

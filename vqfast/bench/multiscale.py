@@ -1,7 +1,7 @@
-"""Question 3: VAR multi-scale tokenisation (MultiScaleVQVAE.img_to_idxBl) of an image batch.
+"""Question 3: VAR multi-scale tokenisation (vqfast.models.VQVAE.img_to_idxBl) of an image batch.
 
-Default model: 256 x 256 input, patch_nums (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), vocabulary 4096,
-Cvae 32; one call quantises 680 token positions per image over ten scales. The seeds' own
+Default model: VAR's VQVAE() (ch 128), 256 x 256 input, patch_nums (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+vocabulary 4096, Cvae 32; one call quantises 680 token positions per image over ten scales. The seeds' own
 img_to_idxBl is not a baseline here: it returned placeholder tokens, not VAR's residual scheme.
 """
 from __future__ import annotations
@@ -19,10 +19,10 @@ IMAGE_SIDE = 256
 
 def _model_class():
     try:
-        from vqfast.models import MultiScaleVQVAE
+        from vqfast.models import VQVAE
     except ImportError:
         return None
-    return MultiScaleVQVAE
+    return VQVAE
 
 
 def cases(preset: Preset) -> list[dict]:

@@ -1,270 +1,287 @@
-"""VAR's multi-scale residual tokenizer (Tian et al. 2024), searched with vqfast.nearest_codeword.
+"""The multi-scale quantizer of vqfast's VQVAE: VAR's VectorQuantizer2 with vqfast's codebook options.
 
-An encoder maps an image [B, 3, H, W] to f [B, Cvae, h, w] (h = H / 2^(len(ch_mult) - 1)). f is
-tokenised into one index map per scale p in patch_nums, coarse to fine, over one shared codebook:
+``MultiScaleQuantizer`` is ``vqfast.compat.var.VectorQuantizer2`` (VAR's constructor, state_dict,
+methods and outputs; every scale's search is ``vqfast.nearest_codeword``) plus keyword-only options
+against codebook collapse. With every option off it is VAR's quantizer, bit for bit and key for key.
 
-    rest = f, f_hat = 0
-    for each scale s (side p):
-        idx_s = nearest_codeword(area_down(rest, p))            [B, p * p]
-        h = phi_s(bicubic_up(embed(idx_s), h, w))
-        f_hat += h; rest -= h
+One codebook serves every scale s of ``v_patch_nums``; scale s searches the rows of the residual
+area-downsampled to p_s x p_s (B * p_s^2 rows: 16 rows at the 1 x 1 scale of a batch of 16, 1024 at
+8 x 8), so the options work on the rows of all scales pooled ("all_rows" below):
 
-phi(x) = (1 - r) x + r conv3x3(x); ``num_phi`` convolutions are shared across the scales, scale s
-using the one whose tick in linspace(1/(3 n), 1 - 1/(3 n), n) is nearest to s / (S - 1) (for ten
-scales and four convs: 0,0,1,1,1,2,2,3,3,3). The loss is the mean over scales of
-mse(f_hat, f.detach()) + beta * mse(f_hat.detach(), f); the decoder sees the straight-through
-f_hat.detach() - f.detach() + f.
+    kmeans_init=True        first training forward: k-means++ and ``kmeans_iters`` Lloyd steps on the
+                            rows of f area-downsampled to every scale, then ``kmeans_iters`` Lloyd steps
+                            on the residual rows the scale loop itself produces with those codes
+    dead_code_threshold=t   after each training forward, codes whose EMA usage (hits per step summed
+                            over the scales, decayed by ``decay``) is below t are re-seeded from
+                            random rows of all scales
+    ema=True                codes follow the EMA of the rows of all scales assigned to them (Laplace-
+                            smoothed); ``embedding`` gets no gradient (the Phi convolutions still do)
+    l2_codes=True           rows and codes are l2-normalised in the lookup space: cosine search, and the
+                            unit code is what the scale adds (VAR's ``using_znorm`` searches by cosine
+                            but adds the raw code)
+    codebook_dim=d          low-dimensional lookup: rows are projected by ``project_in`` (Cvae -> d),
+                            codes live in d dimensions, ``embedding.project_out`` (d -> Cvae) maps a code
+                            back. The loss gains, per scale, mse(project_out(row), rest) (the projection
+                            must keep what the scale needs; without it project_in collapses every row
+                            onto one code) + beta * mse(row, its code)
+    simvq=True              SimVQ (Zhu et al. 2024): codes = frozen table x a learned linear map
+                            ``embedding.transform`` (identity at initialisation)
 
-Default: 256 x 256 input, 16x downsampling, patch_nums (1, 2, 3, 4, 5, 6, 8, 10, 13, 16) = 680
-tokens, vocabulary 4096, Cvae 32.
+All steps that change the codebook run without autograd, in training mode only, with their
+statistics all-reduced and their random draws made on rank 0 under torch.distributed (shared with
+vqfast.VectorQuantizer through vqfast.modules.CodebookLearning).
+
+Usage per scale: ``code_hits_SV`` [S, V] counts the hits of every forward since construction or
+``reset_usage()`` (a non-persistent buffer, so VAR's state_dict layout is unchanged), read with
+``usage_per_scale()``, ``codebook_usage()`` and ``perplexity()``. VAR's own ``ema_vocab_hit_SV``
+keeps VAR's semantics.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vqfast.compat.var import VectorQuantizer2
+from vqfast.modules import CodebookLearning
 from vqfast.ops import nearest_codeword
 
-VAR_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+# The options and their defaults (VAR's behaviour).
+CODEBOOK_OPTIONS = dict(ema=False, decay=0.99, eps=1e-5, kmeans_init=False, kmeans_iters=10, dead_code_threshold=0.0,
+                        l2_codes=False, codebook_dim=None, simvq=False)
 
 
-def _groups(channels: int) -> int:
-    # GroupNorm with up to 32 groups (VAR's choice) that divide the channel count.
-    return math.gcd(32, channels)
+class CodebookTable(nn.Module):
+    """``quantize.embedding`` when codes are not VAR's plain [V, Cvae] table.
 
+    weight       [V, d] the table (frozen under simvq)
+    transform    simvq only: Linear(d, d, bias=False), identity at initialisation
+    project_out  codebook_dim only: Linear(d, Cvae)
 
-class _ResBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.GroupNorm(_groups(c_in), c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1),
-            nn.GroupNorm(_groups(c_out), c_out), nn.SiLU(), nn.Conv2d(c_out, c_out, 3, padding=1),
-        )
-        self.skip = nn.Identity() if c_in == c_out else nn.Conv2d(c_in, c_out, 1)
-
-    def forward(self, x):
-        return self.skip(x) + self.body(x)
-
-
-class _Encoder(nn.Module):
-    def __init__(self, ch: int, ch_mult: tuple[int, ...], Cvae: int, in_channels: int):
-        super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, ch, 3, padding=1)]
-        c = ch
-        for i, m in enumerate(ch_mult):
-            layers.append(_ResBlock(c, ch * m))
-            c = ch * m
-            if i < len(ch_mult) - 1:
-                layers.append(nn.Conv2d(c, c, 4, stride=2, padding=1))
-        layers += [nn.GroupNorm(_groups(c), c), nn.SiLU(), nn.Conv2d(c, Cvae, 3, padding=1)]
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x):
-        return self.net(x)
-
-
-class _Decoder(nn.Module):
-    def __init__(self, ch: int, ch_mult: tuple[int, ...], Cvae: int, out_channels: int):
-        super().__init__()
-        c = ch * ch_mult[-1]
-        layers: list[nn.Module] = [nn.Conv2d(Cvae, c, 3, padding=1)]
-        for i, m in reversed(list(enumerate(ch_mult))):
-            layers.append(_ResBlock(c, ch * m))
-            c = ch * m
-            if i > 0:
-                layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)]
-        layers += [nn.GroupNorm(_groups(c), c), nn.SiLU(), nn.Conv2d(c, out_channels, 3, padding=1)]
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x):
-        return self.net(x)
-
-
-class Phi(nn.Conv2d):
-    """phi(x) = (1 - r) x + r conv3x3(x), Cvae -> Cvae; r = 0 makes it the identity."""
-
-    def __init__(self, channels: int, resi_ratio: float):
-        super().__init__(channels, channels, 3, padding=1)
-        self.resi_ratio = float(resi_ratio)
-
-    def forward(self, x):
-        if self.resi_ratio == 0.0:
-            return x
-        return x * (1 - self.resi_ratio) + super().forward(x) * self.resi_ratio
-
-
-def phi_index_per_scale(num_scales: int, num_phi: int) -> list[int]:
-    """Which of ``num_phi`` shared convolutions each scale uses (nearest tick to s / (S - 1))."""
-    if num_phi == 1 or num_scales == 1:
-        return [0] * num_scales
-    ticks = torch.linspace(1 / (3 * num_phi), 1 - 1 / (3 * num_phi), num_phi, dtype=torch.float64)
-    return [int((ticks - s / (num_scales - 1)).abs().argmin()) for s in range(num_scales)]
-
-
-class MultiScaleVQVAE(nn.Module):
-    """VAR-style tokenizer: ``patch_nums`` scales over one codebook of ``vocab_size`` x ``Cvae``.
-
-    img_to_idxBl(img)            -> [idx_s [B, p_s^2] for each scale]
-    idxBl_to_var_input(idx_list) -> [B, L - 1, Cvae], teacher-forcing input (L = sum p_s^2)
-    idxBl_to_fhat(idx_list)      -> f_hat [B, Cvae, h, w]
-    idxBl_to_img(idx_list)       -> decoded images [B, 3, H, W] in [-1, 1]
-    img_to_reconstruction(img)   -> decode(encode(img))
-    forward(img)                 -> (reconstruction [B, 3, H, W], vq_loss, idx_list)
+    codes()      -> [V, d]: the searched codes, weight (or transform(weight)), unit-norm with l2_codes
+    forward(idx) -> [*idx.shape, Cvae]: what a token adds, like VAR's ``embedding(idx)``
     """
 
-    def __init__(
-        self,
-        vocab_size: int = 4096,
-        Cvae: int = 32,
-        ch: int = 128,
-        ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4),
-        patch_nums: tuple[int, ...] = VAR_PATCH_NUMS,
-        image_size: int = 256,
-        beta: float = 0.25,
-        quant_resi: float = 0.5,
-        num_phi: int = 4,
-        *,
-        backend: str = "auto",
-        precision: str = "exact",
-    ):
+    def __init__(self, vocab_size: int, Cvae: int, dim: int, *, l2_codes: bool, project: bool, simvq: bool):
         super().__init__()
-        for name, value in (("vocab_size", vocab_size), ("Cvae", Cvae), ("ch", ch), ("image_size", image_size),
-                            ("num_phi", num_phi)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        ch_mult = tuple(ch_mult)
-        patch_nums = tuple(patch_nums)
-        if not ch_mult or any(not isinstance(m, int) or m < 1 for m in ch_mult):
-            raise ValueError(f"ch_mult must be a non-empty sequence of positive ints, got {ch_mult!r}")
-        down = 2 ** (len(ch_mult) - 1)
-        if image_size % down:
-            raise ValueError(f"image_size={image_size} must be a multiple of the downsampling factor {down}")
-        side = image_size // down
-        if (not patch_nums or any(not isinstance(p, int) or p < 1 for p in patch_nums)
-                or list(patch_nums) != sorted(set(patch_nums)) or patch_nums[-1] != side):
-            raise ValueError(
-                f"patch_nums must be strictly increasing positive ints ending at the latent side "
-                f"image_size / {down} = {side}, got {patch_nums!r}"
-            )
-        if not 0.0 <= quant_resi <= 1.0:
-            raise ValueError(f"quant_resi must be in [0, 1], got {quant_resi!r}")
-        self.vocab_size, self.Cvae, self.ch, self.ch_mult = vocab_size, Cvae, ch, ch_mult
-        self.patch_nums, self.image_size, self.beta = patch_nums, image_size, float(beta)
-        self.quant_resi, self.num_phi = float(quant_resi), min(num_phi, len(patch_nums))
-        self.backend, self.precision = backend, precision
-        self.latent_side = side
-        self.encoder = _Encoder(ch, ch_mult, Cvae, 3)
-        self.decoder = _Decoder(ch, ch_mult, Cvae, 3)
-        self.embedding = nn.Embedding(vocab_size, Cvae)
-        self.embedding.weight.data.uniform_(-1 / vocab_size, 1 / vocab_size)
-        self.phis = nn.ModuleList([Phi(Cvae, quant_resi) for _ in range(self.num_phi)])
-        self.phi_of_scale = phi_index_per_scale(len(patch_nums), self.num_phi)
+        self.l2_codes = l2_codes
+        self.weight = nn.Parameter(torch.randn(vocab_size, dim))  # nn.Embedding's N(0, 1), as VAR
+        if simvq:
+            self.weight.requires_grad_(False)
+            self.transform = nn.Linear(dim, dim, bias=False)
+            nn.init.eye_(self.transform.weight)
+        if project:
+            self.project_out = nn.Linear(dim, Cvae)
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(p * p for p in self.patch_nums)
+    def codes(self) -> torch.Tensor:
+        # A copy, not the Parameter itself, enters the graph: the in-place codebook updates made after
+        # the scale loop (EMA, restarts) must not touch a tensor autograd saved for the backward.
+        w = self.weight.clone()
+        if hasattr(self, "transform"):
+            w = self.transform(w)
+        return F.normalize(w, dim=-1) if self.l2_codes else w
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = F.embedding(idx, self.codes())
+        return self.project_out(h) if hasattr(self, "project_out") else h
+
+
+def _check_options(options: dict) -> dict:
+    unknown = sorted(set(options) - set(CODEBOOK_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown codebook option(s) {unknown}: choose from {sorted(CODEBOOK_OPTIONS)}")
+    opts = {**CODEBOOK_OPTIONS, **options}
+    for name in ("l2_codes", "simvq"):
+        if not isinstance(opts[name], bool):
+            raise TypeError(f"{name} must be a bool, got {type(opts[name]).__name__}")
+    d = opts["codebook_dim"]
+    if d is not None and (not isinstance(d, int) or isinstance(d, bool) or d < 1):
+        raise ValueError(f"codebook_dim must be None or a positive int, got {d!r}")
+    if opts["simvq"] and (opts["ema"] or opts["dead_code_threshold"]):
+        raise ValueError("simvq learns its linear map by gradient over a fixed table: it cannot be combined with "
+                         "ema or dead_code_threshold (kmeans_init is allowed)")
+    return opts
+
+
+def _image_major(parts: list[torch.Tensor], batch: int) -> torch.Tensor:
+    """Per-scale rows (scale s: [B * n_s, ...], image-major within the scale) -> one tensor ordered by
+    image, then scale: [B * sum(n_s), ...]. Under torch.distributed each rank holds consecutive images
+    of the global batch, so the ranks' rows gathered in rank order are the rows of one process in the
+    same order: k-means and dead-code restarts then pick the same rows."""
+    if batch == 0:
+        return torch.cat(parts)
+    return torch.cat([p.reshape(batch, -1, *p.shape[1:]) for p in parts], dim=1).flatten(0, 1)
+
+
+def _records_image_major(records: list, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scale loop's records (rows, indices, residual rows) -> (rows, indices), image-major."""
+    return (_image_major([r.detach() for r, _, _ in records], batch),
+            _image_major([i for _, i, _ in records], batch))
+
+
+class MultiScaleQuantizer(VectorQuantizer2, CodebookLearning):
+    """VAR's ``VectorQuantizer2(vocab_size, Cvae, using_znorm, beta, default_qresi_counts, v_patch_nums,
+    quant_resi, share_quant_resi)`` with the keyword-only ``backend``, ``precision`` and codebook
+    options of the module docstring (defaults: VAR's behaviour).
+
+    forward(f [B, Cvae, H, W], ret_usages=False) -> (f_hat [B, Cvae, H, W], usages, vq_loss), as VAR.
+    """
+
+    def __init__(self, vocab_size: int, Cvae: int, using_znorm: bool, beta: float = 0.25,
+                 default_qresi_counts: int = 0, v_patch_nums=None, quant_resi: float = 0.5,
+                 share_quant_resi: int = 4, *, backend: str = "auto", precision: str = "exact", **options):
+        super().__init__(vocab_size, Cvae, using_znorm, beta, default_qresi_counts, v_patch_nums, quant_resi,
+                         share_quant_resi, backend=backend, precision=precision)
+        opts = _check_options(options)
+        self.l2_codes, self.codebook_dim, self.simvq = opts["l2_codes"], opts["codebook_dim"], opts["simvq"]
+        # CodebookLearning's names: the searched table is [num_embeddings, embedding_dim].
+        self.num_embeddings = vocab_size
+        self.embedding_dim = self.codebook_dim or Cvae
+        self.metric = "cosine" if self.l2_codes else "l2"
+        if self._custom_lookup():
+            self.embedding = CodebookTable(vocab_size, Cvae, self.embedding_dim, l2_codes=self.l2_codes,
+                                           project=self.codebook_dim is not None, simvq=self.simvq)
+        if self.codebook_dim is not None:
+            self.project_in = nn.Linear(Cvae, self.codebook_dim)
+        self._init_codebook_learning(opts["ema"], opts["decay"], opts["eps"], opts["kmeans_init"],
+                                     opts["kmeans_iters"], opts["dead_code_threshold"])
+        self.register_buffer("code_hits_SV", torch.zeros(len(self.v_patch_nums), vocab_size, dtype=torch.int64),
+                             persistent=False)
+        # Per scale (searched rows [N, d], indices [N], residual rows [N, Cvae]) while recording.
+        self._collected: list | None = None
+
+    def codebook_options(self) -> dict:
+        """The options that differ from VAR's behaviour (constructor keywords, plain types)."""
+        now = dict(ema=self.ema, decay=self.decay, eps=self.eps, kmeans_init=self.kmeans_init,
+                   kmeans_iters=self.kmeans_iters, dead_code_threshold=self.dead_code_threshold,
+                   l2_codes=self.l2_codes, codebook_dim=self.codebook_dim, simvq=self.simvq)
+        return {k: v for k, v in now.items() if v != CODEBOOK_OPTIONS[k]}
 
     def extra_repr(self) -> str:
-        return (f"vocab_size={self.vocab_size}, Cvae={self.Cvae}, patch_nums={self.patch_nums}, "
-                f"image_size={self.image_size}, tokens={self.num_tokens}, num_phi={self.num_phi}")
+        opts = ", ".join(f"{k}={v}" for k, v in self.codebook_options().items())
+        return super().extra_repr() + (f"  |  {opts}" if opts else "")
 
-    # ---- helpers -----------------------------------------------------------------------------
-    def _check_img(self, img) -> None:
-        if not isinstance(img, torch.Tensor):
-            raise TypeError(f"img must be a torch.Tensor, got {type(img).__name__}")
-        if not img.is_floating_point():
-            raise TypeError(f"img must be a floating-point tensor, got {img.dtype}; convert it with img.float() / 255")
-        if img.dim() != 4 or img.shape[1] != 3 or tuple(img.shape[2:]) != (self.image_size, self.image_size):
-            raise ValueError(f"img must be [B, 3, {self.image_size}, {self.image_size}], got {tuple(img.shape)}")
-
-    def _check_idx_list(self, idx_list, count: int) -> int:
-        if not isinstance(idx_list, (list, tuple)) or len(idx_list) < count:
-            raise ValueError(f"idx_list must be a list of at least {count} index tensors, one per scale")
-        batch = idx_list[0].shape[0]
-        for s in range(count):
-            p = self.patch_nums[s]
-            if not isinstance(idx_list[s], torch.Tensor) or tuple(idx_list[s].shape) != (batch, p * p):
-                raise ValueError(f"idx_list[{s}] must be a [B={batch}, {p * p}] tensor (scale {p}x{p})")
-        return batch
-
-    def _up(self, h: torch.Tensor) -> torch.Tensor:
-        side = self.latent_side
-        return h if h.shape[-1] == side else F.interpolate(h, size=(side, side), mode="bicubic")
-
-    @staticmethod
-    def _down(x: torch.Tensor, p: int) -> torch.Tensor:
-        return x if x.shape[-1] == p else F.interpolate(x, size=(p, p), mode="area")
-
-    def _scale_embedding(self, idx: torch.Tensor, s: int) -> torch.Tensor:
-        """idx [B, p*p] at scale s -> phi_s(bicubic_up(embed(idx))) [B, Cvae, h, w]."""
-        p = self.patch_nums[s]
-        h = self.embedding(idx).transpose(1, 2).reshape(idx.shape[0], self.Cvae, p, p)
-        return self.phis[self.phi_of_scale[s]](self._up(h))
-
-    # ---- quantisation ------------------------------------------------------------------------
-    def quantize(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """f [B, Cvae, h, w] -> (straight-through f_hat, vq_loss, idx_list)."""
-        B = f.shape[0]
-        f_no_grad = f.detach()
-        rest = f_no_grad.clone()
-        f_hat = torch.zeros_like(f_no_grad)
-        loss = f.new_zeros(())
-        idx_list = []
-        for s, p in enumerate(self.patch_nums):
-            z = self._down(rest, p).permute(0, 2, 3, 1).reshape(-1, self.Cvae)
-            idx, _, _ = nearest_codeword(z, self.embedding.weight.detach(), precision=self.precision,
-                                         backend=self.backend)
-            idx = idx.view(B, p * p)
-            h = self._scale_embedding(idx, s)
-            f_hat = f_hat + h
-            rest = rest - h.detach()
-            loss = loss + F.mse_loss(f_hat, f_no_grad) + self.beta * F.mse_loss(f_hat.detach(), f)
-            idx_list.append(idx)
-        loss = loss / len(self.patch_nums)
-        return f_hat.detach() - f_no_grad + f, loss, idx_list
-
-    def forward(self, img: torch.Tensor):
-        self._check_img(img)
-        f_hat, loss, idx_list = self.quantize(self.encoder(img))
-        return self.decoder(f_hat), loss, idx_list
-
-    # ---- tokens ------------------------------------------------------------------------------
+    # ---- usage ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def img_to_idxBl(self, img: torch.Tensor) -> list[torch.Tensor]:
-        self._check_img(img)
-        return self.quantize(self.encoder(img))[2]
-
-    def idxBl_to_fhat(self, idx_list: list[torch.Tensor]) -> torch.Tensor:
-        """All S index maps -> f_hat [B, Cvae, h, w] (the encoder's final f_hat)."""
-        batch = self._check_idx_list(idx_list, len(self.patch_nums))
-        side = self.latent_side
-        f_hat = self.embedding.weight.new_zeros(batch, self.Cvae, side, side)
-        for s in range(len(self.patch_nums)):
-            f_hat = f_hat + self._scale_embedding(idx_list[s], s)
-        return f_hat
-
-    def idxBl_to_var_input(self, idx_list: list[torch.Tensor]) -> torch.Tensor:
-        """Index maps of scales 0..S-2 -> [B, L - 1, Cvae]: after each scale s, f_hat area-downsampled
-        to patch_nums[s + 1] and flattened row-major (the next scale's teacher-forcing input)."""
-        S = len(self.patch_nums)
-        batch = self._check_idx_list(idx_list, S - 1)
-        side = self.latent_side
-        f_hat = self.embedding.weight.new_zeros(batch, self.Cvae, side, side)
-        out = []
-        for s in range(S - 1):
-            f_hat = f_hat + self._scale_embedding(idx_list[s], s)
-            out.append(self._down(f_hat, self.patch_nums[s + 1]).flatten(2).transpose(1, 2))
-        if not out:
-            return f_hat.new_zeros(batch, 0, self.Cvae)
-        return torch.cat(out, dim=1)
+    def reset_usage(self) -> None:
+        self.code_hits_SV.zero_()
 
     @torch.no_grad()
-    def idxBl_to_img(self, idx_list: list[torch.Tensor]) -> torch.Tensor:
-        return self.decoder(self.idxBl_to_fhat(idx_list)).clamp(-1, 1)
+    def usage_per_scale(self) -> list[float]:
+        """Fraction of the vocabulary hit at each scale since the last ``reset_usage()``."""
+        return (self.code_hits_SV > 0).double().mean(1).tolist()
 
     @torch.no_grad()
-    def img_to_reconstruction(self, img: torch.Tensor) -> torch.Tensor:
-        return self.idxBl_to_img(self.img_to_idxBl(img))
+    def codebook_usage(self) -> float:
+        """Fraction of the vocabulary hit at any scale since the last ``reset_usage()``."""
+        return float((self.code_hits_SV.sum(0) > 0).double().mean())
+
+    @torch.no_grad()
+    def perplexity(self) -> float:
+        """exp(entropy) of the hits over all scales: 1 (one code) .. vocab_size (uniform); 0 before any hit."""
+        counts = self.code_hits_SV.sum(0)
+        total = counts.sum()
+        if int(total) == 0:
+            return 0.0
+        p = counts.double() / total
+        return float(torch.exp(-torch.special.xlogy(p, p).sum()))
+
+    # ---- the search -----------------------------------------------------------------------------
+    @property
+    def backend(self) -> str:  # CodebookLearning's name for the compat class's vqfast_backend
+        return self.vqfast_backend
+
+    @property
+    def precision(self) -> str:
+        return self.vqfast_precision
+
+    def _custom_lookup(self) -> bool:
+        return self.l2_codes or self.codebook_dim is not None or self.simvq
+
+    def _lookup_rows(self, rest_NC: torch.Tensor) -> torch.Tensor:
+        """Residual rows [N, Cvae] -> the rows searched [N, embedding_dim]: projected by project_in
+        (its graph kept) with codebook_dim, unit-norm with l2_codes."""
+        rows = self.project_in(rest_NC) if self.codebook_dim is not None else rest_NC
+        return F.normalize(rows, dim=-1) if self.l2_codes else rows
+
+    def _run_scales(self, f, patch_hws, with_loss, stop_after, search):
+        """The compat class's scale loop, with this class's search: in the lookup space when an option
+        changes it, and every scale's (rows, indices) recorded while ``_collected`` is a list."""
+        if self._collected is not None:
+            self._collected.clear()  # a pass run again (float64 retry) replaces the first one's records
+        if self._custom_lookup():
+            with torch.no_grad():
+                codes = self.embedding.codes()
+            metric = "cosine" if self.l2_codes or self.using_znorm else "l2"
+
+        def lookup_search(z_NC: torch.Tensor) -> torch.Tensor:
+            # A copy: at the last scale z_NC can be a view of the residual the loop then updates in place.
+            z = z_NC.detach().clone()
+            if self._custom_lookup():
+                rows = self._lookup_rows(z)
+                # The public op per scale: its checks and float64 fallback cost ~0.1 ms, against a
+                # training step of ~100 ms for the demo preset.
+                idx = nearest_codeword(rows.detach(), codes, metric=metric, precision=self.vqfast_precision,
+                                       backend=self.vqfast_backend)[0]
+            else:
+                rows, idx = z, search(z_NC)
+            if self._collected is not None:
+                self._collected.append((rows, idx, z))
+            return idx
+
+        return super()._run_scales(f, patch_hws, with_loss, stop_after, lookup_search)
+
+    def _scale_rows(self, f: torch.Tensor) -> torch.Tensor:
+        """f [B, Cvae, H, W] area-downsampled to every scale, in the lookup space: [B * sum(p^2), d],
+        image-major (see _image_major)."""
+        C, SN = f.shape[1], len(self.v_patch_nums)
+        rows = [(F.interpolate(f, size=(p, p), mode="area") if si != SN - 1 else f).permute(0, 2, 3, 1).reshape(-1, C)
+                for si, p in enumerate(self.v_patch_nums)]
+        return self._lookup_rows(_image_major(rows, f.shape[0]))
+
+    def _run_collecting(self, run):
+        """Call ``run()`` while every scale's (rows, indices) are recorded; returns (result, records)."""
+        self._collected = []
+        try:
+            return run(), self._collected
+        finally:
+            self._collected = None
+
+    # ---- training -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _multiscale_kmeans_init(self, f: torch.Tensor) -> None:
+        """k-means on the rows of all scales, then Lloyd steps on the residuals the scale loop makes."""
+        self._kmeans_init(self._scale_rows(f))
+        if self._kmeans_pending:  # no rows on any rank: try again at the next batch
+            return
+        for _ in range(self.kmeans_iters):
+            _, records = self._run_collecting(lambda: self.f_to_idxBl_or_fhat(f, to_fhat=False))
+            rows, idx = _records_image_major(records, f.shape[0])
+            counts, sums = self._assignment_stats(rows, idx)
+            used = counts > 0
+            centroids = sums / counts.clamp_min(1.0)[:, None]
+            if self.metric == "cosine":
+                centroids = F.normalize(centroids, dim=-1)
+            self._set_codes(used, centroids, counts)
+
+    def forward(self, f_BChw: torch.Tensor, ret_usages: bool = False):
+        learn = self.training
+        if learn and self._kmeans_pending:
+            self._multiscale_kmeans_init(f_BChw.detach().float())
+        (f_hat, usages, loss), records = self._run_collecting(lambda: super(MultiScaleQuantizer, self).forward(
+            f_BChw, ret_usages=ret_usages))
+        with torch.no_grad():
+            for si, (_, idx, _) in enumerate(records):
+                self.code_hits_SV[si].index_add_(0, idx, torch.ones_like(idx))
+        if learn and self.codebook_dim is not None:
+            with torch.no_grad():
+                codes = self.embedding.codes()
+            project_out = self.embedding.project_out
+            loss = loss + sum(F.mse_loss(project_out(rows), z) + self.beta * F.mse_loss(rows, codes[idx])
+                              for rows, idx, z in records) / len(records)
+        if learn and (self.ema or self.dead_code_threshold > 0):
+            rows, idx = _records_image_major(records, f_BChw.shape[0])
+            self._update_ema(rows, idx)
+            if self.dead_code_threshold > 0:
+                self._restart_dead_codes(rows)
+        return f_hat, usages, loss
