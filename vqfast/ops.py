@@ -1,10 +1,11 @@
 """The vqfast:: ops: schemas, fake (meta) implementations, autograd, and backend dispatch.
 
-    vqfast::nearest_codeword         C++ kernels in vqfast._C (CPU; CUDA when built with it)
-    vqfast::nearest_codeword_torch   pure PyTorch (vqfast/reference.py), every device
-    vqfast::nearest_codeword_triton  Triton kernel (vqfast/triton), registered there
+    vqfast::nearest_codeword          C++ kernels in vqfast._C (CPU; CUDA when built with it)
+    vqfast::nearest_codeword_checked  the CPU kernel with check_finite's value checks in its own pass
+    vqfast::nearest_codeword_torch    pure PyTorch (vqfast/reference.py), every device
+    vqfast::nearest_codeword_triton   Triton kernel (vqfast/triton), registered there
 
-All three share one signature, one fake implementation and one backward
+All of them share one signature, one fake implementation and one backward
 (reference.nearest_codeword_backward), so torch.compile(fullgraph=True) traces any of them.
 """
 from __future__ import annotations
@@ -60,6 +61,7 @@ def nearest_codeword_torch(
 register_nearest_codeword_op("vqfast::nearest_codeword_torch")
 if _ext.has_ext():
     register_nearest_codeword_op("vqfast::nearest_codeword")
+    register_nearest_codeword_op("vqfast::nearest_codeword_checked")
 
 
 def _op_for(backend: str):
@@ -72,6 +74,21 @@ def _op_for(backend: str):
 
         return torch.ops.vqfast.nearest_codeword_triton.default
     raise AssertionError(backend)
+
+
+def _cpu_checked(z: Tensor, codebook: Tensor, metric: str, precision: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The cpu backend with check_finite: the kernel tests the values as it loads them, and searches
+    float32 inputs beyond magnitude_limit(D, float32) again in float64, itself. A separate scan cost a
+    parallel pass of its own: at 2 threads on a loaded machine it was slower than the search at
+    N = 16384, K = 256, D = 16. The kernel's ValueError (NaN/Inf, or float64 values beyond float64's
+    range) says only which input; scan_values raises the full message (count, kind, first row, fix).
+    """
+    try:
+        return torch.ops.vqfast.nearest_codeword_checked.default(z, codebook, metric, precision)
+    except ValueError as exc:
+        error = exc
+    scan_values(z, codebook)  # raises the ValueError that names the argument and the fix
+    raise error
 
 
 def _empty_result(z: Tensor, codebook: Tensor, metric: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -119,11 +136,14 @@ def nearest_codeword(
     check_nearest_codeword_inputs(z, codebook, metric, precision)
     if not isinstance(check_finite, bool):
         raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
+    check = check_finite and z.device.type != "meta" and not torch.compiler.is_compiling()
+    name = resolve_backend(backend, z.device.type, (z, codebook))
+    if check and name == "cpu" and z.shape[0] > 0:
+        return _cpu_checked(z, codebook, metric, precision)
     run_z, run_cb = z, codebook
-    if check_finite and z.device.type != "meta" and not torch.compiler.is_compiling():
-        if scan_values(z, codebook):
-            run_z, run_cb = z.double(), codebook.double()
-    name = resolve_backend(backend, z.device.type, (run_z, run_cb))
+    if check and scan_values(z, codebook):
+        run_z, run_cb = z.double(), codebook.double()
+        name = resolve_backend(backend, z.device.type, (run_z, run_cb))  # float64 rules out some backends
     if z.shape[0] == 0:
         return _empty_result(z, codebook, metric)
     indices, codewords, distances = _op_for(name)(run_z, run_cb, metric, precision)
