@@ -25,6 +25,10 @@ constexpr int64_t TILE_ROWS = 128;
 // that never win: c = 0 and ||c||^2 = +inf.
 constexpr int64_t CODE_PAD = 24;
 
+// fp32 D up to this many features runs a kernel with D fixed at compile time (fully unrolled
+// terms); larger D, and fp64, run the kernels with D known at run time.
+constexpr int64_t SMALL_D = 32;
+
 // Elements of the codebook walked per block (128 KiB of fp32: the block stays in L2 while every
 // row group of the tile passes over it). The recompute buffer holds one block's values of a row.
 constexpr int64_t BLOCK_ELEMS = 32768;
@@ -51,6 +55,9 @@ struct TileArgs {
   const T* cb;          // [K, D] the codebook, contiguous; rows below Kfull are read here
   const T* cb_tail;     // [CODE_PAD, D]: codewords Kfull .. K - 1, then zero rows up to Kp
   const T* csq;         // [Kp]: ||c||^2, +inf past K
+  const T* cb_steps;    // null, or for the runtime-D kernels the padded codebook step by step:
+                        // codewords [k, k + S) at cb_steps + k D, codeword k + p's feature j at
+                        // [j S + p] (S = Kernels::step); read instead of cb and cb_tail
   int64_t K;            // real codewords
   int64_t Kfull;        // K rounded down to a multiple of CODE_PAD
   int64_t Kp;           // K rounded up to a multiple of CODE_PAD
@@ -72,6 +79,7 @@ struct TileArgs {
 // nothing, when a.check and a value of the tile's z is NaN, infinite or beyond a.zlimit.
 struct Kernels {
   const char* name;
+  int64_t step;  // codewords per step of the runtime-D kernels: the layout of TileArgs::cb_steps
   bool (*search_f32)(const TileArgs<float>&);
   bool (*search_f64)(const TileArgs<double>&);
 };
