@@ -24,6 +24,12 @@ TORCH_LIBRARY(vqfast, m) {
   m.def(
       "nearest_codeword(Tensor z, Tensor codebook, str metric=\"l2\", str precision=\"exact\") "
       "-> (Tensor indices, Tensor codewords, Tensor distances)");
+  // nearest_codeword with the value checks of vqfast.nearest_codeword(check_finite=True) in the
+  // same pass (CPU only): float32 inputs whose squared distances could overflow are searched in
+  // float64; NaN, Inf, or float64 values beyond float64's range raise a ValueError.
+  m.def(
+      "nearest_codeword_checked(Tensor z, Tensor codebook, str metric=\"l2\", str precision=\"exact\") "
+      "-> (Tensor indices, Tensor codewords, Tensor distances)");
   // True when the CUDA kernels were compiled into this library.
   m.def("cuda_built() -> bool", []() -> bool {
 #ifdef VQFAST_WITH_CUDA
@@ -42,4 +48,5 @@ TORCH_LIBRARY(vqfast, m) {
 
 TORCH_LIBRARY_IMPL(vqfast, CPU, m) {
   m.impl("nearest_codeword", &vqfast::cpu::nearest_codeword);
+  m.impl("nearest_codeword_checked", &vqfast::cpu::nearest_codeword_checked);
 }

@@ -47,13 +47,14 @@ def test_faiss_question_records_and_table():
         assert set(rows) == {"vqfast-cpu", "faiss-cpu"}
         for r in rows.values():
             assert r["status"] == "ok" and r["value"] > 0 and r["cpu_isa"] == vqfast.cpu_isa()
+            assert r["cpu_ms"] >= 0
             assert r["gflops"] == pytest.approx(2 * case["n"] * case["k"] * case["d"] / (r["value"] * 1e6))
             assert r["of_peak"] == pytest.approx(r["gflops"] / peak[0]["gflops"])
         # faiss ranks by the plain fp32 expansion: it may differ from vqfast's exact answer only on near-ties
         assert rows["vqfast-cpu"]["index_mismatch"] < 0.01
         assert rows["vqfast-cpu"]["ratio_vs_best_peer"] == pytest.approx(rows["faiss-cpu"]["value"] / rows["vqfast-cpu"]["value"])
     table = faiss_cpu.format_table(records)
-    assert f"vqfast cpu level {vqfast.cpu_isa()}" in table and "of mm peak" in table
+    assert f"vqfast cpu level {vqfast.cpu_isa()}" in table and "of mm peak" in table and "CPU time" in table
     assert table.count("\n| ") == 1 + len(shapes)  # header + one row per shape
 
 
@@ -76,3 +77,20 @@ def test_cli_runs_a_forced_level_in_its_own_process(tmp_path):
     assert "vqfast cpu level generic, faiss NONE" in out.stdout
     saved = results.read_jsonl(tmp_path / "faiss_cpu.jsonl")
     assert saved and all(r["cpu_isa"] == "generic" and r["faiss_simd"] == "NONE" for r in saved)
+
+
+@needs_faiss
+def test_cli_runs_each_thread_count_in_its_own_process(tmp_path):
+    env = {**os.environ, "PYTHONPATH": REPO}
+    env.pop("VQFAST_CPU_ISA", None)
+    out = subprocess.run([sys.executable, "-m", "vqfast", "bench", "--preset", "tiny", "--questions", "faiss",
+                          "--threads", "1", "2", "--results-dir", str(tmp_path), "--quiet"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "== 1 threads" in out.stdout and "== 2 threads" in out.stdout
+    assert "1 threads: vqfast cpu level" in out.stdout and "2 threads: vqfast cpu level" in out.stdout
+    saved = results.read_jsonl(tmp_path / "faiss_cpu.jsonl")
+    assert {r["threads"] for r in saved} == {1, 2}
+    bad = subprocess.run([sys.executable, "-m", "vqfast", "bench", "--questions", "faiss", "--threads", "0", "--no-save"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "--threads must be positive" in bad.stderr

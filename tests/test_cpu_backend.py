@@ -136,6 +136,65 @@ def test_auto_picks_cpu_and_opcheck():
     b = vqfast.nearest_codeword(z, codebook, backend="cpu")
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     torch.library.opcheck(torch.ops.vqfast.nearest_codeword.default, (z, codebook, "cosine", "exact"))
+    torch.library.opcheck(torch.ops.vqfast.nearest_codeword_checked.default, (z, codebook, "l2", "exact"))
+
+
+# ---- check_finite inside the search (vqfast::nearest_codeword_checked) --------------------------
+# N = 3000: 24 tiles of 128 rows, handed out to the threads; a value met in a late tile stops the
+# search wherever it is.
+
+
+def test_value_checks_run_inside_the_search(monkeypatch):
+    # The cpu backend makes no separate scan: the kernel tests the values as it loads them, and
+    # scan_values runs only to word an error (count, kind, first row).
+    calls = []
+    real = vqfast.ops.scan_values
+    monkeypatch.setattr(vqfast.ops, "scan_values", lambda z, cb: calls.append(1) or real(z, cb))
+    z, codebook = torch.randn(3000, 20), torch.randn(50, 20)
+    check_against_oracle(z, codebook, "l2")
+    assert calls == []
+    z[2900, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"z contains 1 non-finite value\(s\) \(NaN\), the first in row 2900"):
+        vqfast.nearest_codeword(z, codebook, backend="cpu")
+    assert calls == [1]
+    z[2900, 7] = 0.0
+    codebook[49, 19] = -float("inf")
+    with pytest.raises(ValueError, match=r"codebook contains 1 non-finite value\(s\) \(Inf\), the first in row 49"):
+        vqfast.nearest_codeword(z, codebook, backend="cpu")
+    # Without the check the same inputs search (nearest_codeword's own path, no error).
+    idx, _, _ = vqfast.nearest_codeword(z, codebook, backend="cpu", check_finite=False)
+    assert bool(((idx >= 0) & (idx < 50)).all())
+    # The op itself names the input whose value stopped it.
+    with pytest.raises(ValueError, match=r"nearest_codeword_checked: codebook holds NaN, Inf or values beyond"):
+        torch.ops.vqfast.nearest_codeword_checked(z, codebook)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("where", ["z", "codebook"])
+def test_values_beyond_the_float32_limit_search_in_float64(metric, where):
+    # 1e19 > magnitude_limit(19, float32) = 1.5e18: the float32 search stops at the tile (or at
+    # the codebook) holding it and the whole search runs in float64, as the float64 op would.
+    z, codebook = torch.randn(3000, 19), torch.randn(70, 19)
+    if where == "z":
+        z[2950, 3] = 1e19
+    else:
+        codebook[69, 3] = 1e19
+    idx, cw, dist = vqfast.nearest_codeword(z, codebook, metric=metric, backend="cpu")
+    want = torch.ops.vqfast.nearest_codeword(z.double(), codebook.double(), metric, "exact")
+    assert torch.equal(idx, want[0]) and torch.equal(dist, want[2])
+    assert cw.dtype == torch.float32 and torch.equal(cw, codebook[idx])
+
+
+def test_fast_precision_on_huge_values_searches_in_float64():
+    # At 1e20 every float32 ||c||^2 and product overflows: a float32 search of these values in
+    # "fast" precision (no re-rank) returns index 0 for every row; the float64 search is right.
+    codebook = torch.randn(40, 9) * 1e20
+    picks = torch.randint(0, 40, (3000,))
+    z = codebook[picks] + torch.randn(3000, 9) * 1e17
+    idx, _, _ = vqfast.nearest_codeword(z, codebook, precision="fast", backend="cpu")
+    assert torch.equal(idx, picks)
+    unchecked = torch.ops.vqfast.nearest_codeword(z, codebook, "l2", "fast")[0]
+    assert not torch.equal(unchecked, picks)  # what the promotion prevents
 
 
 @pytest.mark.parametrize("cpu_isa", [vqfast.cpu_isa()], indirect=True)  # a subprocess: the default level

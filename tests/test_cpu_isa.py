@@ -63,6 +63,32 @@ def test_every_level_matches_reference_and_each_other(n, k, d, dtype):
     assert_levels_agree(out)
 
 
+# From 16 tiles (N >= 1921) and D >= 128 the runtime-D kernels read a step-by-step copy of the
+# codebook (TileArgs::cb_steps); near-ties and duplicates straddling a codebook block (256
+# codewords at D = 128) go through the re-rank, which reads the codebook as given.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,k,d", [(1921, 131, 128), (2049, 25, 257)])
+def test_codebook_by_steps_at_every_level(n, k, d, dtype):
+    z = torch.randn(n, d).to(dtype)
+    codebook = torch.randn(k, d).to(dtype)
+    out = at_every_level(z, codebook)
+    ridx, rcw, _ = nearest_codeword_reference(z, codebook, "l2")
+    for level, (idx, cw, _) in out.items():
+        assert torch.equal(idx, ridx), f"{level}: {(idx != ridx).sum()} indices differ from the reference"
+        assert torch.equal(cw, rcw)
+    assert_levels_agree(out)
+    codebook = 1000.0 + 1e-2 * torch.randn(600, 128).to(dtype)
+    codebook[[100, 255, 256, 599]] = codebook[100].clone()
+    z = 1000.0 + 1e-2 * torch.randn(2000, 128).to(dtype)
+    z[:100] = codebook[100] + 1e-4 * torch.randn(100, 128).to(dtype)
+    out = at_every_level(z, codebook)
+    ridx = nearest_codeword_reference(z, codebook, "l2")[0]
+    assert bool((ridx[:100] == 100).all())
+    for idx, _, _ in out.values():
+        assert torch.equal(idx, ridx)
+    assert_levels_agree(out)
+
+
 def test_cosine_and_non_contiguous():
     z = torch.randn(2 * 19, 301)[:, ::2].T[:, ::2]  # [151, 19], strides (2, 602)
     codebook = torch.randn(19, 260).T[::2]  # [130, 19], strides (2, 260)

@@ -1,10 +1,11 @@
 """The vqfast:: ops: schemas, fake (meta) implementations, autograd, and backend dispatch.
 
-    vqfast::nearest_codeword         C++ kernels in vqfast._C (CPU; CUDA when built with it)
-    vqfast::nearest_codeword_torch   pure PyTorch (vqfast/reference.py), every device
-    vqfast::nearest_codeword_triton  Triton kernel (vqfast/triton), registered there
+    vqfast::nearest_codeword          C++ kernels in vqfast._C (CPU; CUDA when built with it)
+    vqfast::nearest_codeword_checked  the CPU kernel with check_finite's value checks in its own pass
+    vqfast::nearest_codeword_torch    pure PyTorch (vqfast/reference.py), every device
+    vqfast::nearest_codeword_triton   Triton kernel (vqfast/triton), registered there
 
-All three share one signature, one fake implementation and one backward
+All of them share one signature, one fake implementation and one backward
 (reference.nearest_codeword_backward), so torch.compile(fullgraph=True) traces any of them.
 """
 from __future__ import annotations
@@ -60,11 +61,16 @@ def nearest_codeword_torch(
 register_nearest_codeword_op("vqfast::nearest_codeword_torch")
 if _ext.has_ext():
     register_nearest_codeword_op("vqfast::nearest_codeword")
+    register_nearest_codeword_op("vqfast::nearest_codeword_checked")
 
 
-def _op_for(backend: str):
+def _op_for(backend: str, checked: bool = False):
+    """The op of ``backend``; checked=True (cpu only): the kernel that also tests the values (_cpu_checked)."""
     if backend == "torch":
         return torch.ops.vqfast.nearest_codeword_torch.default
+    if checked:
+        assert backend == "cpu", backend
+        return torch.ops.vqfast.nearest_codeword_checked.default
     if backend in ("cpu", "cuda"):
         return torch.ops.vqfast.nearest_codeword.default
     if backend == "triton":
@@ -72,6 +78,21 @@ def _op_for(backend: str):
 
         return torch.ops.vqfast.nearest_codeword_triton.default
     raise AssertionError(backend)
+
+
+def _cpu_checked(z: Tensor, codebook: Tensor, metric: str, precision: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The cpu backend with check_finite: the kernel tests the values as it loads them, and searches
+    float32 inputs beyond magnitude_limit(D, float32) again in float64, itself. A separate scan cost a
+    parallel pass of its own: at 2 threads on a loaded machine it was slower than the search at
+    N = 16384, K = 256, D = 16. The kernel's ValueError (NaN/Inf, or float64 values beyond float64's
+    range) says only which input; scan_values raises the full message (count, kind, first row, fix).
+    """
+    try:
+        return _op_for("cpu", checked=True)(z, codebook, metric, precision)
+    except ValueError as exc:
+        error = exc
+    scan_values(z, codebook)  # raises the ValueError that names the argument and the fix
+    raise error
 
 
 def _empty_result(z: Tensor, codebook: Tensor, metric: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -101,15 +122,16 @@ def nearest_codeword(
             (tf32/bf16 matrix units where the backend has them; rare near-ties may differ).
         backend: "auto", "torch", "cpu", "cuda" or "triton" (see vqfast.available_backends()).
             "auto" skips backends that cannot take these inputs; a backend named here raises instead.
-        check_finite: scan z and codebook once (one min/max pass, one device sync; 0.6 ms for a
-            65536 x 64 float32 z on 2 CPU cores, under 0.1% of the search there) and raise a
-            ValueError if either holds NaN or Inf. The same pass guards against overflow: float32
-            inputs large enough for a float32 squared distance to overflow (|x| > 6.5e18 / sqrt(D))
-            are searched in float64 instead, on the same backend; float64 inputs beyond 4.7e153 / sqrt(D)
-            raise. False skips the scan for speed: NaN/Inf inputs then give unspecified (but in-range)
-            indices, and huge float32 inputs may pick a wrong codeword. The scan is also skipped
-            while torch.compile traces (torch.compiler.is_compiling()), so that fullgraph=True works,
-            and on meta tensors, which hold no values.
+        check_finite: test every value of z and codebook and raise a ValueError if either holds NaN
+            or Inf. The same test guards against overflow: float32 inputs large enough for a float32
+            squared distance to overflow (|x| > 6.5e18 / sqrt(D)) are searched in float64 instead, on
+            the same backend; float64 inputs beyond 4.7e153 / sqrt(D) raise. The cpu backend tests
+            the values inside the search's own pass, as its kernel loads them (no extra pass over z);
+            the other backends scan both inputs first (one min/max pass, one device sync). False
+            skips the test for speed: NaN/Inf inputs then give unspecified (but in-range) indices,
+            and huge float32 inputs may pick a wrong codeword. The test is also skipped while
+            torch.compile traces (torch.compiler.is_compiling()), so that fullgraph=True works, and
+            on meta tensors, which hold no values.
 
     Returns:
         indices [N] int64 (lowest index on ties), codewords [N, D] (= codebook[indices], z's dtype),
@@ -119,11 +141,14 @@ def nearest_codeword(
     check_nearest_codeword_inputs(z, codebook, metric, precision)
     if not isinstance(check_finite, bool):
         raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
+    check = check_finite and z.device.type != "meta" and not torch.compiler.is_compiling()
+    name = resolve_backend(backend, z.device.type, (z, codebook))
+    if check and name == "cpu" and z.shape[0] > 0:
+        return _cpu_checked(z, codebook, metric, precision)
     run_z, run_cb = z, codebook
-    if check_finite and z.device.type != "meta" and not torch.compiler.is_compiling():
-        if scan_values(z, codebook):
-            run_z, run_cb = z.double(), codebook.double()
-    name = resolve_backend(backend, z.device.type, (run_z, run_cb))
+    if check and scan_values(z, codebook):
+        run_z, run_cb = z.double(), codebook.double()
+        name = resolve_backend(backend, z.device.type, (run_z, run_cb))  # float64 rules out some backends
     if z.shape[0] == 0:
         return _empty_result(z, codebook, metric)
     indices, codewords, distances = _op_for(name)(run_z, run_cb, metric, precision)

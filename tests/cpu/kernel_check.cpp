@@ -5,6 +5,7 @@
 //
 // The driver's part (rounding bound, candidate re-rank in double) is restated here in a few lines;
 // csrc/cpu/nearest_codeword.cpp is the reference for it.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -17,6 +18,8 @@
 using namespace vqfast::cpu;
 
 namespace {
+
+int failures = 0;
 
 const Kernels* const LEVELS[] = {
 #if defined(__x86_64__)
@@ -38,9 +41,10 @@ double dist(const float* a, const float* b, int64_t D) {
 }
 
 std::vector<int64_t> search(const Kernels& k, const std::vector<float>& z, const std::vector<float>& cb, int64_t N,
-                            int64_t K, int64_t D) {
-  const int64_t Kp = (K + CODE_PAD - 1) / CODE_PAD * CODE_PAD;
-  std::vector<float> m2(Kp * D, 0.f), csq(Kp, INFINITY);
+                            int64_t K, int64_t D, bool by_steps) {
+  const int64_t Kp = (K + CODE_PAD - 1) / CODE_PAD * CODE_PAD, Kfull = K / CODE_PAD * CODE_PAD;
+  std::vector<float> csq(Kp, INFINITY), tail(CODE_PAD * D, 0.f), steps;
+  std::copy(cb.begin() + Kfull * D, cb.end(), tail.begin());
   double cmax2 = 0;
   for (int64_t c = 0; c < K; ++c) {
     float s = 0;
@@ -48,28 +52,28 @@ std::vector<int64_t> search(const Kernels& k, const std::vector<float>& z, const
     for (int64_t j = 0; j < D; ++j) {
       s += cb[c * D + j] * cb[c * D + j];
       sd += double(cb[c * D + j]) * cb[c * D + j];
-      m2[c * D + j] = -2.f * cb[c * D + j];
     }
     csq[c] = s;
     cmax2 = std::max(cmax2, sd);
   }
-  const double n = D + 3, u = std::ldexp(1.0, -24), gamma = n * u / (1 - n * u), cmax = std::sqrt(cmax2);
+  if (by_steps) {  // the runtime-D kernels' step-by-step copy (TileArgs::cb_steps)
+    steps.assign(Kp * D, 0.f);
+    for (int64_t c = 0; c < K; ++c)
+      for (int64_t j = 0; j < D; ++j) steps[(c - c % k.step) * D + c % k.step + j * k.step] = cb[c * D + j];
+  }
+  const double n = D + 3, u = std::ldexp(1.0, -24), gamma = n * u / (1 - n * u);
+  const float tol_coef = float(2 * gamma * (1 + 4 * u)), cmax = float(std::sqrt(cmax2) * (1 + 1e-6));
   std::vector<RowState<float>> st(TILE_ROWS);
-  std::vector<float> scratch(D * TILE_ROWS + BLOCK_ELEMS);
+  std::vector<float> scratch(VQFAST_SCRATCH(D));
   std::vector<int64_t> out(N);
   for (int64_t r0 = 0; r0 < N; r0 += TILE_ROWS) {
     const int64_t mt = std::min<int64_t>(TILE_ROWS, N - r0);
-    for (int64_t r = 0; r < mt; ++r) {
-      const double zn = std::sqrt(dist(&z[(r0 + r) * D], std::vector<float>(D, 0.f).data(), D));
-      st[r] = RowState<float>{};
-      st[r].best = INFINITY;
-      st[r].tol = float(2 * gamma * cmax * (2 * zn + cmax));
+    const TileArgs<float> args{&z[r0 * D], mt, D, cb.data(), tail.data(), csq.data(), by_steps ? steps.data() : nullptr,
+                               K, Kfull, Kp, tol_coef, cmax, 0.f, true, 1e18f, st.data(), scratch.data()};
+    if (!k.search_f32(args)) {
+      std::printf("%s: a value of z beyond 1e18 reported\n", k.name);
+      ++failures;
     }
-    // The driver's exact-mode tolerance: 2 gamma_{D+3} (rounded up), max||c|| rounded up, no underflow floor
-    // (the values here are normal).
-    const float tol_coef = float(2 * gamma * (1 + 4 * u)), cmax_up = float(cmax * (1 + 4 * u));
-    k.search_f32(TileArgs<float>{&z[r0 * D], mt, D, m2.data(), csq.data(), K, Kp, tol_coef, cmax_up, 0.f, st.data(),
-                                 scratch.data()});
     for (int64_t r = 0; r < mt; ++r) {
       const RowState<float>& s = st[r];
       int64_t best_k = s.best_k;
@@ -87,8 +91,6 @@ std::vector<int64_t> search(const Kernels& k, const std::vector<float>& z, const
   }
   return out;
 }
-
-int failures = 0;
 
 bool runs_here(const Kernels& k) {
 #if defined(__x86_64__)
@@ -116,11 +118,15 @@ void check(const char* what, const std::vector<float>& z, const std::vector<floa
       std::printf("%-8s %-28s not run: this CPU lacks the level\n", k->name, what);
       continue;
     }
-    const std::vector<int64_t> got = search(*k, z, cb, N, K, D);
-    int64_t bad = 0;
-    for (int64_t i = 0; i < N; ++i) bad += got[i] != ref[i];
-    std::printf("%-8s %-28s N=%-5ld K=%-6ld D=%-4ld %s\n", k->name, what, long(N), long(K), long(D), bad ? "FAIL" : "ok");
-    if (bad) ++failures;
+    for (bool by_steps : {false, true}) {
+      if (by_steps && D <= SMALL_D) continue;  // the compile-time-D kernels read the codebook as given
+      const std::vector<int64_t> got = search(*k, z, cb, N, K, D, by_steps);
+      int64_t bad = 0;
+      for (int64_t i = 0; i < N; ++i) bad += got[i] != ref[i];
+      std::printf("%-8s %-28s N=%-5ld K=%-6ld D=%-4ld %-8s %s\n", k->name, what, long(N), long(K), long(D),
+                  by_steps ? "by steps" : "", bad ? "FAIL" : "ok");
+      if (bad) ++failures;
+    }
   }
 }
 
@@ -154,8 +160,8 @@ int main() {
       for (int64_t j = 0; j < D; ++j) z[i * D + j] = 0.5f + j + 1e-3f * nd(g);
     check("duplicates across blocks", z, cb, N, K, D);
   }
-  {  // near-ties under a large common offset
-    const int64_t N = 200, K = 256, D = 16;
+  for (const int64_t D : {16, 130}) {  // near-ties under a large common offset
+    const int64_t N = 200, K = 256;
     std::vector<float> z(N * D), cb(K * D);
     for (auto& x : z) x = 1000.f + 1e-2f * nd(g);
     for (auto& x : cb) x = 1000.f + 1e-2f * nd(g);

@@ -5,6 +5,7 @@
     vqfast bench --preset quick --questions forward memory --results-dir /tmp/r
     vqfast bench --questions dropin --var-repo ~/VAR --taming-repo ~/taming-transformers
     vqfast bench --preset quick --questions faiss --isa all   # vqfast vs faiss-cpu at each CPU level
+    vqfast bench --preset quick --questions faiss --isa avx2 --threads 1 2   # at 1 and at 2 threads
     vqfast bench --preset quick --device cpu --results-dir benchmarks/results   # the committed tables
 
 Results go to ./bench-results (in the current directory) unless --results-dir says otherwise: never
@@ -58,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--isa", default="auto", choices=("auto", "all") + tuple(FAISS_LEVELS),
                         help="CPU instruction level of vqfast's cpu backend and of faiss-cpu: one level, every level "
                              "this CPU runs ('all'), each in its own process, or 'auto' (as imported)")
+    parser.add_argument("--threads", type=int, nargs="+", default=None,
+                        help="CPU threads (torch and faiss); several counts run one after the other, each in its "
+                             "own process (default: torch's)")
 
 
 def run_questions(preset_name: str, device: torch.device, questions: list[str], log=print,
@@ -94,20 +98,26 @@ def level_environment(level: str) -> dict[str, str]:
 
 
 def run_levels(args: argparse.Namespace) -> int:
-    """Re-run this command once per level, each in a fresh process (both libraries pick theirs at import)."""
+    """Re-run this command once per level and thread count, each in a fresh process (both libraries
+    pick their level at import)."""
     from vqfast import _ext
 
-    levels = list(_ext.cpu_isa_levels()) if args.isa == "all" else [args.isa]
+    levels = [None] if args.isa == "auto" else list(_ext.cpu_isa_levels()) if args.isa == "all" else [args.isa]
     if not levels:
         raise ValueError("--isa needs the compiled extension vqfast._C (no CPU levels without it)")
     status = 0
     for level in levels:
-        argv = ["--preset", args.preset, "--questions", *args.questions, "--results-dir", str(args.results_dir),
-                "--isa", level] + (["--device", args.device] if args.device else []) + \
-               (["--no-save"] if args.no_save else []) + (["--quiet"] if args.quiet else [])
-        print(f"== CPU instruction level {level}", flush=True)
-        status = max(status, subprocess.run([sys.executable, "-m", "vqfast", "bench", *argv],
-                                            env=level_environment(level)).returncode)
+        for threads in args.threads or [None]:
+            argv = ["--preset", args.preset, "--questions", *args.questions, "--results-dir", str(args.results_dir),
+                    "--isa", level or "auto"] + (["--threads", str(threads)] if threads else []) + \
+                   (["--device", args.device] if args.device else []) + \
+                   (["--no-save"] if args.no_save else []) + (["--quiet"] if args.quiet else [])
+            if level is not None:
+                print(f"== CPU instruction level {level}" + (f", {threads} threads" if threads else ""), flush=True)
+            else:
+                print(f"== {threads} threads", flush=True)
+            env = level_environment(level) if level is not None else dict(os.environ)
+            status = max(status, subprocess.run([sys.executable, "-m", "vqfast", "bench", *argv], env=env).returncode)
     return status
 
 
@@ -118,8 +128,13 @@ def main(args: argparse.Namespace) -> int:
             if not os.path.isdir(path):
                 raise ValueError(f"--{model}-repo {path!r} is not a directory")
             os.environ[dropin.REPO_ENV[model]] = os.path.abspath(path)
-    if args.isa != "auto" and os.environ.get("VQFAST_CPU_ISA") != args.isa:
+    threads = getattr(args, "threads", None)
+    if threads is not None and any(t < 1 for t in threads):
+        raise ValueError(f"--threads must be positive, got {threads}")
+    if (args.isa != "auto" and os.environ.get("VQFAST_CPU_ISA") != args.isa) or (threads and len(threads) > 1):
         return run_levels(args)
+    if threads:
+        torch.set_num_threads(threads[0])
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was requested but no CUDA device is available; use --device cpu")

@@ -5,11 +5,14 @@
 Per shape (N, D, K), float32 standard normal: vqfast.nearest_codeword(backend="cpu", exact) and
 faiss IndexFlatL2 (k = 1, the index built in each call, as a training loop must after every codebook
 update) run interleaved -- vqfast, faiss, vqfast, faiss, ... -- so load from other processes on a
-shared machine hits both alike; each keeps its best (the ratio) and median time. Both run on
-torch.get_num_threads() threads. GFLOP/s count 2 N K D; the peak is a square 4096 x 4096 fp32
-torch.mm on the same threads, best of several, measured first in the same run. ``--isa`` runs each
-level in its own process with VQFAST_CPU_ISA and faiss's FAISS_OPT_LEVEL / FAISS_SIMD_LEVEL set alike
-(both libraries choose their level at import); every record names both levels and the CPU.
+shared machine hits both alike; each keeps its best (the ratio) and median time, and its best CPU
+time of the process (all threads: on a loaded machine the wall time of a short call is mostly
+waiting for a core, the CPU time is not). Both run on torch.get_num_threads() threads (``--threads``
+runs several counts, each in its own process). GFLOP/s count 2 N K D; the peak is a square
+4096 x 4096 fp32 torch.mm on the same threads, best of several, measured first in the same run.
+``--isa`` runs each level in its own process with VQFAST_CPU_ISA and faiss's FAISS_OPT_LEVEL /
+FAISS_SIMD_LEVEL set alike (both libraries choose their level at import); every record names both
+levels, the thread count and the CPU.
 
 Shapes: the preset's forward shapes (headline and sweep) plus, beyond the tiny preset, the shapes
 where faiss used to win on a Zen 4 (EXTRA_SHAPES).
@@ -52,6 +55,14 @@ def _best_of(fn, repeats: int) -> list[float]:
         fn()
         runs.append((time.perf_counter() - t0) * 1e3)
     return runs
+
+
+def _timed(fn) -> tuple[float, float]:
+    """(wall ms, CPU ms of the process) of one call."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    fn()
+    t1, c1 = time.perf_counter(), time.process_time()
+    return (t1 - t0) * 1e3, (c1 - c0) * 1e3
 
 
 def measure_peak(size: int = PEAK_SIZE, repeats: int = 5) -> float:
@@ -98,9 +109,12 @@ def run_case(case: dict, preset: Preset, device: torch.device, env: dict, log=pr
     }
     idx = {name: fn() for name, fn in fns.items()}  # warm-up (and the indices compared below)
     runs: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            runs[name] += _best_of(fn, 1)
+            wall, cpu_ms = _timed(fn)
+            runs[name].append(wall)
+            cpu[name].append(cpu_ms)
     peak = peak_gflops()
     flops = 2.0 * n * k * d
     mismatch = float((idx["vqfast-cpu"] != idx["faiss-cpu"]).double().mean())
@@ -109,11 +123,12 @@ def run_case(case: dict, preset: Preset, device: torch.device, env: dict, log=pr
         best = min(runs[name])
         gflops = flops / (best * 1e-3) / 1e9
         records.append(_record(env, preset, case, name, group, value=best, best_ms=best,
-                               median_ms=statistics.median(runs[name]), repeats=repeats, gflops=gflops,
-                               peak_gflops=peak, of_peak=gflops / peak, index_mismatch=mismatch))
+                               median_ms=statistics.median(runs[name]), cpu_ms=min(cpu[name]), repeats=repeats,
+                               gflops=gflops, peak_gflops=peak, of_peak=gflops / peak, index_mismatch=mismatch))
     v, f = (r["value"] for r in records)
-    log(f"  N={n} D={d} K={k}: vqfast {v:.2f} ms, faiss {f:.2f} ms, vqfast/faiss {v / f:.2f}x, "
-        f"{records[0]['gflops']:.1f} GFLOP/s ({100 * records[0]['of_peak']:.0f}% of mm)")
+    cv, cf = (r["cpu_ms"] for r in records)
+    log(f"  N={n} D={d} K={k}: vqfast {v:.2f} ms, faiss {f:.2f} ms, vqfast/faiss {v / f:.2f}x "
+        f"(CPU time {cv / max(cf, 1e-9):.2f}x), {records[0]['gflops']:.1f} GFLOP/s ({100 * records[0]['of_peak']:.0f}% of mm)")
     return records
 
 
@@ -136,8 +151,9 @@ def format_table(records: list[dict], question: str = "faiss") -> str:
         out.append(f"{cpu}, {threads} threads: vqfast cpu level {isa}, faiss {faiss_level}; "
                    + (f"fp32 torch.mm peak {peak:.1f} GFLOP/s" if peak else "no peak measured"))
         out.append("")
-        out.append("| N | D | K | vqfast ms | faiss ms | vqfast / faiss time | vqfast GFLOP/s | of mm peak | faiss GFLOP/s |")
-        out.append("|---|---|---|---|---|---|---|---|---|")
+        out.append("| N | D | K | vqfast ms | faiss ms | vqfast / faiss time | vqfast / faiss CPU time | vqfast GFLOP/s "
+                   "| of mm peak | faiss GFLOP/s |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|")
         by_case: dict[tuple, dict[str, dict]] = {}
         for r in group:
             if r["case"].get("set") == "faiss":
@@ -146,9 +162,10 @@ def format_table(records: list[dict], question: str = "faiss") -> str:
             v, f = provs.get("vqfast-cpu"), provs.get("faiss-cpu")
             if v is None or f is None or v["status"] != "ok" or f["status"] != "ok":
                 reason = (v or f or {}).get("reason", "")
-                out.append(f"| {n} | {d} | {k} | skipped: {reason} | | | | | |")
+                out.append(f"| {n} | {d} | {k} | skipped: {reason} | | | | | | |")
                 continue
-            out.append(f"| {n} | {d} | {k} | {v['value']:.2f} | {f['value']:.2f} | {v['value'] / f['value']:.2f}x | "
+            cpu = (f"{v['cpu_ms'] / f['cpu_ms']:.2f}x" if v.get("cpu_ms") and f.get("cpu_ms") else "")
+            out.append(f"| {n} | {d} | {k} | {v['value']:.2f} | {f['value']:.2f} | {v['value'] / f['value']:.2f}x | {cpu} | "
                        f"{v['gflops']:.1f} | {100 * v['of_peak']:.0f}% | {f['gflops']:.1f} |")
         out.append("")
     return "\n".join(out).rstrip()

@@ -54,8 +54,8 @@ def wrap_backend(backend: str, corrupt: Callable) -> None:
 
     real = ops._op_for
 
-    def op_for(name: str):
-        op = real(name)
+    def op_for(name: str, checked: bool = False):
+        op = real(name, checked)
         if name != backend:
             return op
         return lambda z, codebook, metric="l2", precision="exact": corrupt(op, z, codebook, metric, precision)

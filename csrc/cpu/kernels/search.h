@@ -11,7 +11,13 @@
 //
 // Layout: rows in SIMD lanes (as faiss's fused small-D kernel), codewords broadcast. A step takes
 // R vectors of W rows and P codewords: R x P accumulators, each the D-term dot product
-//     v = ||c||^2 + sum_j z_j (-2 c_j)          (one FMA per term where the level has FMA)
+//     v = ||c||^2 + sum_j (-2 z_j) c_j          (one FMA per term where the level has FMA)
+// The tile's z is scaled by -2 as it is transposed (a power of two: exact, so each product is the
+// one z_j (-2 c_j) would give), and the codebook is read where the caller holds it: no per-call
+// copy of K x D (a copy scaled by -2 cost as much as the search at N = 16, K = 4096, D = 32).
+// The transposed tile is stored group by group, each group's [D, R W] contiguous: at D = 256 a
+// group is 16 KiB that stays in L1, where one [D, 128] tile with a 512-byte row stride mapped every
+// group onto 8 of L1's 64 sets.
 // then per accumulator five vector operations keep, per lane (per row), the running minimum, its
 // codeword index (strict <, codewords in ascending order: the lowest index on ties) and the second
 // smallest value. State per row is three registers whatever P is, so P can grow until the
@@ -21,7 +27,7 @@
 // a row whose second smallest value lies within the rounding bound of the minimum recomputes the
 // block's values and collects its candidates exactly; every other row takes the lane's minimum.
 //
-// Rounding: v is a sum of D + 1 terms (||c||^2 itself a D-term sum, -2c exact), so in any order and
+// Rounding: v is a sum of D + 1 terms (||c||^2 itself a D-term sum, -2z exact), so in any order and
 // with or without FMA (one rounding per step instead of two) the computed v is within
 // gamma_{D+3} max||c|| (2 ||z|| + max||c||) of its true value (Higham 3.1): the bound the driver sets
 // as tol (twice it, to compare two values) holds at every level.
@@ -42,9 +48,6 @@ namespace vqfast {
 namespace cpu {
 namespace VQFAST_ISA {
 namespace {
-
-// D up to this many features runs a kernel with D fixed at compile time (fully unrolled terms).
-constexpr int SMALL_D = 32;
 
 template <typename T>
 struct Simd;
@@ -132,9 +135,9 @@ inline void collect_block(const TileArgs<T>& a, int64_t row, int64_t k0, int64_t
   const int64_t n = min_of(k1, a.K) - k0;
   T m = infinity<T>();
   for (int64_t q = 0; q < n; ++q) {
-    const T* c = a.cb_m2 + (k0 + q) * D;
+    const T* c = a.cb + (k0 + q) * D;
     T v = a.csq[k0 + q];
-    for (int64_t j = 0; j < D; ++j) v += zr[j] * c[j];
+    for (int64_t j = 0; j < D; ++j) v += (T(-2) * zr[j]) * c[j];
     buf[q] = v;
     m = min_of(m, v);
   }
@@ -148,16 +151,20 @@ inline void collect_block(const TileArgs<T>& a, int64_t row, int64_t k0, int64_t
 
 // ---- the micro-kernel --------------------------------------------------------------------------
 
-// Rows [row0, row0 + R W) of the tile (transposed in zT: element (j, r) at zT[j * TILE_ROWS + r])
-// against codewords [k0, k1) (k1 - k0 a multiple of P), folded into the rows' states.
-template <typename T, int R, int P, int DC>
+// Rows [row0, row0 + R W) of the tile (transposed in zT: element (j, r) of the group at
+// zT[row0 * D + j * R W + r]) against codewords [k0, k1) (k1 - k0 a multiple of P), folded into
+// the rows' states. STEPS: the codebook is read from a.cb_steps (a step's P codewords
+// interleaved: one stream of broadcasts rather than P streams D apart; 1.08x at D = 256 and 1.02x
+// at D = 128 on a Zen 3, one thread), else from a.cb and a.cb_tail.
+template <typename T, int R, int P, int DC, bool STEPS>
 void scan_group(const TileArgs<T>& a, const T* zT, int64_t row0, int64_t k0, int64_t k1, T* buf) {
   using V = typename Simd<T>::V;
   using I = typename Simd<T>::I;
   using Index = typename Simd<T>::Index;
   constexpr int W = Simd<T>::W;
+  constexpr int G = R * W;
   const int64_t D = DC > 0 ? DC : a.D;
-  const T* zg = zT + row0;
+  const T* zg = zT + row0 * D;
 
   V mn[R], sec[R];
   I id[R];
@@ -173,12 +180,13 @@ void scan_group(const TileArgs<T>& a, const T* zT, int64_t row0, int64_t k0, int
       const V c = splat<V>(a.csq[k + p]);
       for (int r = 0; r < R; ++r) acc[r][p] = c;
     }
-    const T* cp = a.cb_m2 + k * D;
+    // Steps never straddle Kfull (P divides CODE_PAD): the last partial step reads the padded tail.
+    const T* cp = STEPS ? a.cb_steps + k * D : k < a.Kfull ? a.cb + k * D : a.cb_tail + (k - a.Kfull) * D;
     for (int64_t j = 0; j < D; ++j) {
       V zj[R];
-      for (int r = 0; r < R; ++r) zj[r] = load<V>(zg + j * TILE_ROWS + r * W);
+      for (int r = 0; r < R; ++r) zj[r] = load<V>(zg + j * G + r * W);
       for (int p = 0; p < P; ++p) {
-        const V b = splat<V>(cp[p * D + j]);
+        const V b = splat<V>(STEPS ? cp[j * P + p] : cp[p * D + j]);
         for (int r = 0; r < R; ++r) acc[r][p] += zj[r] * b;
       }
     }
@@ -216,24 +224,32 @@ void scan_group(const TileArgs<T>& a, const T* zT, int64_t row0, int64_t k0, int
 }
 
 // Each row's state, its bound from ||z|| computed here with the rows in lanes (in the driver, a
-// serial double sum per row cost 10% of the search at K = 256-512, D = 8-16). The computed
-// quantities round: ||z||^2 by gamma_D relative, the rest by one u per operation, so the bound is
-// scaled by 1 + 4 (D + 8) u, which covers them all, and stays a bound for the exact values.
-template <typename T>
-void init_states(const TileArgs<T>& a, const T* zT) {
+// serial double sum per row cost 10% of the search at K = 256-512, D = 8-16). zT holds -2z, so the
+// sum is 4 ||z||^2 and ||z|| = sqrt(sum) / 2, both scalings exact. The computed quantities round:
+// ||z||^2 by gamma_D relative, the rest by one u per operation, so the bound is scaled by
+// 1 + 4 (D + 8) u, which covers them all, and stays a bound for the exact values.
+// With a.check, the same loads test every value against the limit (|-2z| <= 2 zlimit, exact):
+// false when one is NaN, infinite or beyond it. This is check_finite's scan of z, at no extra pass.
+template <typename T, int G>
+bool init_states(const TileArgs<T>& a, const T* zT) {
   using V = typename Simd<T>::V;
+  using I = typename Simd<T>::I;
   constexpr int W = Simd<T>::W;
   const T u = sizeof(T) == 4 ? T(5.9604644775390625e-8) : T(1.1102230246251565e-16);  // 2^-24, 2^-53
   const T slack = T(1) + T(4) * T(a.D + 8) * u;
+  const V lim = splat<V>(T(2) * a.zlimit);
+  I within = ~I{};
   for (int64_t r0 = 0; r0 < a.rows; r0 += W) {
+    const T* zg = zT + r0 / G * G * a.D + r0 % G;
     V s{};
     for (int64_t j = 0; j < a.D; ++j) {
-      const V x = load<V>(zT + j * TILE_ROWS + r0);
+      const V x = load<V>(zg + j * G);
       s += x * x;
+      within &= (x <= lim) & (-lim <= x);  // false for NaN
     }
     for (int l = 0; l < W && r0 + l < a.rows; ++l) {
       RowState<T>& st = a.state[r0 + l];
-      const T zn = sizeof(T) == 4 ? __builtin_sqrtf(static_cast<float>(s[l])) : __builtin_sqrt(s[l]);
+      const T zn = T(0.5) * (sizeof(T) == 4 ? __builtin_sqrtf(static_cast<float>(s[l])) : __builtin_sqrt(s[l]));
       const T tol = a.tol_coef == T(0) ? T(0) : a.tol_coef * a.cmax * (T(2) * zn + a.cmax) * slack + a.tol_floor;
       st.best = infinity<T>();
       st.best_k = 0;
@@ -242,11 +258,16 @@ void init_states(const TileArgs<T>& a, const T* zT) {
       st.overflow = !(tol < infinity<T>());  // also NaN (a NaN in z): the row is re-ranked whole
     }
   }
+  if (!a.check) return true;
+  for (int l = 0; l < W; ++l) {
+    if (within[l] == 0) return false;
+  }
+  return true;
 }
 
 template <typename T, int R, int P, int DC>
-void search_tile(const TileArgs<T>& a) {
-  constexpr int64_t G = R * Simd<T>::W;  // rows per group
+bool search_tile(const TileArgs<T>& a) {
+  constexpr int G = R * Simd<T>::W;  // rows per group
   static_assert(TILE_ROWS % G == 0, "a tile holds whole row groups");
   static_assert(CODE_PAD % P == 0, "the padded codebook holds whole steps");
   const int64_t D = a.D;
@@ -255,18 +276,28 @@ void search_tile(const TileArgs<T>& a) {
   const int64_t rows_p = (a.rows + G - 1) / G * G;
   for (int64_t r = 0; r < rows_p; ++r) {
     const T* src = a.z + r * D;
-    for (int64_t j = 0; j < D; ++j) zT[j * TILE_ROWS + r] = r < a.rows ? src[j] : T(0);
+    T* dst = zT + r / G * G * D + r % G;
+    for (int64_t j = 0; j < D; ++j) dst[j * G] = r < a.rows ? T(-2) * src[j] : T(0);
   }
-  init_states(a, zT);
+  if (!init_states<T, G>(a, zT)) return false;
   int64_t kb = BLOCK_ELEMS / D / P * P;
   if (kb < P) kb = P;
   for (int64_t k0 = 0; k0 < a.Kp; k0 += kb) {
     const int64_t k1 = min_of(a.Kp, k0 + kb);
-    for (int64_t row0 = 0; row0 < rows_p; row0 += G) scan_group<T, R, P, DC>(a, zT, row0, k0, k1, buf);
+    for (int64_t row0 = 0; row0 < rows_p; row0 += G) {
+      if constexpr (DC == 0) {
+        if (a.cb_steps != nullptr) {
+          scan_group<T, R, P, DC, true>(a, zT, row0, k0, k1, buf);
+          continue;
+        }
+      }
+      scan_group<T, R, P, DC, false>(a, zT, row0, k0, k1, buf);
+    }
   }
+  return true;
 }
 
-using SearchF32 = void (*)(const TileArgs<float>&);
+using SearchF32 = bool (*)(const TileArgs<float>&);
 
 template <int... Ds>
 SearchF32 pick_f32(int64_t D, std::integer_sequence<int, Ds...>) {
@@ -275,18 +306,18 @@ SearchF32 pick_f32(int64_t D, std::integer_sequence<int, Ds...>) {
   return fn;
 }
 
-void search_f32(const TileArgs<float>& a) {
-  pick_f32(a.D, std::make_integer_sequence<int, SMALL_D>{})(a);
+bool search_f32(const TileArgs<float>& a) {
+  return pick_f32(a.D, std::make_integer_sequence<int, SMALL_D>{})(a);
 }
 
-void search_f64(const TileArgs<double>& a) {
-  search_tile<double, VQFAST_LARGE_R, VQFAST_LARGE_P, 0>(a);
+bool search_f64(const TileArgs<double>& a) {
+  return search_tile<double, VQFAST_LARGE_R, VQFAST_LARGE_P, 0>(a);
 }
 
 }  // namespace
 
 extern const Kernels kernels;
-const Kernels kernels = {VQFAST_STR(VQFAST_ISA), &search_f32, &search_f64};
+const Kernels kernels = {VQFAST_STR(VQFAST_ISA), VQFAST_LARGE_P, &search_f32, &search_f64};
 
 }  // namespace VQFAST_ISA
 }  // namespace cpu
