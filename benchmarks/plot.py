@@ -10,6 +10,7 @@ The default folder is the one `vqfast bench` writes to by default (./bench-resul
     latest_<device>.md               the latest table of every question (for the README)
     forward_roofline_cuda.png        GPU only: achieved TFLOP/s vs arithmetic intensity under the
                                      device's compute and bandwidth roofs
+    dropin_<device>.png              real quantizers: speed-up and peak-memory ratio of vqfast.accelerate
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
-from vqfast.bench.cli import DEFAULT_RESULTS_DIR  # noqa: E402
+from vqfast.bench.cli import DEFAULT_RESULTS_DIR, QUESTIONS  # noqa: E402
+from vqfast.bench.dropin import case_label  # noqa: E402
 from vqfast.bench.results import read_jsonl  # noqa: E402
 from vqfast.bench.table import format_table  # noqa: E402
 
@@ -133,10 +135,43 @@ def plot_roofline(rows: list[dict], out: Path) -> Path | None:
     return path
 
 
+def plot_dropin(rows: list[dict], out: Path, device_type: str) -> Path | None:
+    """Per case and mode: original time / accelerated time, and original peak / accelerated peak."""
+    pairs: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        pairs.setdefault(case_label(r["case"]), {})[r["provider"]] = r
+    pairs = {k: v for k, v in pairs.items() if "original" in v and "accelerated" in v}
+    if not pairs:
+        return None
+    labels = list(pairs)
+    speed = [v["original"]["value"] / v["accelerated"]["value"] for v in pairs.values()]
+    memory = [v["original"]["peak_bytes"] / v["accelerated"]["peak_bytes"]
+              if v["original"].get("peak_bytes") and v["accelerated"].get("peak_bytes") else float("nan")
+              for v in pairs.values()]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.45 * len(labels) + 1.8), sharey=True)
+    for ax, values, what in ((axes[0], speed, "speed-up (original time / accelerated time)"),
+                             (axes[1], memory, "peak memory, original / accelerated")):
+        ax.barh(range(len(labels)), values, color="tab:blue")
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel(what)
+        for i, v in enumerate(values):
+            if v == v:
+                ax.text(v, i, f" {v:.2f}x", va="center", fontsize=8)
+    axes[0].set_yticks(range(len(labels)), labels, fontsize=8)
+    axes[0].invert_yaxis()
+    fig.suptitle(_title(rows, "vqfast.accelerate on real quantizers"), fontsize=9)
+    fig.tight_layout()
+    path = out / f"dropin_{device_type}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_latest_tables(results_dir: Path, device_type: str, out: Path) -> Path | None:
     """Markdown: the latest record of each case and provider, per question, with where it ran."""
     parts = []
-    for question in ("forward", "train_step", "multiscale", "memory"):
+    for question in ("forward", "train_step", "multiscale", "memory", "dropin", "faiss"):
         path = results_dir / f"{question}_{device_type}.jsonl"
         if not path.exists():
             continue
@@ -145,7 +180,8 @@ def write_latest_tables(results_dir: Path, device_type: str, out: Path) -> Path 
         rows = list(keep.values())
         runs = sorted({(r["commit"], r["date"][:16], r["device"]) for r in rows})
         where = "; ".join(f"commit {c} at {d} on {dev}" for c, d, dev in runs)
-        parts.append(f"### {question}\n\n{where}\n\n{format_table(rows, question)}\n")
+        table = getattr(QUESTIONS[question], "format_table", format_table)(rows, question)
+        parts.append(f"### {question}\n\n{where}\n\n{table}\n")
     if not parts:
         return None
     path = out / f"latest_{device_type}.md"
@@ -166,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     for path in sorted(results_dir.glob("forward_*.jsonl")):
         rows = latest(read_jsonl(path))
         written += [plot_time_vs_k(rows, out), plot_speedup(rows, out), plot_roofline(rows, out)]
+    for path in sorted(results_dir.glob("dropin_*.jsonl")):
+        written.append(plot_dropin(latest(read_jsonl(path)), out, path.stem.split("_", 1)[1]))
     for device_type in sorted({p.stem.rsplit("_", 1)[-1] for p in results_dir.glob("*_*.jsonl")}):
         written.append(write_latest_tables(results_dir, device_type, out))
     written = [p for p in written if p is not None]

@@ -1,11 +1,10 @@
 """The dropin benchmark question's machinery: cases, skips with reasons, one measurement per process,
 the original and the accelerated module agreeing on indices, and the table. No timing is asserted."""
-import json
-
 import pytest
 import torch
 
-from vqfast.bench import dropin, presets
+from tests.test_bench import _load_plot_script as load_plot_script
+from vqfast.bench import dropin, presets, results
 
 
 def test_cases_cover_every_model_in_both_modes():
@@ -33,11 +32,11 @@ def test_repository_models_skip_with_the_reason_when_no_checkout_is_given(monkey
     assert all("not found under" in r["reason"] for r in records)
 
 
-def test_diffusers_original_and_accelerated_in_one_process_each():
+def test_diffusers_original_and_accelerated_in_one_process_each(tmp_path):
     pytest.importorskip("diffusers")
     case = {**next(c for c in dropin._tiny() if c["model"] == "diffusers"), "mode": "train_step"}
-    records = dropin.run(presets.get_preset("tiny"), torch.device("cpu"), {"device": "cpu"}, log=lambda *a: None,
-                         case_list=[case])
+    records = dropin.run(presets.get_preset("tiny"), torch.device("cpu"), results.environment("cpu"),
+                         log=lambda *a: None, case_list=[case])
     assert [r["provider"] for r in records] == ["original", "accelerated"]
     for r in records:
         assert r["status"] == "ok", r["reason"]
@@ -46,7 +45,12 @@ def test_diffusers_original_and_accelerated_in_one_process_each():
         assert r["index_mismatch"] == 0.0  # random data: both pick the nearest codeword
     table = dropin.format_table(records)
     assert dropin.case_label(case) in table and "x |" in table
-    json.dumps(records)  # records are appended to a JSON-lines file
+    # The committed chart and table: benchmarks/plot.py reads the JSON-lines file the run appends to.
+    results.append_jsonl(records, tmp_path / "dropin_cpu.jsonl")
+    plot = load_plot_script()
+    assert plot.main(["--results-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "dropin_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert dropin.case_label(case) in (tmp_path / "latest_cpu.md").read_text()
 
 
 def test_a_crashing_provider_is_an_error_not_a_skip(monkeypatch, tmp_path):

@@ -21,6 +21,25 @@ def test_twenty_steps_lower_the_loss(tmp_path):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
 
 
+def test_learning_rate_warms_up_then_decays():
+    cfg = {**tiny(20), "lr": 1.0, "warmup_steps": 4}
+    lrs = [vtrain.learning_rate(cfg, t) for t in range(20)]
+    cosine = [0.5 * (1 + np.cos(np.pi * t / 20)) for t in range(20)]
+    np.testing.assert_allclose(lrs[:4], [(t + 1) / 4 * cosine[t] for t in range(4)], rtol=1e-12)
+    np.testing.assert_allclose(lrs[4:], cosine[4:], rtol=1e-12)
+    assert vtrain.learning_rate({**cfg, "warmup_steps": 0}, 0) == 1.0
+
+
+def test_gradient_norm_is_clipped(tmp_path, monkeypatch):
+    seen = []
+    real = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: seen.append(
+        (max_norm, float(real(params, max_norm)))))
+    vtrain.train({**tiny(3), "grad_clip": 1e-3}, tmp_path, progress=False, finish=False)
+    # The norm before clipping is returned: every step's exceeded 1e-3, so every step was scaled down.
+    assert len(seen) == 3 and all(max_norm == 1e-3 and norm > 1e-3 for max_norm, norm in seen)
+
+
 def test_resume_equals_uninterrupted_run(tmp_path):
     full = vtrain.train(tiny(6), tmp_path / "a", progress=False, finish=False)
     part = vtrain.train(tiny(6), tmp_path / "b", progress=False, stop_after=3, finish=False)
