@@ -24,8 +24,8 @@ are skipped with that reason. VAR's quantizer reads torch.distributed's world si
 joins a one-process gloo group.
 
 Every (case, mode, provider) runs in its own subprocess (``python -m vqfast.bench.dropin SPEC``): the
-peak memory of one call is the rise of the resident-set high-water mark on CPU (see memory.py) or of
-max_memory_allocated on CUDA, and no provider's imports or caches leak into another's timing.
+peak memory of its first call is the rise of the resident-set high-water mark on CPU (see memory.py) or
+of max_memory_allocated on CUDA, and no provider's imports or caches leak into another's timing.
 """
 from __future__ import annotations
 
@@ -239,20 +239,21 @@ def measure_one(case: dict, provider: str, device: torch.device, warmup: int, re
     if provider == "accelerated":
         vqfast.accelerate(module)
     fn = _step_fn(module, x, run, case["mode"])
-    first = fn()
-    t = measure(fn, device=device, warmup=max(0, warmup - 1), repeats=repeats)
+    # Peak memory of the first call, before any other: once a call has run, the allocator keeps its
+    # freed blocks resident and reuses them, so a later call's high-water mark barely rises.
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        fn()
+        first = fn()
         synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
         reset = _reset_peak_rss()
         base = _status_kib("VmRSS") if reset else 0
-        fn()
+        first = fn()
         peak = max(0, _status_kib("VmHWM") - base) * 1024 if reset else None
+    t = measure(fn, device=device, warmup=max(0, warmup - 1), repeats=repeats)
     out = {"value": t.stat(stat), "median_ms": t.median_ms, "best_ms": t.best_ms, "repeats": len(t.runs_ms),
            "peak_bytes": peak}
     if first is not None:
