@@ -24,8 +24,8 @@ are skipped with that reason. VAR's quantizer reads torch.distributed's world si
 joins a one-process gloo group.
 
 Every (case, mode, provider) runs in its own subprocess (``python -m vqfast.bench.dropin SPEC``): the
-peak memory of its first call is the rise of the resident-set high-water mark on CPU (see memory.py) or
-of max_memory_allocated on CUDA, and no provider's imports or caches leak into another's timing.
+peak memory of a call after the first is the rise of the resident-set high-water mark on CPU (freed
+heap memory handed back to the system first; see memory.py) or of max_memory_allocated on CUDA, and no provider's imports or caches leak into another's timing.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ from typing import Callable
 
 import torch
 
-from vqfast.bench.memory import _reset_peak_rss, _status_kib
+from vqfast.bench.memory import _reset_peak_rss, _status_kib, release_freed_memory
 from vqfast.bench.presets import Preset
 from vqfast.bench.timing import measure, synchronize
 
@@ -239,19 +239,22 @@ def measure_one(case: dict, provider: str, device: torch.device, warmup: int, re
     if provider == "accelerated":
         vqfast.accelerate(module)
     fn = _step_fn(module, x, run, case["mode"])
-    # Peak memory of the first call, before any other: once a call has run, the allocator keeps its
-    # freed blocks resident and reuses them, so a later call's high-water mark barely rises.
+    first = fn()  # one-time work (thread pools, lazy caches, gradient buffers) stays out of the peak
+    # Peak memory of one call in steady state. The allocator keeps the blocks a call freed resident
+    # and reuses them, which would hide a later call's peak: on CPU they are first handed back to the
+    # system (malloc_trim), so every block the call needs is faulted in again and counted.
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        first = fn()
+        fn()
         synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
+        release_freed_memory()
         reset = _reset_peak_rss()
         base = _status_kib("VmRSS") if reset else 0
-        first = fn()
+        fn()
         peak = max(0, _status_kib("VmHWM") - base) * 1024 if reset else None
     t = measure(fn, device=device, warmup=max(0, warmup - 1), repeats=repeats)
     out = {"value": t.stat(stat), "median_ms": t.median_ms, "best_ms": t.best_ms, "repeats": len(t.runs_ms),
