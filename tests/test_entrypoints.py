@@ -14,11 +14,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBCOMMANDS = ("train", "tokenize", "demo", "bench")
 # The demo preset (32 x 32 crops, 130 tokens, vocabulary 256) shortened to 500 steps, one thread
-# (~45 s of CPU): held-out PSNR 22.6 / 21.2 dB against mean-colour baselines of 18.2 / 19.3 dB at
-# seeds 0 / 3 (256 held-out crops; seed 3's crops are the smoothest of four seeds tried). At 300 steps
-# seed 3 still fell short (20.3 against 20.6 dB on 64 crops). The tiny preset does not learn that
-# reliably at all: after 1200 steps it was below the baseline at one seed in four, so it only runs end
-# to end here.
+# (~75 s of CPU): held-out PSNR 23.99 / 24.13 dB against mean-colour baselines of 18.24 / 19.32 dB at
+# seeds 0 / 3 (256 held-out crops), with 224 / 233 of the 256 codes used (perplexity 89 / 92); at the full
+# 900 steps VAR's quantizer alone (no k-means init, no dead-code restarts) uses 7. The tiny
+# preset does not learn reliably, so it only runs end to end here.
 LEARNING_STEPS = 500
 
 
@@ -89,8 +88,8 @@ def test_train_demo_learns_past_the_mean_colour_baseline(tmp_path_factory):
     proc, out = _train(tmp_path_factory, "--preset", "demo", "--steps", str(LEARNING_STEPS), "--threads", "1")
     _ok(proc)
     m = json.loads((out / "metrics.json").read_text())
-    assert m["heldout_psnr_db"] > m["mean_colour_baseline_psnr_db"] + 1.0, m
-    assert m["codebook_used"] > 16 and m["perplexity"] > 4, m
+    assert m["heldout_psnr_db"] > m["mean_colour_baseline_psnr_db"] + 3.0, m
+    assert m["codebook_used"] >= 192 and m["perplexity"] > 40, m  # no codebook collapse
 
 
 def test_tokenize_encode_decode_roundtrip(trained, tmp_path):
