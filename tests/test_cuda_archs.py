@@ -226,3 +226,27 @@ def test_the_target_list_reaches_the_library_as_a_string(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert 'return "sm_80:sm_90a:compute_90";' in out.read_text()
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found (set CUDA_HOME)")
+def test_nvcc_flags_give_the_objects_these_targets(tmp_path):
+    """The flags setup.py passes put exactly the listed machine code and PTX into the object, as read
+    back from its .nv_fatbin section (what cuobjdump lists)."""
+    source = tmp_path / "k.cu"
+    source.write_text("__global__ void twice(float* x) { x[threadIdx.x] *= 2.f; }\n")
+    for sass, ptx in ((DEFAULT_SASS, DEFAULT_PTX), (["sm_80", "sm_86"], [])):
+        obj = tmp_path / "k.o"
+        proc = subprocess.run([_nvcc(), "-c", *_cuda_archs.nvcc_flags(sass, ptx), str(source), "-o", str(obj)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert _cuda_archs.fatbin_targets(obj) == sass + ptx
+    with pytest.raises(ValueError, match="not a little-endian 64-bit ELF"):
+        _cuda_archs.fatbin_targets(source)
+
+
+def test_the_library_holds_the_targets_it_reports():
+    """vqfast._C's embedded CUDA code is what cuda_archs() says (none in a CPU-only build). The fatbin
+    records no arch-specific suffix (sm_90a), so the comparison leaves it out."""
+    if not vqfast.has_ext():
+        pytest.skip("vqfast._C is not built")
+    assert _cuda_archs.fatbin_targets(_ext._C.__file__) == [t.rstrip("af") for t in vqfast.cuda_archs()]

@@ -140,3 +140,51 @@ def arch_reason(sass: Sequence[str], ptx: Sequence[str], capability: tuple[int, 
     return (f"vqfast._C holds {describe(sass, ptx)}, none of which runs on compute capability {cc} (machine code "
             f"runs on the same major version with an equal or lower minor, PTX on any equal or lower capability); "
             f"rebuild with VQFAST_CUDA_ARCHS=\"{cc}\"")
+
+
+# ---- what a built library really holds ---------------------------------------------------------------
+
+_FATBIN_MAGIC = 0xBA55ED50
+_FATBIN_KINDS = {1: "compute", 2: "sm"}  # an entry's kind: PTX text or machine code (an ELF cubin)
+
+
+def fatbin_targets(path) -> list[str]:
+    """The CUDA code an ELF file (a shared library or an object) carries in its .nv_fatbin section:
+    ["sm_80", "sm_90", "compute_90"] for machine code of sm_80 and sm_90 and PTX of compute_90, sorted
+    and without repeats; [] when it has no such section. What cuobjdump --list-elf / --list-ptx would
+    show, read without the CUDA toolkit (which cuobjdump belongs to) so the check runs anywhere."""
+    import struct
+
+    with open(path, "rb") as f:
+        elf = f.read()
+    if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
+        raise ValueError(f"{path} is not a little-endian 64-bit ELF file")
+    shoff, = struct.unpack_from("<Q", elf, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", elf, 0x3A)
+
+    def section(i):  # (name offset, file offset, size)
+        base = shoff + i * shentsize
+        return struct.unpack_from("<I", elf, base)[0], *struct.unpack_from("<QQ", elf, base + 24)
+
+    names = section(shstrndx)[1]
+    blob = b""
+    for i in range(shnum):
+        name, offset, size = section(i)
+        if elf[names + name: names + name + 11] == b".nv_fatbin\0":
+            blob = elf[offset: offset + size]
+    found = set()
+    pos = 0
+    while pos + 16 <= len(blob):
+        magic, _, header, size = struct.unpack_from("<IHHQ", blob, pos)
+        if magic != _FATBIN_MAGIC:  # fatbins are 8-byte aligned inside the section
+            pos += 8
+            continue
+        entry, end = pos + header, pos + header + size
+        while entry < end:  # entry header: kind u16, u16, header size u32, payload size u64, ..., arch u32 at 28
+            kind, _, entry_header, payload = struct.unpack_from("<HHIQ", blob, entry)
+            arch, = struct.unpack_from("<I", blob, entry + 28)
+            if kind in _FATBIN_KINDS:
+                found.add((_FATBIN_KINDS[kind], arch))
+            entry += entry_header + payload
+        pos = end
+    return [f"{kind}_{arch}" for kind, arch in sorted(found, key=lambda t: (t[0] == "compute", t[1]))]
