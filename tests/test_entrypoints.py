@@ -13,12 +13,13 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBCOMMANDS = ("train", "tokenize", "demo", "bench")
-# The demo preset (32 x 32 crops, 130 tokens, vocabulary 256) shortened to 500 steps, one thread
-# (~75 s of CPU): held-out PSNR 23.99 / 24.13 dB against mean-colour baselines of 18.24 / 19.32 dB at
-# seeds 0 / 3 (256 held-out crops), with 224 / 233 of the 256 codes used (perplexity 89 / 92); at the full
-# 900 steps VAR's quantizer alone (no k-means init, no dead-code restarts) uses 7. The tiny
-# preset does not learn reliably, so it only runs end to end here.
-LEARNING_STEPS = 500
+# The demo preset (32 x 32 crops, 130 tokens, vocabulary 256) shortened to 300 steps, one thread
+# (~45 s of CPU): held-out PSNR 22.91 / 23.11 dB against mean-colour baselines of 18.24 / 19.32 dB at
+# seeds 0 / 3 (256 held-out crops), with 205 / 197 of the 256 codes used (perplexity 88 / 80); at the
+# full 900 steps VAR's quantizer alone (no k-means init, no dead-code restarts) uses 7. The bounds
+# leave room for another CPU's rounding. The tiny preset does not learn reliably, so it only runs end
+# to end here.
+LEARNING_STEPS = 300
 
 
 def vqfast_command(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -88,8 +89,8 @@ def test_train_demo_learns_past_the_mean_colour_baseline(tmp_path_factory):
     proc, out = _train(tmp_path_factory, "--preset", "demo", "--steps", str(LEARNING_STEPS), "--threads", "1")
     _ok(proc)
     m = json.loads((out / "metrics.json").read_text())
-    assert m["heldout_psnr_db"] > m["mean_colour_baseline_psnr_db"] + 3.0, m
-    assert m["codebook_used"] >= 192 and m["perplexity"] > 40, m  # no codebook collapse
+    assert m["heldout_psnr_db"] > m["mean_colour_baseline_psnr_db"] + 2.5, m
+    assert m["codebook_used"] >= 160 and m["perplexity"] > 40, m  # no codebook collapse
 
 
 def test_tokenize_encode_decode_roundtrip(trained, tmp_path):

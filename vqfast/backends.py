@@ -109,12 +109,12 @@ def _cuda_inputs_reason(z: torch.Tensor, codebook: torch.Tensor) -> str | None:
 
 
 def _triton_reason() -> str | None:
-    reason = _triton_import_reason()
-    if reason is not None:
-        return reason
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    # Before the import: importing vqfast.triton (triton, torch's inductor) takes seconds.
     if not torch.cuda.is_available() and not _triton_interpret():
         return "no CUDA device is available (set TRITON_INTERPRET=1 to run Triton kernels on CPU tensors)"
-    return None
+    return _triton_import_reason()
 
 
 def _triton_inputs_reason(z: torch.Tensor, codebook: torch.Tensor) -> str | None:

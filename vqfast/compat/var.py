@@ -70,6 +70,7 @@ only the op itself; see ``_ScaleSearches``.
 """
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from typing import List, Optional, Sequence, Tuple, Union
@@ -247,6 +248,21 @@ class _ScaleSearches:
 
 
 # ---- the quantizer ----------------------------------------------------------------------------------
+def _compiler_disabled(fn):
+    """torch.compiler.disable(fn), applied at the first call: the decorator imports torch._dynamo
+    (about 2 s), which a process that never trains VAR's quantizer should not pay at import."""
+    disabled = None
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        nonlocal disabled
+        if disabled is None:
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+
+    return call
+
+
 class VectorQuantizer2(nn.Module):
     """VAR's multi-scale residual quantizer, codebook ``embedding`` [vocab_size, Cvae]; see the module docstring."""
 
@@ -434,7 +450,7 @@ class VectorQuantizer2(nn.Module):
         initialized = getattr(var_dist, "initialized", None)
         return bool(initialized()) if callable(initialized) else True
 
-    @torch.compiler.disable
+    @_compiler_disabled
     def _record_hits(self, idx_list: List[torch.Tensor]) -> None:
         """VAR's per-scale code-hit bookkeeping of a training forward (ema_vocab_hit_SV, record_hit)."""
         if not self._updates_vocab_hits():
