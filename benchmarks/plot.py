@@ -50,6 +50,13 @@ def latest(records: list[dict]) -> list[dict]:
     return list(best.values())
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _title(rows: list[dict], what: str) -> str:
     r = max(rows, key=lambda x: x["date"])
     return (f"{what} (preset {r.get('preset')}, {r.get('stat', 'median')} of {r.get('repeats')})\n"
@@ -75,11 +82,7 @@ def plot_time_vs_k(rows: list[dict], out: Path) -> Path | None:
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(_title(rows, "nearest-codeword forward: time vs K"), fontsize=9)
-    fig.tight_layout()
-    path = out / f"forward_time_vs_k_{rows[0]['device_type']}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / f"forward_time_vs_k_{rows[0]['device_type']}.png")
 
 
 def plot_speedup(rows: list[dict], out: Path) -> Path | None:
@@ -103,11 +106,7 @@ def plot_speedup(rows: list[dict], out: Path) -> Path | None:
     ax.set_ylabel("speedup over the seeds' code (x)")
     ax.legend(fontsize=8)
     ax.set_title(_title(rows, "nearest-codeword forward, float32"), fontsize=9)
-    fig.tight_layout()
-    path = out / f"forward_speedup_{rows[0]['device_type']}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / f"forward_speedup_{rows[0]['device_type']}.png")
 
 
 def plot_roofline(rows: list[dict], out: Path) -> Path | None:
@@ -128,11 +127,7 @@ def plot_roofline(rows: list[dict], out: Path) -> Path | None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(_title(rows, "nearest-codeword forward vs the roofline"), fontsize=9)
-    fig.tight_layout()
-    path = out / "forward_roofline_cuda.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "forward_roofline_cuda.png")
 
 
 def plot_dropin(rows: list[dict], out: Path, device_type: str) -> Path | None:
@@ -161,11 +156,7 @@ def plot_dropin(rows: list[dict], out: Path, device_type: str) -> Path | None:
     axes[0].set_yticks(range(len(labels)), labels, fontsize=8)
     axes[0].invert_yaxis()
     fig.suptitle(_title(rows, "vqfast.accelerate on real quantizers"), fontsize=9)
-    fig.tight_layout()
-    path = out / f"dropin_{device_type}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / f"dropin_{device_type}.png")
 
 
 def write_latest_tables(results_dir: Path, device_type: str, out: Path) -> Path | None:

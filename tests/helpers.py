@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import vqfast
 from vqfast.backends import REGISTRY
@@ -174,3 +175,18 @@ def assert_distances(answer: oracle.Answer, indices, distances, dtype=torch.floa
         rows = _rows(bad)
         raise AssertionError(f"reported distances off at rows {rows}: {distances[rows].tolist()} vs "
                              f"{answer.chosen(indices)[rows].tolist()}")
+
+
+class MaxNumel(TorchDispatchMode):
+    """Records the largest tensor any aten op produces (a check that no N x K tensor is built)."""
+
+    def __init__(self):
+        super().__init__()
+        self.max_numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.max_numel = max(self.max_numel, t.numel())
+        return out

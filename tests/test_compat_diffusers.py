@@ -7,7 +7,7 @@ import torch
 
 import vqfast
 from vqfast.testing.oracle import distances as brute_force_fp64
-from tests.test_modules import _MaxNumel
+from tests.helpers import MaxNumel
 from vqfast.compat.diffusers import VectorQuantizer
 
 diffusers = pytest.importorskip("diffusers")
@@ -250,7 +250,7 @@ def test_no_n_by_k_tensor():
     n, k = 4096, 2048  # N x K = 8.4M elements; cdist's distance matrix would be that size
     vq = VectorQuantizer(k, 4, 0.25)
     x = torch.randn(4, 4, 32, 32, requires_grad=True)
-    with _MaxNumel() as mode:
+    with MaxNumel() as mode:
         z_q, loss, _ = vq(x)
         (z_q.sum() + loss).backward()
     assert mode.max_numel < n * k

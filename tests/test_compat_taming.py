@@ -21,7 +21,7 @@ import torch.nn as nn
 
 import vqfast
 from vqfast.testing.oracle import distances as brute_force_fp64
-from tests.test_modules import _MaxNumel
+from tests.helpers import MaxNumel
 from vqfast.compat.taming import VectorQuantizer, VectorQuantizer2
 
 BACKENDS = vqfast.available_backends("cpu")
@@ -508,7 +508,7 @@ def test_no_n_by_k_tensor_with_remap(used_file):
     n, k = 4096, 2048  # N x K = 8.4M elements; the largest legitimate tensor is N x D or the 4.2M-element chunk
     vq = VectorQuantizer2(k, 4, 0.25, remap=used_file)
     x = torch.randn(4, 4, 32, 32, requires_grad=True)
-    with _MaxNumel() as mode:
+    with MaxNumel() as mode:
         z_q, loss, (_, _, idx) = vq(x)
         (z_q.sum() + loss).backward()
     assert idx.shape == (n, 1)

@@ -16,10 +16,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from vector_quantize_pytorch import ResidualVQ, VectorQuantize
 
 import vqfast
+from tests.helpers import MaxNumel
 from vqfast.compat import vector_quantize as compat
 from vqfast.reference import CHUNK_ELEMENTS
 
@@ -339,20 +339,6 @@ def test_cosine_ranks_by_the_dot_product_of_the_stored_codes():
     assert accelerated(x)[1].tolist() == [[1, 0, 0]]
 
 
-class _MaxNumel(TorchDispatchMode):
-    """Records the largest tensor any aten op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.max_numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.max_numel = max(self.max_numel, t.numel())
-        return out
-
 
 @pytest.mark.parametrize(
     "backend,options",
@@ -365,7 +351,7 @@ def test_no_n_by_k_tensor_in_forward_or_backward(backend, options):
     x = torch.randn(2, n // 2, kwargs["dim"], requires_grad=True)
     torch.manual_seed(0)
     vq = vqfast.accelerate(VectorQuantize(**kwargs), backend=backend)
-    probe = _MaxNumel()
+    probe = MaxNumel()
     with probe:
         q, indices, loss = vq(x)  # k-means init, search, EMA update, dead-code expiry
         (q.sum() + loss).backward()

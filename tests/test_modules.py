@@ -1,9 +1,9 @@
 """Drop-in parity of the quantizer modules with the classic implementations (vqfast.testing.seeds)."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import vqfast
+from tests.helpers import MaxNumel
 from vqfast.reference import CHUNK_ELEMENTS
 from vqfast.testing.seeds import SeedResidualVectorQuantizer, SeedVectorQuantizer, SeedVectorQuantizer2
 
@@ -115,20 +115,6 @@ def test_1d_and_3d_inputs_match_2d_layout(backend, shape):
     torch.testing.assert_close(x.grad.reshape(x4.grad.shape), x4.grad)
 
 
-class _MaxNumel(TorchDispatchMode):
-    """Records the largest tensor any aten op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.max_numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.max_numel = max(self.max_numel, t.numel())
-        return out
-
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_n_by_k_tensor_in_forward_or_backward(backend):
@@ -136,7 +122,7 @@ def test_no_n_by_k_tensor_in_forward_or_backward(backend):
     vq = vqfast.VectorQuantizer(k, d, backend=backend)
     x = torch.randn(2, d, 64, 64, requires_grad=True)
     assert x.numel() // d == n
-    with _MaxNumel() as mode:
+    with MaxNumel() as mode:
         q, loss, _ = vq(x)
         (q.sum() + loss).backward()
     assert mode.max_numel <= max(CHUNK_ELEMENTS, n * d, k * d)
