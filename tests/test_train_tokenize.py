@@ -8,7 +8,7 @@ from PIL import Image
 from vqfast import models
 from vqfast import tokenize as vtok
 from vqfast import train as vtrain
-from vqfast.cli import InputError
+from vqfast.errors import InputError
 from vqfast.data import load_crop, to_uint8
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from vqfast.cli import InputError
+from vqfast.errors import InputError
 
 
 def save_atomic(obj, path) -> None:

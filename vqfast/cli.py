@@ -11,6 +11,10 @@ import argparse
 import importlib
 import sys
 
+from vqfast.errors import InputError  # re-exported: `from vqfast.cli import InputError` keeps working
+
+__all__ = ["InputError", "SUBCOMMANDS", "USAGE_EXIT", "main"]
+
 SUBCOMMANDS = {
     "demo": ("vqfast.demo", "quantise patches of real photographs and print a backend timing table"),
     "train": ("vqfast.train", "train a multi-scale VQ-VAE tokenizer on a folder of images or the bundled ones"),
@@ -18,14 +22,6 @@ SUBCOMMANDS = {
     "bench": ("vqfast.bench.cli", "benchmark nearest-codeword search, training steps and memory against peers"),
 }
 USAGE_EXIT = 2
-
-
-class InputError(ValueError):
-    """Bad user input: an argument out of range, a missing, unreadable or mismatched file.
-
-    The message names the argument or file and says what is wrong; ``vqfast`` prints it as one line
-    and exits with status 2. Library callers can catch it as a ValueError.
-    """
 
 
 class _Parser(argparse.ArgumentParser):

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 import vqfast
+from vqfast.errors import InputError
 from vqfast.testing.seeds import seed_nearest_codeword
 
 
@@ -50,8 +51,6 @@ def _best_ms(fn, repeats: int) -> float:
 
 
 def main(args) -> int:
-    from vqfast.cli import InputError
-
     for name in ("patch", "codes", "repeats"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name} must be a positive int, got {getattr(args, name)}")

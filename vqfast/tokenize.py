@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from vqfast.checkpoint import load_safely, save_atomic
-from vqfast.cli import InputError
+from vqfast.errors import InputError
 from vqfast.data import IMAGE_SUFFIXES, format_skipped, list_images, load_crop, probe_image, to_uint8
 from vqfast.models import VQVAE, vqvae_config_from_state_dict
 from vqfast.train import CHECKPOINT_FORMAT, amp_context, build_model, decode_tokens, model_geometry

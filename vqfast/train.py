@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vqfast.checkpoint import load_safely, save_atomic
-from vqfast.cli import InputError
+from vqfast.errors import InputError
 from vqfast.data import (FolderCrops, ImageFolder, RealImageCrops, format_skipped, mean_colour_baseline, psnr,
                          to_uint8)
 from vqfast.models import VQVAE
