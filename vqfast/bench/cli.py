@@ -27,6 +27,7 @@ from vqfast.bench import dropin, faiss_cpu, forward, memory, multiscale, train_s
 from vqfast.bench.presets import PRESETS, get_preset
 from vqfast.bench.results import add_ratios, append_jsonl, environment, results_path
 from vqfast.bench.table import failures, format_table, header_line
+from vqfast.errors import InputError
 
 # Each question module has cases(preset) and run(preset, device, env, log, case_list).
 QUESTIONS = {"forward": forward, "train_step": train_step, "multiscale": multiscale, "memory": memory,
@@ -44,7 +45,8 @@ DEFAULT_RESULTS_DIR = "bench-results"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="quick", choices=tuple(PRESETS),
                         help="quick: a CPU machine (~5 min on 2 cores); full: a GPU; tiny: seconds (a smoke run)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
+    parser.add_argument("--device", default=None, choices=("cpu", "cuda"),
+                        help="default: cuda when available, else cpu")
     parser.add_argument("--questions", nargs="+", default=list(DEFAULT_QUESTIONS), choices=tuple(QUESTIONS),
                         help=f"which questions to run (default: {' '.join(DEFAULT_QUESTIONS)})")
     parser.add_argument("--var-repo", default=None,
@@ -104,7 +106,7 @@ def run_levels(args: argparse.Namespace) -> int:
 
     levels = [None] if args.isa == "auto" else list(_ext.cpu_isa_levels()) if args.isa == "all" else [args.isa]
     if not levels:
-        raise ValueError("--isa needs the compiled extension vqfast._C (no CPU levels without it)")
+        raise InputError("--isa needs the compiled extension vqfast._C (no CPU levels without it)")
     status = 0
     for level in levels:
         for threads in args.threads or [None]:
@@ -126,18 +128,19 @@ def main(args: argparse.Namespace) -> int:
     for model, path in (("var", getattr(args, "var_repo", None)), ("taming", getattr(args, "taming_repo", None))):
         if path is not None:
             if not os.path.isdir(path):
-                raise ValueError(f"--{model}-repo {path!r} is not a directory")
+                raise InputError(f"--{model}-repo {path}: no such folder")
             os.environ[dropin.REPO_ENV[model]] = os.path.abspath(path)
     threads = getattr(args, "threads", None)
     if threads is not None and any(t < 1 for t in threads):
-        raise ValueError(f"--threads must be positive, got {threads}")
+        raise InputError(f"--threads must be positive ints, got {' '.join(map(str, threads))}")
     if (args.isa != "auto" and os.environ.get("VQFAST_CPU_ISA") != args.isa) or (threads and len(threads) > 1):
         return run_levels(args)
     if threads:
         torch.set_num_threads(threads[0])
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device cuda: no CUDA device is available to this torch ({torch.__version__}); "
+                         f"use --device cpu")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but no CUDA device is available; use --device cpu")
     log = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, **k, flush=True))
     saved: dict[str, int] = {}
 
