@@ -9,27 +9,50 @@ from hypothesis import HealthCheck, settings
 
 os.environ.setdefault("VQFAST_NO_EXT_WARNING", "0")
 
-# CI: every hypothesis test draws the same examples on every run (derandomize), with no example
-# database; `pytest --slow` draws ten times as many at random (tests/helpers.py: examples()).
+# The planted bugs (tests/mutations.py) are test code and do not ship in the package. tests/test_bench.py
+# still imports them under their former name, vqfast.testing.mutations: that name points here until it
+# imports tests.mutations itself.
+import tests.mutations  # noqa: E402
+
+sys.modules.setdefault("vqfast.testing.mutations", tests.mutations)
+
+# Hypothesis. Without --slow (the README's test command): the "ci" profile, the same examples on every
+# run (derandomize) and no example database. `pytest --slow` draws ten times as many examples
+# (tests/helpers.py: examples()): at random seeds on a developer's machine ("slow"), but still
+# derandomized where the CI variable is set ("slow-ci"; CI runners set CI=true), so that a CI run of
+# the slow tier is repeatable.
 _QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large]
 settings.register_profile("ci", derandomize=True, database=None, deadline=None, suppress_health_check=_QUIET)
 settings.register_profile("slow", derandomize=False, deadline=None, suppress_health_check=_QUIET)
+settings.register_profile("slow-ci", derandomize=True, database=None, deadline=None, suppress_health_check=_QUIET)
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def hypothesis_profile(slow: bool) -> str:
+    if not slow:
+        return "ci"
+    return "slow-ci" if in_ci() else "slow"
 
 
 def pytest_addoption(parser):
     parser.addoption("--slow", action="store_true", default=False,
-                     help="run the tests marked slow and ten times the hypothesis examples, at random seeds")
+                     help="run the tests marked slow and ten times the hypothesis examples (at random seeds "
+                          "unless the CI variable is set)")
 
 
 def pytest_configure(config):
     slow = config.getoption("--slow")
-    settings.load_profile("slow" if slow else "ci")
-    if slow:
-        os.environ["VQFAST_SLOW_TESTS"] = "1"
+    settings.load_profile(hypothesis_profile(slow))
+    # Set either way, so that a pytest started by a test (tests/test_mutations.py) follows its own
+    # command line, not the --slow of the run that started it.
+    os.environ["VQFAST_SLOW_TESTS"] = "1" if slow else "0"
     # tests/test_mutations.py runs parts of this suite with one planted bug applied (in memory).
     planted = os.environ.get("VQFAST_MUTATION")
     if planted:
-        from vqfast.testing import mutations
+        from tests import mutations
 
         if planted not in mutations.MUTATIONS:
             raise pytest.UsageError(f"VQFAST_MUTATION={planted!r} is not one of {sorted(mutations.MUTATIONS)}")

@@ -1,12 +1,24 @@
-"""Planted bugs must be caught: each mutation of vqfast/testing/mutations.py is applied in memory to a
-fresh pytest process (VQFAST_MUTATION, read by tests/conftest.py) that runs the tests listed for it,
-stopping at the first failure. A run that passes means the suite lets that bug through ("survives").
+"""Planted bugs must be caught by the fast tier: each mutation of tests/mutations.py is applied in
+memory to a fresh pytest process (VQFAST_MUTATION, read by tests/conftest.py) that runs the tests
+listed for it, stopping at the first failure. A run that passes means the suite lets that bug through
+("survives"); a run that fails anywhere but in a test's assertion (the planted code crashing, a
+collection error, no test selected) is itself a failure here.
 
-The list covers the CPU kernel's outputs (second-nearest on 1 % of rows, no float64 re-rank, wrong
-picks on near ties, the highest index on ties, codewords off by 1e-3, distances from the cancelling
-expansion, fast mode 10 % wrong), the torch backend's reference search without its re-rank, the
-module loss (beta on the wrong term), EMA (Laplace smoothing off), dead-code restarts (<= for <) and
-the benchmark (mismatches against vqfast itself, a crash not failing the run).
+Those pytest processes run WITHOUT --slow, as the README's test command does: a planted bug must be
+caught by the default (fast) tier, so a listed test that is marked slow is skipped there and cannot
+catch anything. Starting about thirteen pytest processes is itself slow, so this file runs only
+under --slow.
+
+The mutations are of two kinds (tests/mutations.py says how each works):
+  - simulated CPU kernel bugs: the cpu backend's op is wrapped, and its real outputs are corrupted in
+    Python the way a kernel bug would corrupt them (second-nearest on 1 % of rows, exact mode run as
+    fast mode i.e. without the float64 re-rank, wrong picks on near ties, the highest index on ties,
+    codewords off by 1e-3, distances from the cancelling expansion, fast mode 10 % wrong). The C++
+    kernel itself is not edited; these prove that the tests look closely enough at every output the
+    kernel returns to see such a bug.
+  - Python source mutations: the torch backend's reference search without its re-rank, the module
+    loss (beta on the wrong term), EMA (Laplace smoothing off), dead-code restarts (<= for <) and the
+    benchmark (mismatches against vqfast itself, a crash not failing the run).
 """
 import os
 import subprocess
@@ -14,7 +26,7 @@ import sys
 
 import pytest
 
-from vqfast.testing.mutations import MUTATIONS
+from tests.mutations import MUTATIONS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,6 +40,7 @@ def _run_with(name: str | None, args: tuple[str, ...]) -> subprocess.CompletedPr
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MUTATIONS))
 def test_planted_bug_is_caught(name):
     mutation = MUTATIONS[name]
@@ -42,6 +55,7 @@ def test_planted_bug_is_caught(name):
     assert caught and all(line.endswith(("(AssertionError)", "(Failed)")) for line in caught), tail
 
 
+@pytest.mark.slow
 def test_unknown_mutation_is_a_usage_error():
     out = _run_with("no-such-mutation", ("tests/test_readme.py",))
     assert out.returncode == 4 and "no-such-mutation" in out.stderr + out.stdout

@@ -60,6 +60,27 @@ def test_licence_file_and_metadata(run_setup):
     assert "torch" not in " ".join(kwargs["install_requires"])  # an installed CPU or CUDA torch is kept
 
 
+def packaged_python_files(packages) -> list[str]:
+    """The .py files setup.py puts in the wheel (its packages' folders, relative to the checkout)."""
+    files = []
+    for package in packages:
+        folder = os.path.join(ROOT, *package.split("."))
+        files += [os.path.join(package.replace(".", "/"), name) for name in sorted(os.listdir(folder))
+                  if name.endswith(".py")]
+    return files
+
+
+def test_the_package_ships_no_planted_bugs(run_setup):
+    """The planted bugs of tests/test_mutations.py are test code: tests/mutations.py, outside the package."""
+    _, kwargs = run_setup()
+    assert "vqfast.testing" in kwargs["packages"] and not any(p.startswith("tests") for p in kwargs["packages"])
+    files = packaged_python_files(kwargs["packages"])
+    assert "vqfast/testing/oracle.py" in files and "vqfast/testing/mutations.py" not in files
+    planted = [f for f in files if "VQFAST_MUTATION" in open(os.path.join(ROOT, f), encoding="utf-8").read()]
+    assert not planted, planted
+    assert os.path.exists(os.path.join(ROOT, "tests", "mutations.py"))
+
+
 def test_cpu_torch_says_why_there_are_no_cuda_kernels(run_setup):
     ns, kwargs = run_setup(cuda=None)
     assert ns["CUDA_STATUS"] == (
@@ -201,6 +222,7 @@ def test_wheel_holds_the_extension_and_no_build_junk(wheel):
     junk = [n for n in names if n.endswith((".o", ".pyc", ".ninja", ".log")) or "__pycache__" in n or "/build/" in n]
     assert not outside and not junk, (outside, junk)
     assert not any(n.startswith(("vqfast/tests", "tests/", "benchmarks/", "csrc/")) for n in names)
+    assert "vqfast/testing/oracle.py" in names and "vqfast/testing/mutations.py" not in names
 
 
 @pytest.mark.slow

@@ -1,14 +1,22 @@
-"""Planted bugs: each is applied in memory to a pytest process started with VQFAST_MUTATION=<name>
+"""Planted bugs for tests/test_mutations.py: test-only machinery, not part of the vqfast package.
+
+Each mutation is applied in memory to a pytest process started with VQFAST_MUTATION=<name>
 (tests/conftest.py applies it before any test module is imported), and tests/test_mutations.py
 requires the tests listed for it to fail. A mutation that the suite does not catch "survives".
+No file is edited, and none of them touches the C++ or CUDA sources. There are two kinds:
 
-They are planted where the real bug would live, without editing any file:
-  - the CPU kernel's outputs, by wrapping the op that vqfast.ops dispatches to for backend="cpu"
-    (its indices, codewords or distances corrupted the way a kernel bug would corrupt them; the
-    codewords and distances stay consistent with the corrupted indices unless they are the bug);
-  - Python functions (the reference search, the module loss, EMA, dead-code restarts, the benchmark),
-    by replacing one exact piece of their source text and re-executing the definition; a mutation
-    whose text is gone raises, so a refactor cannot silently turn it into a no-op.
+  - Simulated kernel bugs (the seven "simulated CPU kernel bug: ..." entries). They do not change the compiled
+    kernel. They wrap the op that vqfast.ops dispatches to for backend="cpu", call the real kernel,
+    and then corrupt its outputs in Python (indices, codewords or distances) the way a bug in the
+    kernel would corrupt them; the codewords and distances stay consistent with the corrupted
+    indices unless they are the bug. What they prove is that the tests examine every output the
+    kernel returns closely enough to see such a bug, not that a particular edit of csrc/ is caught.
+    "no-fp64-rerank" is the closest to a real kernel edit: it runs the kernel's own fast mode,
+    which is its exact search minus the float64 re-rank.
+  - Python source mutations (the reference search, the module loss, EMA, dead-code restarts, the
+    benchmark): one exact piece of a function's source text is replaced and the definition is
+    re-executed; a mutation whose text is gone raises, so a refactor cannot silently turn it into
+    a no-op.
 """
 from __future__ import annotations
 
@@ -37,14 +45,14 @@ def patch_source(owner, name: str, old: str, new: str) -> None:
     source = textwrap.dedent(inspect.getsource(func))
     if source.count(old) != 1:
         raise RuntimeError(f"{getattr(owner, '__name__', owner)}.{name} no longer contains {old!r} exactly once: "
-                           f"update vqfast/testing/mutations.py")
+                           f"update tests/mutations.py")
     namespace: dict = {}
     code = compile(source.replace(old, new), inspect.getsourcefile(func), "exec")
     exec(code, inspect.unwrap(func).__globals__, namespace)
     setattr(owner, name, namespace[name])
 
 
-# ------------------------------------------------------------------------ the CPU kernel's outputs
+# ------------------------------------------------------------------------ simulated CPU kernel bugs
 
 
 def wrap_backend(backend: str, corrupt: Callable) -> None:
@@ -222,18 +230,21 @@ BENCH_TESTS = ("tests/test_bench.py::test_a_wrong_kernel_fails_the_benchmark",
                "tests/test_bench.py::test_a_crashing_provider_is_an_error_not_a_skip")
 
 MUTATIONS = {m.name: m for m in (
-    Mutation("second-nearest-on-1%", "CPU kernel: rows 99, 199, ... get the second-nearest codeword",
+    Mutation("second-nearest-on-1%", "simulated CPU kernel bug: rows 99, 199, ... get the second-nearest codeword",
              _cpu(_second_nearest_on_one_percent), (ORACLE,)),
-    Mutation("no-fp64-rerank", "CPU kernel: exact mode skips the float64 re-rank", _cpu(_without_rerank),
+    Mutation("no-fp64-rerank", "simulated CPU kernel bug: exact mode skips the float64 re-rank",
+             _cpu(_without_rerank),
              (NEAR_TIES, "tests/test_properties.py::test_common_offset_defeats_a_plain_float32_argmin")),
-    Mutation("near-ties-wrong", "CPU kernel: rows within the float32 bound take the second-nearest codeword",
+    Mutation("near-ties-wrong",
+             "simulated CPU kernel bug: rows within the float32 bound take the second-nearest codeword",
              _cpu(_wrong_on_near_ties), (NEAR_TIES, ORACLE)),
-    Mutation("ties-highest-index", "CPU kernel: exact ties go to the highest index", _cpu(_highest_index_on_ties),
-             TIES),
-    Mutation("codewords-off-1e-3", "CPU kernel: codewords shifted by 1e-3", _cpu(_codewords_off), (ORACLE,)),
-    Mutation("distances-from-expansion", "CPU kernel: distances from the cancelling expansion",
+    Mutation("ties-highest-index", "simulated CPU kernel bug: exact ties go to the highest index",
+             _cpu(_highest_index_on_ties), TIES),
+    Mutation("codewords-off-1e-3", "simulated CPU kernel bug: codewords shifted by 1e-3", _cpu(_codewords_off),
+             (ORACLE,)),
+    Mutation("distances-from-expansion", "simulated CPU kernel bug: distances from the cancelling expansion",
              _cpu(_distances_from_the_expansion), (NEAR_TIES, ORACLE)),
-    Mutation("fast-10%-wrong", "CPU kernel: fast mode picks another codeword on 10 % of the rows",
+    Mutation("fast-10%-wrong", "simulated CPU kernel bug: fast mode picks another codeword on 10 % of the rows",
              _cpu(_fast_ten_percent_wrong), FAST),
     Mutation("reference-no-rerank", "reference.py: the torch backend skips the float64 re-rank",
              _reference_without_rerank, ("tests/test_reference.py::test_exact_mode_survives_cancellation",
