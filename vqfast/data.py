@@ -20,9 +20,12 @@ permutation of the files every epoch) and the crop come from generators seeded w
 so the data order of a run is fixed by its seed and step, any number of loader workers gives the
 same batches, and resuming needs no loader state. Items are [3, size, size] float32 in [-1, 1].
 
-``load_image`` is the one decoder: PIL, EXIF orientation applied; pixels are scaled by their dtype
+``load_crop`` is the one decoder: PIL, EXIF orientation applied; pixels are scaled by their dtype
 (8 bits / 255, 16 bits / 65535); greyscale, palette, CMYK and the like become RGB; an alpha channel is
-composited over white.
+composited over white. A JPEG whose crop is at least twice ``size`` is decoded at 1/2, 1/4 or 1/8 scale
+(libjpeg's DCT scaling), the largest that keeps the crop at least ``size`` pixels wide; the crop box is
+then mapped per axis into the reduced image, so the result matches a full decode up to resampling
+(tests/test_data_decode.py states the measured tolerance).
 """
 from __future__ import annotations
 
@@ -160,7 +163,7 @@ class RealImageCrops(torch.utils.data.Dataset):
 
 @dataclass(frozen=True)
 class ImageInfo:
-    """What ``load_image`` / ``load_crop`` did to a file, for messages: original (oriented) size,
+    """What ``load_crop`` did to a file, for messages: the upright picture's size (EXIF orientation applied),
     the conversion note ("" when the file was 8-bit RGB), and the square crop's side."""
 
     width: int
@@ -180,10 +183,27 @@ def _open(path):
     return img
 
 
-def _oriented_size(img) -> tuple[int, int]:
-    # EXIF orientations 5..8 rotate by 90 degrees: the picture's width is the stored height.
-    orientation = img.getexif().get(0x0112, 1)
-    return (img.height, img.width) if orientation in (5, 6, 7, 8) else img.size
+EXIF_ORIENTATION = 0x0112
+
+
+def _orientation(img) -> int:
+    """The EXIF orientation tag (1..8; anything else, or none, is 1: shown as stored)."""
+    value = img.getexif().get(EXIF_ORIENTATION, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _transpose(orientation: int):
+    """PIL's transpose that shows a picture stored with EXIF ``orientation`` upright (None for 1)."""
+    from PIL import Image
+
+    t = Image.Transpose
+    return {2: t.FLIP_LEFT_RIGHT, 3: t.ROTATE_180, 4: t.FLIP_TOP_BOTTOM, 5: t.TRANSPOSE, 6: t.ROTATE_270,
+            7: t.TRANSVERSE, 8: t.ROTATE_90}.get(orientation)
+
+
+def _swaps_axes(orientation: int) -> bool:
+    # Orientations 5..8 turn the picture by 90 degrees: its width is the stored height.
+    return orientation >= 5
 
 
 def _to_rgb_or_grey16(img):
@@ -218,37 +238,90 @@ def _to_tensor(img) -> torch.Tensor:
     return (t * 2 - 1).contiguous()
 
 
-def load_crop(path, size: int, rng: np.random.Generator | None = None, flip: bool = False
-              ) -> tuple[torch.Tensor, ImageInfo]:
+def _check_size(size) -> int:
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    return int(size)
+
+
+def random_square(width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int]:
+    """(x, y, side) of a random square inside a width x height picture: area U[1/4, 1] of the largest
+    square's, uniform position (two integer draws after one uniform draw, in that order)."""
+    side = min(width, height)
+    s = min(side, max(1, int(round(side * math.sqrt(rng.uniform(MIN_CROP_AREA, 1.0))))))
+    return int(rng.integers(width - s + 1)), int(rng.integers(height - s + 1)), s
+
+
+def centred_square(width: int, height: int) -> tuple[int, int, int]:
+    """(x, y, side) of the largest centred square."""
+    side = min(width, height)
+    return (width - side) // 2, (height - side) // 2, side
+
+
+# JPEG's DCT scaling decodes at 1/8, 1/4 or 1/2 of the stored size, nothing in between.
+JPEG_SCALES = (8, 4, 2)
+
+
+def jpeg_scale(crop: int, size: int) -> int:
+    """The reduction a JPEG crop of ``crop`` pixels resized to ``size`` is decoded at: the largest of
+    8, 4, 2 that keeps the crop at least ``size`` wide, else 1 (full size)."""
+    return next((k for k in JPEG_SCALES if crop >= k * size), 1)
+
+
+def load_crop(path, size: int, rng: np.random.Generator | None = None, flip: bool = False,
+              square: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, ImageInfo]:
     """One image file -> ([3, size, size] float32 in [-1, 1], ImageInfo).
 
-    rng None: the centred square of the shorter side, resized to size (what ``vqfast tokenize`` does);
-    otherwise a random square crop (module docstring), mirrored with probability 1/2 when ``flip``.
+    The square is, in the upright picture's pixels: ``square`` = (x, y, side) when given; else with
+    rng None the largest centred square (what ``vqfast tokenize`` does); else ``random_square``. The
+    square is resized to size; with ``rng`` and ``flip`` it is mirrored with probability 1/2.
     Raises OSError or ValueError (with the reason) for a file that cannot be decoded.
     """
-    from PIL import Image, ImageOps
+    from PIL import Image
 
+    size = _check_size(size)
+    if square is not None and rng is not None:
+        raise ValueError("square and rng are exclusive: give the square, or a generator to draw it")
     with _open(path) as img:
-        w, h = _oriented_size(img)
-        side = min(w, h)
-        if side < 1:
+        orientation = _orientation(img)
+        stored_w, stored_h = img.size
+        w, h = (stored_h, stored_w) if _swaps_axes(orientation) else (stored_w, stored_h)
+        if min(w, h) < 1:
             raise ValueError("the image is empty")
         mirror = False
-        if rng is None:
-            x, y, s = (w - side) // 2, (h - side) // 2, side
+        if square is not None:
+            x, y, s = (int(v) for v in square)
+            if not (s >= 1 and 0 <= x <= w - s and 0 <= y <= h - s):
+                raise ValueError(f"square {tuple(square)} is not inside the {w} x {h} picture")
+        elif rng is None:
+            x, y, s = centred_square(w, h)
         else:
-            s = max(1, int(round(side * math.sqrt(rng.uniform(MIN_CROP_AREA, 1.0)))))
-            x, y = int(rng.integers(w - s + 1)), int(rng.integers(h - s + 1))
+            x, y, s = random_square(w, h, rng)
             mirror = flip and bool(rng.integers(2))
-        if s > size and img.format in ("JPEG", "MPO"):
-            # Decode at 1/2, 1/4 or 1/8 scale when the crop stays at least `size` wide: a 12 MP
-            # photo cropped to 256 px then decodes ~10x faster. The scale is uniform, so the
-            # stored (unrotated) size is the one to request.
-            img.draft(img.mode, (max(1, img.width * size // s), max(1, img.height * size // s)))
-        oriented = ImageOps.exif_transpose(img)
-        img_rgb, note = _to_rgb_or_grey16(oriented)
-        k = img_rgb.width / w  # < 1 when drafted
-        box = (x * k, y * k, (x + s) * k, (y + s) * k)
+        # Decoded pixels per stored pixel along the stored axes: 1, or 1/k after a reduced JPEG decode.
+        kx = ky = 1.0
+        k = jpeg_scale(s, size) if img.format in ("JPEG", "MPO") else 1
+        if k > 1:
+            # A 12 MP photo cropped to 256 px decodes ~10x faster at 1/8. draft() keeps the largest
+            # scale with stored // requested >= k, so asking for stored // k gives exactly k. It answers
+            # the stored picture's extent in reduced pixels (stored / k, not the rounded-up image size):
+            # reduced pixel i holds stored pixels [i k, (i + 1) k).
+            drafted = img.draft(None, (max(1, stored_w // k), max(1, stored_h // k)))
+            if drafted is not None:
+                _, (_, _, extent_w, extent_h) = drafted
+                kx, ky = extent_w / stored_w, extent_h / stored_h
+        img.load()
+        method = _transpose(orientation)
+        upright = img.transpose(method) if method is not None else img
+        if _swaps_axes(orientation):
+            kx, ky = ky, kx  # the upright x axis is the stored y axis
+        img_rgb, note = _to_rgb_or_grey16(upright)
+        # Per axis: the reduced image is ceil(stored / k) pixels, so its size's ratio to the stored size
+        # differs between the axes (641 x 479 at 1/8: 81 / 641 > 60 / 479) and one axis' ratio can carry
+        # the box past the other's edge. With 1/k on both the box stays inside; the clamp only absorbs
+        # rounding.
+        box = (min(x * kx, img_rgb.width), min(y * ky, img_rgb.height),
+               min((x + s) * kx, img_rgb.width), min((y + s) * ky, img_rgb.height))
         out = img_rgb.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
         if mirror:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
