@@ -10,12 +10,13 @@ from hypothesis import HealthCheck, settings
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vqfast
-from vqfast.backends import REGISTRY
+from vqfast.backends import AUTO_ORDER, REGISTRY
 from vqfast.testing import oracle
 
-# Every (device, backend) pair the contract covers. Pairs that cannot run here still appear, skipped
-# with the reason the registry gives (no GPU, no CUDA build, no triton), never silently absent.
-DEVICE_BACKENDS = (("cpu", "cpu"), ("cpu", "torch"), ("cuda", "cuda"), ("cuda", "triton"), ("cuda", "torch"))
+# Every (device, backend) pair the contract covers, from the registry: each device type a backend
+# serves, in "auto"'s order. Pairs that cannot run here still appear, skipped with the reason the
+# registry gives (no GPU, no CUDA build, no triton), never silently absent.
+DEVICE_BACKENDS = tuple((device, name) for device, names in AUTO_ORDER.items() for name in names)
 
 
 def backend_unavailable_reason(device: str, backend: str) -> str | None:

@@ -136,12 +136,17 @@ def fake_gpus(monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpus))
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: gpus[i][0])
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: gpus[i][1])
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: gpus[i or 0][1])
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
         monkeypatch.delenv(backends.ENV_VAR, raising=False)
+        # An empty validation record, as committed: no GPU kernel is "auto"'s choice anywhere.
+        monkeypatch.setattr(backends, "validation_record", lambda: {})
+        monkeypatch.setattr(backends, "_unvalidated_checked", False)
 
     return install
 
 
+@pytest.mark.filterwarnings("ignore::vqfast.backends.UnvalidatedKernelWarning")  # triton, where installed
 def test_cuda_backend_unavailable_on_a_gpu_the_build_does_not_cover(fake_gpus):
     fake_gpus(("Tesla T4", (7, 5)))
     assert "cuda" not in backends.available_backends("cuda")
@@ -154,7 +159,7 @@ def test_cuda_backend_available_where_the_build_or_its_ptx_covers_the_gpu(fake_g
     for gpu in [("NVIDIA H200", (9, 0)), ("NVIDIA A10", (8, 6)), ("NVIDIA B200", (10, 0))]:
         fake_gpus(gpu)
         assert "cuda" in backends.available_backends("cuda"), gpu
-        assert backends.resolve_backend("auto", "cuda") == "cuda"
+        assert backends.resolve_backend("cuda", "cuda") == "cuda"
 
 
 def test_cuda_backend_without_ptx_is_unavailable_on_a_newer_gpu(fake_gpus):
@@ -177,6 +182,82 @@ def test_mixed_gpus_keep_the_backend_and_check_each_gpu(fake_gpus):
 def test_an_extension_that_does_not_record_its_targets_is_trusted(fake_gpus):
     fake_gpus(("Tesla T4", (7, 5)), targets=None)
     assert "cuda" in backends.available_backends("cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# "auto" on CUDA tensors follows the validation record (vqfast/gpu_validated.json)
+
+def _record(*archs, backends_=("cuda",)):
+    return {arch: {name: {"date": "2026-12-01", "commit": "0" * 40, "device": "NVIDIA H100 80GB HBM3",
+                          "passed": "scripts/gpu_check.sh all"} for name in backends_} for arch in archs}
+
+
+def test_auto_takes_torch_on_an_unvalidated_gpu_and_warns_once(fake_gpus, recwarn):
+    fake_gpus(("NVIDIA H100 80GB HBM3", (9, 0)))
+    assert "cuda" in backends.available_backends("cuda")  # it can run: listed, but not auto's choice
+    assert backends.resolve_backend("auto", "cuda") == "torch"
+    assert backends.resolve_backend("auto", "cuda") == "torch"
+    warned = [w for w in recwarn.list if issubclass(w.category, backends.UnvalidatedKernelWarning)]
+    assert len(warned) == 1, [str(w.message) for w in recwarn.list]
+    message = str(warned[0].message)
+    assert "\n" not in message
+    kernels = "the cuda and triton kernels" if "triton" in backends.available_backends("cuda") else "the cuda kernel"
+    assert kernels in message and "not been validated on sm_90" in message, message
+    assert "backend='cuda'" in message and f"{backends.ENV_VAR}=cuda" in message, message
+
+
+def test_auto_takes_the_kernel_on_a_validated_architecture(fake_gpus, monkeypatch, recwarn):
+    fake_gpus(("NVIDIA H100 80GB HBM3", (9, 0)), ("NVIDIA A100", (8, 0)))
+    monkeypatch.setattr(backends, "validation_record", lambda: _record("sm_90"))
+    assert backends.resolve_backend("auto", "cuda") == "cuda"  # the current device, cuda:0, is an sm_90
+    assert not [w for w in recwarn.list if issubclass(w.category, backends.UnvalidatedKernelWarning)]
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert backends.resolve_backend("auto", "cuda") == "torch"  # the A100 (sm_80) is not in the record
+
+
+def test_a_named_backend_ignores_the_record(fake_gpus, monkeypatch, recwarn):
+    fake_gpus(("NVIDIA H100 80GB HBM3", (9, 0)))
+    assert backends.resolve_backend("cuda", "cuda") == "cuda"
+    monkeypatch.setenv(backends.ENV_VAR, "cuda")
+    assert backends.resolve_backend("auto", "cuda") == "cuda"
+    assert not [w for w in recwarn.list if issubclass(w.category, backends.UnvalidatedKernelWarning)]
+
+
+def test_the_committed_record_and_the_summary(fake_gpus, monkeypatch):
+    import json
+
+    data = json.loads(backends.VALIDATION_RECORD.read_text())
+    assert data["about"] and isinstance(data["architectures"], dict)
+    for arch, entry in data["architectures"].items():
+        _cuda_archs.split_target(arch)
+        for name, fields in entry.items():
+            assert backends.REGISTRY[name].needs_gpu_validation, name
+            assert {"date", "commit", "device", "passed"} <= set(fields), (arch, name)
+    fake_gpus(("NVIDIA A100", (8, 0)))
+    lines = backends.validation_summary().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["cpu", "cuda", "triton"]
+    assert "cuda: not validated on any GPU yet" in lines[1] and "this GPU (sm_80) is not validated" in lines[1]
+    monkeypatch.setattr(backends, "validation_record", lambda: _record("sm_80", "sm_90"))
+    line = backends.validation_summary().splitlines()[1]
+    assert line.startswith("cuda: validated on sm_80 (NVIDIA H100 80GB HBM3, 2026-12-01), sm_90") and "this GPU (sm_80) is validated" in line
+
+
+def test_record_validation_writes_entries_the_registry_reads(tmp_path, monkeypatch):
+    path = tmp_path / "gpu_validated.json"
+    path.write_text(backends.VALIDATION_RECORD.read_text())
+    monkeypatch.setattr(backends, "VALIDATION_RECORD", path)
+    backends.validation_record.cache_clear()
+    try:
+        assert not backends.is_validated("cuda", "sm_90")
+        backends.record_validation("sm_90", ["cuda", "triton"], "NVIDIA H100 80GB HBM3", "abc", "all stages",
+                                   path=path, date="2026-12-06", torch="2.9")
+        assert backends.is_validated("cuda", "sm_90") and backends.is_validated("triton", "sm_90")
+        assert not backends.is_validated("cuda", "sm_80")
+        entry = backends.validation_record()["sm_90"]["cuda"]
+        assert entry == {"date": "2026-12-06", "commit": "abc", "device": "NVIDIA H100 80GB HBM3",
+                         "passed": "all stages", "torch": "2.9"}
+    finally:
+        backends.validation_record.cache_clear()
 
 
 def test_a_cuda_torch_with_a_cpu_only_build_says_how_to_see_why(monkeypatch):

@@ -6,27 +6,42 @@
     cuda    the CUDA C++ kernel in vqfast._C (built with a CUDA torch + nvcc)
     triton  the Triton kernel (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1)
 
+Each backend is one record (``Backend``) in ``REGISTRY``: why it cannot run (the process, the
+device type, the inputs), how to load its op, and where "auto" considers it. ``BACKEND_NAMES`` and
+``AUTO_ORDER`` are derived from the records; adding a backend is adding a record.
+
 "auto" falls back quietly to the next backend in its preference list; a backend requested by name
 (argument or VQFAST_BACKEND) that cannot run the given tensors raises a ValueError saying why.
 "Cannot run" covers the process (not built; for cuda, no visible GPU whose compute capability the
 kernels were compiled for or can be JIT-compiled to), the device type, and the inputs themselves (a
 backend's inputs_reason: e.g. a D outside its kernel's range, or sizes beyond 32-bit offsets).
+
+GPU kernels are the automatic choice only where they have run: "auto" takes a GPU kernel for CUDA
+tensors only on GPU architectures that vqfast/gpu_validated.json lists for it (written by a fully
+passing scripts/gpu_check.sh). Elsewhere it takes torch and warns once per process, in one line,
+which kernels could run and how to opt in (backend="cuda" / "triton", or VQFAST_BACKEND).
 """
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import importlib.util
+import json
 import os
+import warnings
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-from vqfast import _cuda_archs, _ext
+from vqfast import _cuda_archs, _ext, _opdef
 from vqfast._validation import PRECISIONS, int32_indices_reason
 
-BACKEND_NAMES = ("torch", "cpu", "cuda", "triton")
 ENV_VAR = "VQFAST_BACKEND"
+Tensor = torch.Tensor
+# An op with the nearest_codeword signature: (z, codebook, metric, precision) -> (indices, codewords, distances).
+Op = Callable[..., "tuple[Tensor, Tensor, Tensor]"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,8 +51,19 @@ class Backend:
     unavailable_reason: Callable[[], str | None]
     # Why it cannot run tensors on this device type, or None when it can.
     device_reason: Callable[[str], str | None]
+    # Its op (called only once the backend is known to be available).
+    load_op: Callable[[], Op]
     # Why it cannot run these particular (z, codebook), or None when it can. Reads shapes and dtypes only.
-    inputs_reason: Callable[[torch.Tensor, torch.Tensor], str | None] = lambda z, codebook: None
+    inputs_reason: Callable[[Tensor, Tensor], str | None] = lambda z, codebook: None
+    # The op that also runs check_finite's value tests inside the search, where the backend has one.
+    load_checked_op: Callable[[], Op] | None = None
+    # The device types it serves natively, in the registry's order of preference for "auto" (and the
+    # (device, backend) pairs the tests cover).
+    devices: tuple[str, ...] = ()
+    # "auto"'s last resort on every device type.
+    fallback: bool = False
+    # A GPU kernel: "auto" takes it for CUDA tensors only on architectures the validation record lists.
+    needs_gpu_validation: bool = False
 
 
 def _triton_interpret() -> bool:
@@ -140,20 +166,161 @@ def _triton_device_reason(device_type: str) -> str | None:
     return f"it runs on cuda tensors (cpu tensors only under TRITON_INTERPRET=1), got {device_type} tensors"
 
 
+def _torch_op() -> Op:
+    return torch.ops.vqfast.nearest_codeword_torch.default  # defined in vqfast._opdef
+
+
+def _cpp_op() -> Op:
+    return torch.ops.vqfast.nearest_codeword.default  # vqfast._C: CPU and CUDA kernels under one schema
+
+
+def _cpp_checked_op() -> Op:
+    return torch.ops.vqfast.nearest_codeword_checked.default
+
+
+def _triton_op() -> Op:
+    import vqfast.triton  # noqa: F401  (defines and registers the op; imports triton, so only when used)
+
+    return torch.ops.vqfast.nearest_codeword_triton.default
+
+
+# In the order of "auto"'s preference on each device (the fallback comes last whatever its place).
+# The CUDA and Triton kernels address memory with 64-bit offsets and keep indices in int32.
 REGISTRY: dict[str, Backend] = {
-    "torch": Backend("torch", lambda: None, lambda device_type: None),
-    "cpu": Backend("cpu", _cpu_reason, _only("cpu")),
-    # The GPU kernels are assumed to use 32-bit flat offsets until they declare otherwise.
-    # The CUDA and Triton kernels address memory with 64-bit offsets and keep indices in int32.
-    "cuda": Backend("cuda", _cuda_reason, _only("cuda"), _cuda_inputs_reason),
-    "triton": Backend("triton", _triton_reason, _triton_device_reason, _triton_inputs_reason),
+    b.name: b
+    for b in (
+        Backend("torch", lambda: None, lambda device_type: None, _torch_op, devices=("cpu", "cuda"), fallback=True),
+        Backend("cpu", _cpu_reason, _only("cpu"), _cpp_op, load_checked_op=_cpp_checked_op, devices=("cpu",)),
+        Backend("cuda", _cuda_reason, _only("cuda"), _cpp_op, _cuda_inputs_reason, devices=("cuda",),
+                needs_gpu_validation=True),
+        Backend("triton", _triton_reason, _triton_device_reason, _triton_op, _triton_inputs_reason,
+                devices=("cuda",), needs_gpu_validation=True),
+    )
 }
 
-# "auto" tries these in order and takes the first that can run the tensors.
+BACKEND_NAMES: tuple[str, ...] = tuple(REGISTRY)
+FALLBACK: str = next(b.name for b in REGISTRY.values() if b.fallback)
+# "auto" tries these in order and takes the first that can run the tensors (other device types: FALLBACK).
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
-    "cpu": ("cpu", "torch"),
-    "cuda": ("cuda", "triton", "torch"),
+    device: tuple(b.name for b in REGISTRY.values() if device in b.devices and not b.fallback) + (FALLBACK,)
+    for device in dict.fromkeys(d for b in REGISTRY.values() for d in b.devices)
 }
+
+
+def load_op(name: str, checked: bool = False) -> Op:
+    """The op of backend ``name``; checked=True: the one that also tests the values (cpu only)."""
+    b = REGISTRY[name]
+    if not checked:
+        return b.load_op()
+    if b.load_checked_op is None:
+        raise ValueError(f"backend {name!r} has no op with fused value checks")
+    return b.load_checked_op()
+
+
+# ---------------------------------------------------------------- the GPU validation record
+
+VALIDATION_RECORD = Path(__file__).with_name("gpu_validated.json")
+UNVALIDATED_HINT = "scripts/gpu_check.sh all validates this GPU"
+
+
+class UnvalidatedKernelWarning(UserWarning):
+    """backend="auto" took torch on a GPU where vqfast's GPU kernels run but have not been validated."""
+
+
+@functools.cache
+def validation_record() -> dict[str, dict[str, dict]]:
+    """vqfast/gpu_validated.json's entries: {architecture ("sm_90"): {backend: {date, commit, device, passed, ...}}}."""
+    try:
+        data = json.loads(VALIDATION_RECORD.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    return dict(data.get("architectures", {}))
+
+
+def gpu_arch(index: int | None = None) -> str:
+    """The architecture of CUDA device ``index`` (current device when None) as the record names it: "sm_90"."""
+    if index is None:
+        index = torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"sm_{major}{minor}"
+
+
+def is_validated(backend: str, arch: str) -> bool:
+    """True when the validation record lists ``backend`` for GPU architecture ``arch``."""
+    return backend in validation_record().get(arch, {})
+
+
+def validation_summary() -> str:
+    """One line per kernel: where it is validated and what "auto" does with it (install report, README)."""
+    record = validation_record()
+    here = None
+    if torch.cuda.is_available():
+        here = gpu_arch()
+    lines = []
+    for b in REGISTRY.values():
+        if b.fallback:
+            continue
+        if not b.needs_gpu_validation:
+            lines.append(f"{b.name}: backend='auto' takes it for {'/'.join(b.devices)} tensors "
+                         "(the test suite checks it on the machine it runs on)")
+            continue
+        archs = sorted(a for a, entry in record.items() if b.name in entry)
+        if archs:
+            done = ", ".join(f"{a} ({record[a][b.name].get('device', '?')}, {record[a][b.name].get('date', '?')})"
+                             for a in archs)
+            state = f"validated on {done}: backend='auto' takes it there"
+        else:
+            state = "not validated on any GPU yet: backend='auto' takes torch for CUDA tensors"
+        if here is not None:
+            state += f"; this GPU ({here}) {'is' if here in archs else 'is not'} validated"
+        lines.append(f"{b.name}: {state}; opt in with backend='{b.name}' or {ENV_VAR}={b.name}")
+    return "\n".join(lines)
+
+
+def record_validation(arch: str, backends: list[str], device: str, commit: str, passed: str,
+                      path: Path | str = VALIDATION_RECORD, date: str | None = None, **details: str) -> None:
+    """Add (or replace) the entries of ``backends`` for GPU architecture ``arch`` in the record at ``path``.
+
+    Called by scripts/gpu_check.sh after every stage passed, nowhere else.
+    """
+    path = Path(path)
+    data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    entry = {"date": date or datetime.date.today().isoformat(), "commit": commit, "device": device,
+             "passed": passed, **details}
+    data.setdefault("architectures", {}).setdefault(arch, {}).update({name: dict(entry) for name in backends})
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    validation_record.cache_clear()
+
+
+_unvalidated_checked = False
+
+
+def _warn_unvalidated(skipped: list[str], index: int | None) -> None:
+    """Once per process: which GPU kernels "auto" passed over on this GPU, and how to opt in."""
+    global _unvalidated_checked
+    if _unvalidated_checked:
+        return
+    _unvalidated_checked = True
+    runnable = [n for n in skipped if REGISTRY[n].unavailable_reason() is None]
+    if not runnable:
+        return
+    arch = gpu_arch(index)
+    kernels = " and ".join(runnable)
+    opt = " or ".join(f"backend={n!r}" for n in runnable)
+    warnings.warn(
+        f"vqfast: backend='auto' runs the torch backend on this GPU ({arch}): the {kernels} "
+        f"kernel{'s' if len(runnable) > 1 else ''} can run here but {'have' if len(runnable) > 1 else 'has'} not "
+        f"been validated on {arch} (vqfast/gpu_validated.json); opt in with {opt} or {ENV_VAR}={runnable[0]} "
+        f"({UNVALIDATED_HINT})",
+        UnvalidatedKernelWarning,
+        stacklevel=4,
+    )
+
+
+def _cuda_index(inputs: tuple[Tensor, Tensor] | None) -> int | None:
+    if inputs is not None and inputs[0].device.type == "cuda":
+        return inputs[0].device.index
+    return None
 
 
 def check_search_options(backend: object, precision: object) -> None:
@@ -197,12 +364,21 @@ def resolve_backend(backend: str, device_type: str, inputs: tuple[torch.Tensor, 
         if env and env != "auto":
             backend, source = env, f"the environment variable {ENV_VAR}"
         else:
-            for name in AUTO_ORDER.get(device_type, ("torch",)):
+            unvalidated = []
+            for name in AUTO_ORDER.get(device_type, (FALLBACK,)):
                 b = REGISTRY[name]
+                if b.fallback:
+                    break
+                if (b.needs_gpu_validation and device_type == "cuda" and torch.cuda.is_available()
+                        and not is_validated(name, gpu_arch(_cuda_index(inputs)))):
+                    unvalidated.append(name)
+                    continue
                 if (b.unavailable_reason() is None and b.device_reason(device_type) is None
                         and _inputs_reason(b, inputs) is None):
                     return name
-            return "torch"
+            if unvalidated:
+                _warn_unvalidated(unvalidated, _cuda_index(inputs))
+            return FALLBACK
     if backend not in REGISTRY:
         raise ValueError(f"{source}={backend!r} is not a vqfast backend; choose one of {('auto',) + BACKEND_NAMES}")
     b = REGISTRY[backend]

@@ -1,83 +1,23 @@
-"""The vqfast:: ops: schemas, fake (meta) implementations, autograd, and backend dispatch.
+"""The public op ``nearest_codeword``: input checks, the value test, backend choice, and the call.
 
-    vqfast::nearest_codeword          C++ kernels in vqfast._C (CPU; CUDA when built with it)
-    vqfast::nearest_codeword_checked  the CPU kernel with check_finite's value checks in its own pass
-    vqfast::nearest_codeword_torch    pure PyTorch (vqfast/reference.py), every device
-    vqfast::nearest_codeword_triton   Triton kernel (vqfast/triton), registered there
-
-All of them share one signature, one fake implementation and one backward
-(reference.nearest_codeword_backward), so torch.compile(fullgraph=True) traces any of them.
+The ops themselves (schemas, fake implementations, autograd) are defined in vqfast/_opdef.py (and
+vqfast._C, vqfast/triton); vqfast/backends.py knows which one each backend runs.
 """
 from __future__ import annotations
 
 import torch
 
-from vqfast import _ext, reference
+from vqfast import backends, reference
+from vqfast._opdef import nearest_codeword_torch, register_nearest_codeword_op  # noqa: F401  (public names kept)
 from vqfast._validation import check_nearest_codeword_inputs, scan_values
 from vqfast.backends import resolve_backend
 
 Tensor = torch.Tensor
 
 
-def _fake_nearest_codeword(z: Tensor, codebook: Tensor, metric: str = "l2", precision: str = "exact"):
-    n = z.shape[0]
-    return (
-        z.new_empty((n,), dtype=torch.int64),
-        z.new_empty((n, z.shape[1])),
-        z.new_empty((n,), dtype=torch.float32),
-    )
-
-
-def _setup_context(ctx, inputs, output):
-    z, codebook, metric = inputs[0], inputs[1], inputs[2] if len(inputs) > 2 else "l2"
-    ctx.save_for_backward(z, codebook, output[0])
-    ctx.metric = metric
-
-
-def _backward(ctx, grad_indices, grad_codewords, grad_distances):
-    z, codebook, indices = ctx.saved_tensors
-    grad_z, grad_cb = reference.nearest_codeword_backward(grad_codewords, grad_distances, z, codebook, indices, ctx.metric)
-    return (
-        grad_z if ctx.needs_input_grad[0] else None,
-        grad_cb if ctx.needs_input_grad[1] else None,
-        None,
-        None,
-    )
-
-
-def register_nearest_codeword_op(qualname: str) -> None:
-    """Attach the shared fake implementation and backward to an op with the nearest_codeword schema."""
-    torch.library.register_fake(qualname)(_fake_nearest_codeword)
-    torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
-
-
-@torch.library.custom_op("vqfast::nearest_codeword_torch", mutates_args=())
-def nearest_codeword_torch(
-    z: Tensor, codebook: Tensor, metric: str = "l2", precision: str = "exact"
-) -> tuple[Tensor, Tensor, Tensor]:
-    return reference.nearest_codeword_torch(z, codebook, metric, precision)
-
-
-register_nearest_codeword_op("vqfast::nearest_codeword_torch")
-if _ext.has_ext():
-    register_nearest_codeword_op("vqfast::nearest_codeword")
-    register_nearest_codeword_op("vqfast::nearest_codeword_checked")
-
-
 def _op_for(backend: str, checked: bool = False):
     """The op of ``backend``; checked=True (cpu only): the kernel that also tests the values (_cpu_checked)."""
-    if backend == "torch":
-        return torch.ops.vqfast.nearest_codeword_torch.default
-    if checked:
-        assert backend == "cpu", backend
-        return torch.ops.vqfast.nearest_codeword_checked.default
-    if backend in ("cpu", "cuda"):
-        return torch.ops.vqfast.nearest_codeword.default
-    if backend == "triton":
-        import vqfast.triton  # noqa: F401  (registers the op)
-
-        return torch.ops.vqfast.nearest_codeword_triton.default
-    raise AssertionError(backend)
+    return backends.load_op(backend, checked)
 
 
 def _cpu_checked(z: Tensor, codebook: Tensor, metric: str, precision: str) -> tuple[Tensor, Tensor, Tensor]:

@@ -2,7 +2,7 @@
 
 Registered with torch.library.triton_op (kernels launched through wrap_triton), so
 torch.compile(fullgraph=True) traces into it; it shares the fake shapes and the backward of the
-other backends (vqfast.ops.register_nearest_codeword_op).
+other backends (vqfast._opdef.register_nearest_codeword_op).
 
 Precision:
   exact  the search kernel computes IEEE fp32 dot products (fp16/bf16 inputs are widened to fp32),
@@ -24,7 +24,7 @@ import triton
 from torch.library import triton_op, wrap_triton
 
 from vqfast import reference
-from vqfast.ops import register_nearest_codeword_op
+from vqfast._opdef import register_nearest_codeword_op
 from vqfast.triton import kernels
 
 Tensor = torch.Tensor
