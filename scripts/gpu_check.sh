@@ -7,7 +7,10 @@
 #                                   the torch-free kernel check, memcheck on the torch op
 #   scripts/gpu_check.sh bench      vqfast bench --preset $PRESET (default gpu: one short command;
 #                                   full: every shape, in several runs with --questions)
-#   scripts/gpu_check.sh all        the four in order
+#   scripts/gpu_check.sh all        the four in order, then (only if every one passed) `record`
+#   scripts/gpu_check.sh record     add this GPU's architecture to vqfast/gpu_validated.json for the
+#                                   GPU backends that ran (commit the file): backend="auto" then
+#                                   takes those kernels on this architecture
 #
 # Logs go to LOGS (default ./gpu-logs), benchmark records to RESULTS (default benchmarks/results);
 # QUESTIONS (default: all) picks the benchmark questions.
@@ -103,11 +106,33 @@ stage_bench() {
     2>&1 | tee "$LOGS/bench-${PRESET:-gpu}.log" | tail -80
 }
 
+stage_record() {
+  need_gpu
+  # The GPU backends that the stages exercised (available here); the architecture from the device.
+  "$PY" - "$(git rev-parse HEAD 2>/dev/null || echo unknown)" "$(git status --porcelain --untracked-files=no 2>/dev/null | wc -l)" <<'EOF'
+import sys, torch, vqfast
+from vqfast import backends
+commit, dirty = sys.argv[1], int(sys.argv[2]) > 0
+names = [n for n in vqfast.available_backends("cuda") if backends.REGISTRY[n].needs_gpu_validation]
+if not names:
+    sys.exit("gpu_check.sh record: no GPU backend is available here; nothing to record")
+arch = backends.gpu_arch()
+backends.record_validation(
+    arch, names, torch.cuda.get_device_name(), commit + ("-dirty" if dirty else ""),
+    "scripts/gpu_check.sh all: build, test, sanitize, bench",
+    torch=torch.__version__, cuda=str(torch.version.cuda))
+print(f"recorded {', '.join(names)} as validated on {arch} in {backends.VALIDATION_RECORD}")
+EOF
+}
+
 case "${1:-all}" in
   build) stage_build ;;
   test) stage_test ;;
   sanitize) stage_sanitize ;;
   bench) stage_bench ;;
-  all) stage_build && stage_test && stage_sanitize && stage_bench ;;
-  *) echo "usage: $0 build|test|sanitize|bench|all" >&2; exit 2 ;;
+  record) stage_record ;;
+  # Each stage in its own shell, so that `set -e` holds inside it (bash ignores it in functions
+  # called from an && list); the record is written only after all four passed.
+  all) for stage in build test sanitize bench record; do bash "$0" "$stage" || exit 1; done ;;
+  *) echo "usage: $0 build|test|sanitize|bench|record|all" >&2; exit 2 ;;
 esac

@@ -448,6 +448,45 @@ def test_gpu_check_script_parses_and_names_existing_files():
     assert default is not None and default.group(1) in presets.PRESETS and "full" in presets.PRESETS
 
 
+def _fake_gpu_tools(tmp_path, fail_on: str | None) -> dict[str, str]:
+    """A PATH and PYTHON under which scripts/gpu_check.sh runs every stage with stand-in tools that log
+    what they were given (the Python programs read from stdin included); the Python call whose
+    arguments contain ``fail_on`` fails."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(
+        "#!/bin/sh\n"
+        f'echo "python $*" >> {log}\n'
+        f'if [ "$1" = "-" ]; then cat >> {log}; fi\n'
+        + (f'case "$*" in *{fail_on}*) exit 1;; esac\n' if fail_on else "")
+        + "exit 0\n")
+    (bin_dir / "nvcc").write_text(  # writes the check executable it is asked for: it prints one " ok " line
+        "#!/bin/sh\nwhile [ $# -gt 0 ]; do if [ \"$1\" = -o ]; then out=$2; fi; shift; done\n"
+        'printf \'#!/bin/sh\\necho " ok "\\n\' > "$out"; chmod +x "$out"\n')
+    (bin_dir / "compute-sanitizer").write_text("#!/bin/sh\necho ' ok '\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=str(bin_dir / "python"),
+               LOGS=str(tmp_path / "logs"), RESULTS=str(tmp_path / "results"))
+    return env
+
+
+@pytest.mark.parametrize("fail_on", [None, "pytest", "bench"])
+def test_gpu_check_records_the_gpu_only_when_every_stage_passed(tmp_path, fail_on):
+    env = _fake_gpu_tools(tmp_path, fail_on)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), "all"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    calls = (tmp_path / "calls.log").read_text()
+    assert "-m pytest" in calls  # the stages ran with the stand-ins
+    if fail_on is None:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert calls.count("backends.record_validation(") == 1
+        assert "torch.cuda.get_device_name()" in calls and "backends.gpu_arch()" in calls
+    else:
+        assert proc.returncode != 0
+        assert "record_validation" not in calls, f"recorded after {fail_on} failed"
+
+
 # ---------------------------------------------------------------------------------------------
 # The kernels under the host emulator (tests/cuda/emulation): their logic runs here, with no GPU.
 
