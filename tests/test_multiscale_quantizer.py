@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from vqfast.compat.var import VectorQuantizer2
 from vqfast.models import MultiScaleQuantizer
+from vqfast.multiscale import VARQuantizer
 
 V, C = 23, 5
 PATCH_NUMS = (1, 2, 4, 7)
@@ -72,6 +73,22 @@ def oracle(q, f, rows_of=lambda rest: rest, codes=None, metric="l2", lookup=None
 
 
 # ---- defaults: VAR's quantizer ---------------------------------------------------------------------
+
+def test_one_engine_under_both_multiscale_quantizers():
+    """vqfast.models and vqfast.compat.var build on vqfast.multiscale; models imports nothing from compat."""
+    import ast
+    import pathlib
+
+    import vqfast.models
+
+    assert issubclass(MultiScaleQuantizer, VARQuantizer) and issubclass(VectorQuantizer2, VARQuantizer)
+    assert not issubclass(MultiScaleQuantizer, VectorQuantizer2)
+    for path in pathlib.Path(vqfast.models.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n == "vqfast.compat" or n.startswith("vqfast.compat.") for n in names), path.name
+
 
 def test_defaults_are_vars_quantizer_bit_for_bit():
     mine, var = make(), make(VectorQuantizer2)

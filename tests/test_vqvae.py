@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vqfast.compat.var import VectorQuantizer2
 from vqfast.models import VQVAE, MultiScaleQuantizer, vqvae_config_from_state_dict
 from vqfast.models.autoencoder import AttnBlock, Downsample2x, ResnetBlock, Upsample2x
+from vqfast.multiscale import VARQuantizer
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "var_vqvae_layouts.json").read_text())["layouts"]
 # A small model of the same architecture: 2 levels (2x downsampling, 10 x 10 images), width 8, 4 norm groups.
@@ -51,7 +51,7 @@ def test_state_dict_layout_equals_vars(name):
     entries = FIXTURE[name]["entries"]
     model = meta_model(**var_config(name))
     assert layout(model, FIXTURE[name]["only_keys_under"]) == entries
-    assert isinstance(model.quantize, VectorQuantizer2) and type(model.quantize) is MultiScaleQuantizer
+    assert isinstance(model.quantize, VARQuantizer) and type(model.quantize) is MultiScaleQuantizer
 
 
 @pytest.mark.parametrize("name", ["ch160", "ch128_share1", "ch128_quant_resi0"])

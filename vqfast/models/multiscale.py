@@ -1,8 +1,11 @@
 """The multi-scale quantizer of vqfast's VQVAE: VAR's VectorQuantizer2 with vqfast's codebook options.
 
-``MultiScaleQuantizer`` is ``vqfast.compat.var.VectorQuantizer2`` (VAR's constructor, state_dict,
-methods and outputs; every scale's search is ``vqfast.nearest_codeword``) plus keyword-only options
-against codebook collapse. With every option off it is VAR's quantizer, bit for bit and key for key.
+``MultiScaleQuantizer`` is ``vqfast.multiscale.VARQuantizer`` (VAR's constructor, state_dict, methods
+and outputs; every scale's search is ``vqfast.nearest_codeword``) plus keyword-only options against
+codebook collapse. With every option off it is VAR's quantizer, bit for bit and key for key (the same
+engine as vqfast.compat.var.VectorQuantizer2). The options reach the scale loop through the engine's
+two extension points: ``embedding`` (a ``CodebookTable`` when the codes are not VAR's plain table) and
+``scale_search`` (the search in the lookup space, and every scale's rows recorded for learning).
 
 One codebook serves every scale s of ``v_patch_nums``; scale s searches the rows of the residual
 area-downsampled to p_s x p_s (B * p_s^2 rows: 16 rows at the 1 x 1 scale of a batch of 16, 1024 at
@@ -42,8 +45,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vqfast.compat.var import VectorQuantizer2
 from vqfast.modules import CodebookLearning
+from vqfast.multiscale import Search, VARQuantizer
 from vqfast.ops import nearest_codeword
 
 # The options and their defaults (VAR's behaviour).
@@ -119,7 +122,7 @@ def _records_image_major(records: list, batch: int) -> tuple[torch.Tensor, torch
             _image_major([i for _, i, _ in records], batch))
 
 
-class MultiScaleQuantizer(VectorQuantizer2, CodebookLearning):
+class MultiScaleQuantizer(VARQuantizer, CodebookLearning):
     """VAR's ``VectorQuantizer2(vocab_size, Cvae, using_znorm, beta, default_qresi_counts, v_patch_nums,
     quant_resi, share_quant_resi)`` with the keyword-only ``backend``, ``precision`` and codebook
     options of the module docstring (defaults: VAR's behaviour).
@@ -188,7 +191,7 @@ class MultiScaleQuantizer(VectorQuantizer2, CodebookLearning):
 
     # ---- the search -----------------------------------------------------------------------------
     @property
-    def backend(self) -> str:  # CodebookLearning's name for the compat class's vqfast_backend
+    def backend(self) -> str:  # CodebookLearning's name for VARQuantizer's vqfast_backend
         return self.vqfast_backend
 
     @property
@@ -204,9 +207,9 @@ class MultiScaleQuantizer(VectorQuantizer2, CodebookLearning):
         rows = self.project_in(rest_NC) if self.codebook_dim is not None else rest_NC
         return F.normalize(rows, dim=-1) if self.l2_codes else rows
 
-    def _run_scales(self, f, patch_hws, with_loss, stop_after, search):
-        """The compat class's scale loop, with this class's search: in the lookup space when an option
-        changes it, and every scale's (rows, indices) recorded while ``_collected`` is a list."""
+    def scale_search(self, search: Search) -> Search:
+        """VARQuantizer's extension point: every scale searches in the lookup space when an option changes
+        it, and records its (rows, indices, residual rows) while ``_collected`` is a list."""
         if self._collected is not None:
             self._collected.clear()  # a pass run again (float64 retry) replaces the first one's records
         if self._custom_lookup():
@@ -229,7 +232,7 @@ class MultiScaleQuantizer(VectorQuantizer2, CodebookLearning):
                 self._collected.append((rows, idx, z))
             return idx
 
-        return super()._run_scales(f, patch_hws, with_loss, stop_after, lookup_search)
+        return lookup_search
 
     def _scale_rows(self, f: torch.Tensor) -> torch.Tensor:
         """f [B, Cvae, H, W] area-downsampled to every scale, in the lookup space: [B * sum(p^2), d],

@@ -6,8 +6,8 @@ strict=True and gives the same tokens and images:
 
     encoder          [B, 3, H, W] -> [B, z_channels, H / 16, W / 16]    (vqfast.models.autoencoder)
     quant_conv       Conv2d(z_channels, z_channels, quant_conv_ks)
-    quantize         MultiScaleQuantizer, a VAR VectorQuantizer2 (vqfast.compat.var) with vqfast's
-                     codebook options, all off by default
+    quantize         MultiScaleQuantizer: VAR's VectorQuantizer2 (vqfast.multiscale.VARQuantizer) with
+                     vqfast's codebook options, all off by default
     post_quant_conv  Conv2d(z_channels, z_channels, quant_conv_ks)
     decoder          [B, z_channels, h, w] -> [B, 3, 16 h, 16 w]
 
