@@ -1,33 +1,46 @@
-"""Render PNG charts from a results folder's *.jsonl (the latest record of each case and provider).
+"""Every benchmark table in README.md and docs/, and the charts, from the committed results.
 
-    python benchmarks/plot.py [--results-dir bench-results] [--out <results-dir>]
-    python benchmarks/plot.py --results-dir benchmarks/results    # the committed charts and tables
+    python benchmarks/plot.py            # rewrite the tables in README.md and docs/*.md and the charts
+                                         # from benchmarks/results/
+    python benchmarks/plot.py --check    # exit 1 when a committed table differs from what the results
+                                         # give (nothing written, no chart drawn)
+    python benchmarks/plot.py --results-dir bench-results [--out DIR]
+                                         # charts and latest_<device>.md of your own `vqfast bench` run
+                                         # (the docs are left alone)
 
-The default folder is the one `vqfast bench` writes to by default (./bench-results).
+A table in the docs sits between two marker comments, `<!-- table: NAME -->` and `<!-- /table -->`;
+everything between them is generated (NAME is a key of TABLES below). A docs table shows only
+records from clean commits (a commit without "-dirty") and from one machine, the one of the most
+recent clean record, and its caption names that machine, the commit and the date. A question with
+no clean record gets one line saying so instead of a table.
 
+Charts (PNG) of benchmarks/results, from the same clean records:
+
+    dropin_<device>.png              real quantizers: speed-up and peak-memory ratio of vqfast.accelerate
     forward_time_vs_k_<device>.png   nearest-codeword time vs K, one panel per D (the sweep cases)
     forward_speedup_<device>.png     headline shapes: speedup over the seeds' code per provider
-    latest_<device>.md               the latest table of every question (for the README)
     forward_roofline_cuda.png        GPU only: achieved TFLOP/s vs arithmetic intensity under the
                                      device's compute and bandwidth roofs
-    dropin_<device>.png              real quantizers: speed-up and peak-memory ratio of vqfast.accelerate
+    codebook_ablation.png            benchmarks/ablation_codebook.py's chart
 """
 from __future__ import annotations
 
 import argparse
+import difflib
+import importlib.util
+import re
+import statistics
 import sys
 from pathlib import Path
 
-import matplotlib
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere: vqfast comes from this checkout
+    sys.path.insert(0, str(ROOT))
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker  # noqa: E402
+from vqfast.bench.results import clean_latest, is_clean, provenance, read_jsonl  # noqa: E402
 
-from vqfast.bench.cli import DEFAULT_RESULTS_DIR, QUESTIONS  # noqa: E402
-from vqfast.bench.dropin import case_label  # noqa: E402
-from vqfast.bench.results import read_jsonl  # noqa: E402
-from vqfast.bench.table import format_table  # noqa: E402
+RESULTS = ROOT / "benchmarks" / "results"
+TABLE_RE = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 
 # Dense peaks from the vendors' datasheets (SXM parts): fp32 non-tensor / tf32 tensor TFLOP/s,
 # HBM TB/s. Used only to draw the roofs; a device not listed gets no roof lines.
@@ -36,6 +49,246 @@ GPU_PEAKS = {
     "H200": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4, "tbps": 4.8},
     "A100": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "tbps": 2.04},
 }
+
+
+def doc_files(root: Path = ROOT) -> list[Path]:
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def _records(results_dir: Path, question: str, device_type: str = "cpu") -> list[dict]:
+    path = results_dir / f"{question}_{device_type}.jsonl"
+    return read_jsonl(path) if path.exists() else []
+
+
+def published(results_dir: Path, question: str, device_type: str = "cpu") -> list[dict]:
+    """The records a docs table may show (vqfast.bench.results.clean_latest)."""
+    return clean_latest(_records(results_dir, question, device_type))[1]
+
+
+def _awaiting(results_dir: Path, question: str, device_type: str = "cpu") -> str:
+    """The one line that stands for a question with no clean record."""
+    records = _records(results_dir, question, device_type)
+    name = f"{question}_{device_type}.jsonl"
+    if not records:
+        return f"No results yet: `benchmarks/results/{name}` holds no record."
+    runs = sorted({(r["commit"], r["device"], r["date"][:10]) for r in records})
+    where = "; ".join(f"commit {c} on {d}, {day}" for c, d, day in runs)
+    return (f"Awaiting a clean re-run: every record in `benchmarks/results/{name}` comes from a working tree "
+            f"with uncommitted changes ({where}), and the docs show no such record.")
+
+
+def _caption(rows: list[dict], what: str) -> str:
+    preset = ", ".join(sorted({str(r.get("preset")) for r in rows}))
+    stat = ", ".join(sorted({f"{r.get('stat', 'median')} of {r.get('repeats')}" for r in rows if r.get("repeats")}))
+    return f"{what} (`--preset {preset}`{', ' + stat if stat else ''}). Measured on {provenance(rows)}."
+
+
+def _span(values: list[float], fmt: str = "{:.2f}x") -> str:
+    lo, hi = min(values), max(values)
+    return fmt.format(lo) if lo == hi else f"{fmt.format(lo)} to {fmt.format(hi)}"
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _faiss_pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
+    by_case: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        if r["case"].get("set") == "faiss" and r["status"] == "ok":
+            key = (r.get("cpu_isa"), r["case"]["n"], r["case"]["d"], r["case"]["k"])
+            by_case.setdefault(key, {})[r["provider"]] = r
+    return [(p["vqfast-cpu"], p["faiss-cpu"]) for p in by_case.values() if "vqfast-cpu" in p and "faiss-cpu" in p]
+
+
+def _faiss_summary(rows: list[dict]) -> str:
+    pairs = _faiss_pairs(rows)
+    if not pairs:
+        return ""
+    ratios = [v["value"] / f["value"] for v, f in pairs]
+    text = (f"vqfast took {_span(ratios)} faiss-cpu's time on the {len(pairs)} shapes "
+            f"(median {statistics.median(ratios):.2f}x)")
+    wide = [v["of_peak"] for v, _ in pairs if v["case"]["d"] >= 64 and v.get("of_peak") is not None]
+    if wide:
+        text += (f"; at D >= 64 it ran at {_span([100 * x for x in wide], '{:.0f} %')} of the fp32 `torch.mm` rate "
+                 "measured in the same run")
+    return text + "."
+
+
+def table_faiss(results_dir: Path) -> str:
+    from vqfast.bench.faiss_cpu import format_table
+
+    rows = published(results_dir, "faiss")
+    if not rows:
+        return _awaiting(results_dir, "faiss")
+    return "\n\n".join([_caption(rows, "vqfast `cpu` (exact) against faiss-cpu `IndexFlatL2`, k = 1"),
+                        format_table(rows), _faiss_summary(rows)])
+
+
+def table_dropin(results_dir: Path) -> str:
+    from vqfast.bench.dropin import format_table
+
+    rows = published(results_dir, "dropin")
+    if not rows:
+        return _awaiting(results_dir, "dropin")
+    return "\n\n".join([_caption(rows, "Real quantizers before and after `vqfast.accelerate`"), format_table(rows)])
+
+
+def _generic(question: str, sets: tuple[str, ...] | None = None):
+    def render(results_dir: Path) -> str:
+        from vqfast.bench.table import format_table
+
+        rows = published(results_dir, question)
+        if not rows:
+            return _awaiting(results_dir, question)
+        return "\n\n".join([_caption(rows, f"`vqfast bench --questions {question}`"), format_table(rows, question, sets)])
+
+    return render
+
+
+# The real classes behind the dropin benchmark's model names (vqfast/bench/dropin.py builds them).
+DROPIN_CLASSES = {
+    "var": "VAR `VectorQuantizer2`",
+    "taming": "taming `VectorQuantizer2`",
+    "diffusers": "diffusers `VQModel` quantizer",
+    "vqpytorch-vq": "vector-quantize-pytorch `VectorQuantize`",
+    "vqpytorch-rvq": "vector-quantize-pytorch `ResidualVQ`",
+}
+
+
+def _dropin_summary(rows: list[dict]) -> list[str]:
+    """One table row per real quantizer: forward and training-step speed-up and peak-memory ratio."""
+    from vqfast.bench.dropin import case_label
+
+    pairs: dict[str, dict[str, dict[str, dict]]] = {}
+    for r in rows:
+        if r["status"] == "ok":
+            shape = case_label(r["case"]).rsplit(", ", 1)[0].split(" ", 1)[1]  # without the model and the mode
+            label = f"{DROPIN_CLASSES.get(r['case']['model'], r['case']['model'])}: {shape}"
+            pairs.setdefault(label, {}).setdefault(r["case"]["mode"], {})[r["provider"]] = r
+
+    def ratios(by_mode: dict[str, dict], mode: str) -> str:
+        pair = by_mode.get(mode, {})
+        orig, acc = pair.get("original"), pair.get("accelerated")
+        if not (orig and acc):
+            return "not measured"
+        text = f"{orig['value'] / acc['value']:.2f}x faster"
+        if orig.get("peak_bytes") and acc.get("peak_bytes"):
+            text += f", {orig['peak_bytes'] / acc['peak_bytes']:.1f}x less peak memory"
+        return text
+
+    return [f"| {label} | {ratios(m, 'forward')} | {ratios(m, 'train_step')} |"
+            for label, m in pairs.items()]
+
+
+def table_headline(results_dir: Path) -> str:
+    """The README's numbers: vqfast against faiss-cpu (and chunked PyTorch when a clean forward run
+    has it), and the real libraries' quantizers before and after vqfast.accelerate."""
+    parts = []
+    faiss = published(results_dir, "faiss")
+    if faiss:
+        parts.append(f"**Against faiss-cpu** (`IndexFlatL2`, exact, k = 1, the index built per call as a "
+                     f"training loop must), both at the same instruction level: {_faiss_summary(faiss)} "
+                     f"Measured on {provenance(faiss)}.")
+    else:
+        parts.append(_awaiting(results_dir, "faiss"))
+    forward = [r for r in published(results_dir, "forward") if r["case"].get("set") == "headline" and r["status"] == "ok"]
+    by_case: dict[tuple, dict[str, dict]] = {}
+    for r in forward:
+        by_case.setdefault(tuple(sorted(r["case"].items())), {})[r["provider"]] = r
+    chunked = [p["torch-chunked"]["value"] / p["vqfast-cpu"]["value"] for p in by_case.values()
+               if "torch-chunked" in p and "vqfast-cpu" in p]
+    if chunked:
+        parts.append(f"**Against chunked PyTorch** (`torch-chunked`: the expanded distance in row chunks, then "
+                     f"argmin): vqfast {_span(chunked)} faster on the {len(chunked)} headline shapes. "
+                     f"Measured on {provenance(forward)}.")
+    else:
+        parts.append("**Against chunked PyTorch** (the strongest pure-PyTorch search): " + _awaiting(results_dir, "forward"))
+    dropin = published(results_dir, "dropin")
+    if dropin:
+        parts.append("**The real libraries' quantizers**, before and after `vqfast.accelerate` (forward: eval mode, "
+                     f"no gradients; training step: loss, backward, SGD). Measured on {provenance(dropin)}.")
+        parts.append("\n".join(["| quantizer: input, codebook | forward | training step |", "|---|---|---|",
+                                 *_dropin_summary(dropin)]))
+    else:
+        parts.append(_awaiting(results_dir, "dropin"))
+    return "\n\n".join(parts)
+
+
+def _ablation_module():
+    spec = importlib.util.spec_from_file_location("ablation_codebook", ROOT / "benchmarks" / "ablation_codebook.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _ablation_rows(results_dir: Path) -> list[dict]:
+    import json
+
+    path = results_dir / "codebook_ablation.json"
+    records = [r for r in (json.loads(path.read_text()) if path.exists() else []) if is_clean(r)]
+    if not records:
+        return []
+    device = max(records, key=lambda r: r["date"])["device"]
+    return _ablation_module().latest_full([r for r in records if r["device"] == device])
+
+
+def table_codebook_ablation(results_dir: Path) -> str:
+    rows = _ablation_rows(results_dir)
+    if not rows:
+        return "No clean full-schedule record yet in `benchmarks/results/codebook_ablation.json`."
+    return _ablation_module().markdown(rows).strip()
+
+
+TABLES = {
+    "headline": table_headline,
+    "faiss_cpu": table_faiss,
+    "dropin_cpu": table_dropin,
+    "forward_cpu": _generic("forward", ("headline", "dtype")),
+    "train_step_cpu": _generic("train_step"),
+    "multiscale_cpu": _generic("multiscale"),
+    "memory_cpu": _generic("memory"),
+    "codebook_ablation": table_codebook_ablation,
+}
+
+
+def render(text: str, results_dir: Path = RESULTS, where: str = "") -> str:
+    """``text`` with every marked table regenerated; an unknown table name is an error."""
+    def fill(m: re.Match) -> str:
+        name = m.group("name")
+        if name not in TABLES:
+            raise ValueError(f"{where}: unknown table {name!r} (known: {', '.join(TABLES)})")
+        return f"{m.group(1)}{TABLES[name](results_dir).strip()}\n{m.group(4)}"
+
+    return TABLE_RE.sub(fill, text)
+
+
+def stale_docs(root: Path = ROOT, results_dir: Path = RESULTS) -> dict[Path, str]:
+    """{doc: unified diff} for every doc whose tables differ from what the results give."""
+    out = {}
+    for path in doc_files(root):
+        text = path.read_text(encoding="utf-8")
+        new = render(text, results_dir, str(path))
+        if new != text:
+            out[path] = "".join(difflib.unified_diff(text.splitlines(True), new.splitlines(True),
+                                                     f"{path} (committed)", f"{path} (from the results)"))
+    return out
+
+
+def rewrite_docs(root: Path = ROOT, results_dir: Path = RESULTS) -> list[Path]:
+    written = []
+    for path in doc_files(root):
+        text = path.read_text(encoding="utf-8")
+        new = render(text, results_dir, str(path))
+        if new != text:
+            path.write_text(new, encoding="utf-8")
+            written.append(path)
+    return written
+
+
+# ----------------------------------------------------------------------------- charts
 
 
 def latest(records: list[dict]) -> list[dict]:
@@ -50,10 +303,19 @@ def latest(records: list[dict]) -> list[dict]:
     return list(best.values())
 
 
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _plt().close(fig)
     return path
 
 
@@ -64,9 +326,12 @@ def _title(rows: list[dict], what: str) -> str:
 
 
 def plot_time_vs_k(rows: list[dict], out: Path) -> Path | None:
+    import matplotlib.ticker
+
     rows = [r for r in rows if r["case"].get("set") == "sweep"]
     if not rows:
         return None
+    plt = _plt()
     ds = sorted({r["case"]["d"] for r in rows})
     fig, axes = plt.subplots(1, len(ds), figsize=(5 * len(ds), 4), squeeze=False)
     for ax, d in zip(axes[0], ds):
@@ -89,6 +354,7 @@ def plot_speedup(rows: list[dict], out: Path) -> Path | None:
     rows = [r for r in rows if r["case"].get("set") == "headline" and r.get("ratio_vs_seeds") is not None]
     if not rows:
         return None
+    plt = _plt()
     shapes = sorted({(r["case"]["n"], r["case"]["d"], r["case"]["k"]) for r in rows})
     provs = sorted({r["provider"] for r in rows if r["group"] != "seeds"})
     fig, ax = plt.subplots(figsize=(max(8, 2.2 * len(shapes)), 4.2))
@@ -113,6 +379,7 @@ def plot_roofline(rows: list[dict], out: Path) -> Path | None:
     rows = [r for r in rows if r["device_type"] == "cuda" and r.get("tflops") is not None]
     if not rows:
         return None
+    plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for prov in sorted({r["provider"] for r in rows}):
         sub = [r for r in rows if r["provider"] == prov]
@@ -132,12 +399,16 @@ def plot_roofline(rows: list[dict], out: Path) -> Path | None:
 
 def plot_dropin(rows: list[dict], out: Path, device_type: str) -> Path | None:
     """Per case and mode: original time / accelerated time, and original peak / accelerated peak."""
+    from vqfast.bench.dropin import case_label
+
+    rows = [r for r in rows if r["status"] == "ok"]
     pairs: dict[str, dict[str, dict]] = {}
     for r in rows:
         pairs.setdefault(case_label(r["case"]), {})[r["provider"]] = r
     pairs = {k: v for k, v in pairs.items() if "original" in v and "accelerated" in v}
     if not pairs:
         return None
+    plt = _plt()
     labels = list(pairs)
     speed = [v["original"]["value"] / v["accelerated"]["value"] for v in pairs.values()]
     memory = [v["original"]["peak_bytes"] / v["accelerated"]["peak_bytes"]
@@ -159,14 +430,27 @@ def plot_dropin(rows: list[dict], out: Path, device_type: str) -> Path | None:
     return _save(fig, out / f"dropin_{device_type}.png")
 
 
+def charts(results_dir: Path, out: Path, select) -> list[Path]:
+    """Every chart the results allow; ``select`` picks the records of one results file."""
+    written = []
+    for path in sorted(results_dir.glob("forward_*.jsonl")):
+        rows = select(read_jsonl(path))
+        written += [plot_time_vs_k(rows, out), plot_speedup(rows, out), plot_roofline(rows, out)]
+    for path in sorted(results_dir.glob("dropin_*.jsonl")):
+        written.append(plot_dropin(select(read_jsonl(path)), out, path.stem.split("_", 1)[1]))
+    return [p for p in written if p is not None]
+
+
 def write_latest_tables(results_dir: Path, device_type: str, out: Path) -> Path | None:
-    """Markdown: the latest record of each case and provider, per question, with where it ran."""
+    """Markdown for one's own run: the latest record of each case and provider, per question."""
+    from vqfast.bench.cli import QUESTIONS
+    from vqfast.bench.table import format_table
+
     parts = []
     for question in ("forward", "train_step", "multiscale", "memory", "dropin", "faiss"):
-        path = results_dir / f"{question}_{device_type}.jsonl"
-        if not path.exists():
+        records = _records(results_dir, question, device_type)
+        if not records:
             continue
-        records = read_jsonl(path)
         keep = {(tuple(sorted(r["case"].items())), r["provider"]): r for r in sorted(records, key=lambda r: r["date"])}
         rows = list(keep.values())
         runs = sorted({(r["commit"], r["date"][:16], r["device"]) for r in rows})
@@ -180,29 +464,61 @@ def write_latest_tables(results_dir: Path, device_type: str, out: Path) -> Path 
     return path
 
 
+# ----------------------------------------------------------------------------- command line
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results-dir", default=DEFAULT_RESULTS_DIR,
-                        help=f"the folder `vqfast bench --results-dir` wrote to (default: ./{DEFAULT_RESULTS_DIR})")
-    parser.add_argument("--out", default=None, help="where PNGs go (default: the results directory)")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 when a table in README.md or docs/ differs from what benchmarks/results gives")
+    parser.add_argument("--results-dir", default=None,
+                        help="your own `vqfast bench --results-dir` folder: draw its charts and latest_<device>.md "
+                             "(the docs are left alone)")
+    parser.add_argument("--out", default=None, help="with --results-dir: where the PNGs go (default: that folder)")
     args = parser.parse_args(argv)
-    results_dir = Path(args.results_dir)
-    out = Path(args.out or results_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for path in sorted(results_dir.glob("forward_*.jsonl")):
-        rows = latest(read_jsonl(path))
-        written += [plot_time_vs_k(rows, out), plot_speedup(rows, out), plot_roofline(rows, out)]
-    for path in sorted(results_dir.glob("dropin_*.jsonl")):
-        written.append(plot_dropin(latest(read_jsonl(path)), out, path.stem.split("_", 1)[1]))
-    for device_type in sorted({p.stem.rsplit("_", 1)[-1] for p in results_dir.glob("*_*.jsonl")}):
-        written.append(write_latest_tables(results_dir, device_type, out))
-    written = [p for p in written if p is not None]
-    for p in written:
-        print(f"wrote {p}")
-    if not written:
-        print(f"no forward results under {results_dir}; run `vqfast bench` first", file=sys.stderr)
-        return 1
+    if args.check and args.results_dir:
+        parser.error("--check compares the docs with benchmarks/results; it takes no --results-dir")
+    if args.out and not args.results_dir:
+        parser.error("--out goes with --results-dir (the committed charts live in benchmarks/results)")
+
+    if args.results_dir:
+        results_dir = Path(args.results_dir)
+        if not results_dir.is_dir():
+            parser.error(f"--results-dir {results_dir} is not a folder")
+        out = Path(args.out or results_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        written = charts(results_dir, out, latest)
+        for device_type in sorted({p.stem.rsplit("_", 1)[-1] for p in results_dir.glob("*_*.jsonl")}):
+            written.append(write_latest_tables(results_dir, device_type, out))
+        written = [p for p in written if p is not None]
+        for p in written:
+            print(f"wrote {p}")
+        if not written:
+            print(f"no results under {results_dir}; run `vqfast bench --results-dir {results_dir}` first", file=sys.stderr)
+            return 1
+        return 0
+
+    if args.check:
+        stale = stale_docs()
+        for path, diff in stale.items():
+            print(diff)
+        if stale:
+            print(f"{len(stale)} file(s) hold tables that differ from benchmarks/results: "
+                  "run `python benchmarks/plot.py` and commit the result", file=sys.stderr)
+            return 1
+        print("every table in README.md and docs/ matches benchmarks/results")
+        return 0
+
+    for path in rewrite_docs():
+        print(f"rewrote the tables of {path.relative_to(ROOT)}")
+    for path in charts(RESULTS, RESULTS, lambda records: clean_latest(records)[1]):
+        print(f"wrote {path.relative_to(ROOT)}")
+    rows = _ablation_rows(RESULTS)
+    if rows:
+        ablation = _ablation_module()
+        ablation.plot(rows, RESULTS / "codebook_ablation.png")
+        (RESULTS / "codebook_ablation.md").write_text(ablation.markdown(rows))
+        print(f"wrote {(RESULTS / 'codebook_ablation.png').relative_to(ROOT)}")
     return 0
 
 

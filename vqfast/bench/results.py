@@ -153,6 +153,44 @@ def read_jsonl(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def is_clean(record: dict) -> bool:
+    """Whether a record comes from a committed tree: a known commit without the "-dirty" suffix."""
+    commit = str(record.get("commit") or "unknown")
+    return commit != "unknown" and not commit.endswith("-dirty")
+
+
+def clean_latest(records: list[dict]) -> tuple[str | None, list[dict]]:
+    """The records a published table may show: only records from clean commits, only from one machine
+    (the ``device`` of the most recent clean record), and of those the most recent record of each
+    (question, case, provider). Returns (device, records), or (None, []) when no record is clean."""
+    clean = [r for r in records if is_clean(r)]
+    if not clean:
+        return None, []
+    device = max(clean, key=lambda r: r["date"])["device"]
+    best: dict[tuple, dict] = {}
+    for r in clean:
+        if r["device"] != device:
+            continue
+        key = (r["question"], tuple(sorted(r["case"].items())), r["provider"])
+        if key not in best or r["date"] >= best[key]["date"]:
+            best[key] = r
+    return device, list(best.values())
+
+
+def provenance(records: list[dict]) -> str:
+    """Where and when records ran, for a table's caption: the machine, vqfast's CPU level, torch,
+    the commit(s) and the date(s)."""
+    def values(key: str) -> str:
+        return ", ".join(sorted({str(r.get(key)) for r in records if r.get(key) is not None}))
+
+    dates = ", ".join(sorted({r["date"][:10] for r in records}))
+    parts = [values("device")]
+    if any(r.get("cpu_isa") for r in records) and all(r.get("device_type", "cpu") == "cpu" for r in records):
+        parts.append(f"vqfast cpu level {values('cpu_isa')}")
+    parts += [f"torch {values('torch')}", f"commit {values('commit')}", dates]
+    return "; ".join(parts)
+
+
 def results_path(results_dir: str | Path, question: str, device_type: str) -> Path:
     return Path(results_dir) / f"{question}_{device_type}.jsonl"
 
