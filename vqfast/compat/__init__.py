@@ -37,14 +37,12 @@ from vqfast.backends import check_search_options
 
 
 @dataclasses.dataclass(frozen=True)
-class Recognised:
+class ForeignClass:
     library: str
     class_name: str
     # The defining module's dotted path ends with one of these (VAR and taming are usually vendored
     # into a user's tree, so only the tail of the path is fixed).
     module_suffixes: tuple[str, ...]
-    # "module:Class" of the vqfast class that takes over.
-    compat: str
 
     def matches(self, cls: type) -> bool:
         module = cls.__module__ or ""
@@ -52,9 +50,25 @@ class Recognised:
             module == s or module.endswith("." + s) for s in self.module_suffixes
         )
 
+
+@dataclasses.dataclass(frozen=True)
+class Recognised(ForeignClass):
+    """A foreign quantizer with a nearest-codeword search, and the vqfast class that takes it over."""
+
+    # "module:Class" of the vqfast class that takes over.
+    compat: str
+
     def compat_class(self) -> type:
         module, name = self.compat.split(":")
         return getattr(importlib.import_module(module), name)
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchFree(ForeignClass):
+    """A foreign quantizer without a nearest-codeword search: nothing for vqfast to speed up."""
+
+    # What it does instead, for accelerate(verbose=True).
+    how: str
 
 
 RECOGNISED: tuple[Recognised, ...] = (
@@ -79,6 +93,28 @@ RECOGNISED: tuple[Recognised, ...] = (
         "vector-quantize-pytorch", "ResidualVQ", ("vector_quantize_pytorch.residual_vq",),
         "vqfast.compat.vector_quantize:ResidualVQ",
     ),
+)
+
+# vector-quantize-pytorch's quantizers that round, take signs or map to bits instead of searching a
+# codebook (1.32); accelerate(verbose=True) says so and leaves them (and their parts) as they are.
+_VQ_PYTORCH = "vector-quantize-pytorch"
+SEARCH_FREE: tuple[SearchFree, ...] = (
+    SearchFree(_VQ_PYTORCH, "FSQ", ("vector_quantize_pytorch.finite_scalar_quantization",),
+               "it rounds each dimension to a fixed set of levels"),
+    SearchFree(_VQ_PYTORCH, "LFQ", ("vector_quantize_pytorch.lookup_free_quantization",),
+               "it takes the sign of each dimension"),
+    SearchFree(_VQ_PYTORCH, "EvoLFQ", ("vector_quantize_pytorch.evo_lookup_free_quantization",),
+               "it takes the sign of each dimension"),
+    SearchFree(_VQ_PYTORCH, "ResidualFSQ", ("vector_quantize_pytorch.residual_fsq",), "its stages are FSQs"),
+    SearchFree(_VQ_PYTORCH, "GroupedResidualFSQ", ("vector_quantize_pytorch.residual_fsq",), "its stages are FSQs"),
+    SearchFree(_VQ_PYTORCH, "ResidualLFQ", ("vector_quantize_pytorch.residual_lfq",), "its stages are LFQs"),
+    SearchFree(_VQ_PYTORCH, "GroupedResidualLFQ", ("vector_quantize_pytorch.residual_lfq",), "its stages are LFQs"),
+    SearchFree(_VQ_PYTORCH, "LatentQuantize", ("vector_quantize_pytorch.latent_quantization",),
+               "it rounds each dimension to its own set of levels"),
+    SearchFree(_VQ_PYTORCH, "FSP", ("vector_quantize_pytorch.finite_scalar_perturbation",),
+               "it quantizes each dimension on its own"),
+    SearchFree(_VQ_PYTORCH, "BinaryMapper", ("vector_quantize_pytorch.binary_mapper",),
+               "it maps logits to bits"),
 )
 
 _ACCELERATED_CLASSES: dict[tuple[type, type], type] = {}
@@ -118,6 +154,11 @@ def recognise(module: nn.Module) -> Recognised | None:
     return next((r for r in RECOGNISED if r.matches(cls)), None)
 
 
+def search_free(module: nn.Module) -> SearchFree | None:
+    """The SEARCH_FREE entry for ``module``'s class, else None."""
+    return next((r for r in SEARCH_FREE if r.matches(type(module))), None)
+
+
 def _is_compat_instance(module: nn.Module) -> bool:
     """An instance of a vqfast.compat class itself (not a converted foreign instance, not a helper part)."""
     cls = type(module)
@@ -127,19 +168,32 @@ def _is_compat_instance(module: nn.Module) -> bool:
 
 def _looks_like_quantizer(module: nn.Module) -> bool:
     name = type(module).__name__.lower()
-    return "quantiz" in name or name in ("residualvq", "vectorquantize")
+    return "quantiz" in name or name.endswith("vq") or name == "vectorquantize"
+
+
+def _is_vqfast_quantizer(module: nn.Module) -> bool:
+    """One of vqfast's own quantizers (vqfast.modules, vqfast.models, vqfast.multiscale): it searches
+    with vqfast already."""
+    return type(module).__module__.startswith("vqfast.") and _looks_like_quantizer(module)
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__name__}"
 
 
 def accelerate(model: nn.Module, *, backend: str = "auto", precision: str = "exact", verbose: bool = False) -> nn.Module:
     """Replace, in place, every quantizer in ``model`` (``model`` included) that vqfast recognises.
 
     Args:
-        model: any nn.Module; its recognised quantizers (see ``RECOGNISED`` and the README's table)
+        model: any nn.Module; its recognised quantizers (see ``RECOGNISED`` and docs/dropin.md's table)
             are converted in place, sharing their Parameters and buffers.
         backend: the nearest-codeword backend the converted quantizers use ("auto", "cpu", "cuda",
             "triton" or "torch"; see vqfast.available_backends()).
         precision: "exact" (the same indices as an exact search, the truly nearest codeword) or "fast".
-        verbose: print one line per quantizer found: replaced, or left on its original code and why.
+        verbose: print what was found: one line per quantizer (replaced; left on its original code
+            and why; vqfast's own; needing no search, as vector-quantize-pytorch's FSQ and LFQ; a
+            quantizer vqfast does not recognise), and when nothing was converted one line saying so,
+            naming the model's class.
 
     Returns:
         ``model`` itself. Calling it again is harmless: converted quantizers take the new backend and
@@ -150,34 +204,55 @@ def accelerate(model: nn.Module, *, backend: str = "auto", precision: str = "exa
     check_search_options(backend, precision)
     if not isinstance(verbose, bool):
         raise TypeError(f"verbose must be a bool, got {type(verbose).__name__}")
+
+    def say(line: str) -> None:
+        if verbose:
+            print(f"vqfast.accelerate: {line}")
+
+    converted = recognised_left = vqfast_own = 0
+    reported: list[str] = []  # search-free and vqfast quantizers: their parts get no lines of their own
     for name, module in model.named_modules():
-        entry = recognise(module)
+        if any(p == "" or name.startswith(p + ".") for p in reported):
+            continue
         where = name or "(the model)"
+        entry = recognise(module)
         if entry is None and _is_compat_instance(module):
             # One of vqfast.compat's classes built directly: it takes the new backend and precision.
             module._vqfast_adopt(backend=backend, precision=precision)
-            if verbose:
-                print(f"vqfast.accelerate: {where}: {type(module).__module__}.{type(module).__name__} is vqfast's "
-                      f"already (backend={backend!r}, precision={precision!r})")
+            converted += 1
+            say(f"{where}: {type(module).__module__}.{type(module).__name__} is vqfast's already "
+                f"(backend={backend!r}, precision={precision!r})")
             continue
         if entry is None:
-            if verbose and _looks_like_quantizer(module):
-                cls = type(module)
-                print(f"vqfast.accelerate: {where}: {cls.__module__}.{cls.__name__} left: not a class vqfast recognises")
+            free = search_free(module)
+            if free is not None:
+                reported.append(name)
+                say(f"{where}: {free.library} {free.class_name} needs no nearest-codeword search ({free.how}): "
+                    f"left as it is")
+            elif _is_vqfast_quantizer(module):
+                reported.append(name)
+                vqfast_own += 1
+                say(f"{where}: {_class_path(type(module))} is vqfast's own quantizer (it searches with vqfast "
+                    f"already): left as built")
+            elif _looks_like_quantizer(module):
+                say(f"{where}: {_class_path(type(module))} left: not a class vqfast recognises")
             continue
         compat = entry.compat_class()
         original = getattr(type(module), "_vqfast_original", type(module))
         label = f"{where}: {entry.library} {entry.class_name}"
         reason = compat.unsupported_reason(module)
         if reason is not None:
-            if verbose:
-                print(f"vqfast.accelerate: {label} left on its original code: {reason}")
+            recognised_left += 1
+            say(f"{label} left on its original code: {reason}")
             continue
         already = isinstance(module, compat)
         if not already:
             module.__class__ = accelerated_class(compat, original)
         module._vqfast_adopt(backend=backend, precision=precision)
-        if verbose:
-            state = "already accelerated" if already else "replaced"
-            print(f"vqfast.accelerate: {label} {state} (backend={backend!r}, precision={precision!r})")
+        converted += 1
+        say(f"{label} {'already accelerated' if already else 'replaced'} (backend={backend!r}, precision={precision!r})")
+    if converted == 0 and vqfast_own == 0:
+        what = (f"its {recognised_left} recognised quantizer(s) are left on their original code"
+                if recognised_left else "no quantizer vqfast recognises")
+        say(f"nothing converted in {type(model).__name__} ({type(model).__module__}): {what}")
     return model
