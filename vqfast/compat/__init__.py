@@ -14,9 +14,11 @@ module tree and, for every recognised instance whose options the compat class su
 instance's class for one deriving from (compat class, original class). The object, its Parameters,
 buffers, hooks and every reference to it stay the same (optimizers, EMA copies, ``state_dict()`` and
 checkpoints keep working), ``isinstance(m, Original)`` stays true, and the compat class's methods do
-the work. This is why a compat class uses its original's attribute names. Recognition reads
-``type(m).__module__`` and ``type(m).__name__`` only: a library the user has not imported is never
-imported here.
+the work. This is why a compat class uses its original's attribute names. A second table,
+``SEARCH_FREE``, lists the foreign quantizers that have no nearest-codeword search to speed up
+(vector-quantize-pytorch's FSQ, LFQ and their residual forms, ...): ``accelerate(verbose=True)`` says so
+and leaves them as they are. Recognition reads ``type(m).__module__`` and ``type(m).__name__`` only: a
+library the user has not imported is never imported here.
 
 A compat class takes part in ``accelerate`` through two hooks:
 
