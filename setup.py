@@ -7,7 +7,10 @@ Their architectures come from VQFAST_CUDA_ARCHS, else TORCH_CUDA_ARCH_LIST, else
 "vqfast: CUDA kernels: ...", saying what it built or why it built none (pip shows it with -v).
 
     pip install --no-build-isolation -e .                 # a checkout, editable
+    pip install --no-build-isolation -e ".[train]"        # ... with the trainer's dependencies
     pip wheel --no-build-isolation --no-deps -w dist .    # a wheel for this torch
+
+Install torch first: no requirement names it (INSTALL_REQUIRES below says why).
 """
 import glob
 import importlib.util
@@ -21,6 +24,24 @@ from functools import cache
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+# vqfast's dependencies, declared once: pip reads them from setup() below, scripts/install.py reads them
+# from this file's text (so they stay plain literals, read with ast.literal_eval). An extra may name
+# others as "vqfast[...]". No requirement names torch: a plain `torch` requirement makes pip fetch the
+# default CUDA build (several GB) or replace the CPU or CUDA build already installed; torch is installed
+# first, on its own (scripts/install.py installs the CPU build when none is present).
+INSTALL_REQUIRES = ["numpy"]
+EXTRAS_REQUIRE = {
+    # `vqfast train`, `vqfast tokenize` and `vqfast demo`: images (Pillow), the bundled sample
+    # photographs (scikit-image, scikit-learn), the report's charts (matplotlib), progress bars (tqdm).
+    "train": ["pillow", "scikit-image", "scikit-learn", "matplotlib", "tqdm"],
+    # benchmarks/ and `vqfast bench`: pytest-benchmark and the peers, the libraries pinned to the releases
+    # that the committed results and vqfast.compat's tests were run against.
+    "bench": ["pytest-benchmark", "faiss-cpu", "vector-quantize-pytorch==1.32.0", "diffusers==0.42.1", "matplotlib"],
+    # tests/: they train and benchmark too. scripts/install.py --test adds two that no requirement here
+    # can say: taming-transformers without its dependencies, and triton where none is installed.
+    "test": ["vqfast[train,bench]", "pytest", "hypothesis"],
+}
 
 
 def _missing_torch(exc: ImportError) -> SystemExit:
@@ -203,13 +224,8 @@ setup(
     python_requires=">=3.10",
     license="MIT",
     license_files=["LICENSE"],
-    # torch is deliberately not listed: an unpinned requirement would let pip replace a CPU or
-    # CUDA build the user already has. scripts/install.py installs torch when none is present.
-    install_requires=["numpy"],
-    extras_require={
-        "test": ["pytest", "hypothesis", "faiss-cpu", "scipy"],
-        "bench": ["pytest-benchmark", "faiss-cpu", "vector-quantize-pytorch", "matplotlib"],
-    },
+    install_requires=INSTALL_REQUIRES,  # torch deliberately not: see INSTALL_REQUIRES above
+    extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["vqfast=vqfast.cli:main"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExt.with_options(no_python_abi_suffix=True)},

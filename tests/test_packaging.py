@@ -1,15 +1,23 @@
-"""Packaging: what setup.py says and decides, the licence in the metadata, and a built wheel that works.
+"""Packaging: what setup.py says and decides, the dependencies declared once, the licence in the
+metadata, and a built wheel that works in a fresh virtual environment.
 
 setup.py is run with setuptools.setup replaced by a recorder, so its decisions (the CUDA status line,
-the nvcc flags, the metadata) are checked in a second, without compiling. The wheel tests compile
-the extension from scratch (about 3.5 CPU-minutes, 2 minutes of a 2-core machine), more than the
-test suite can spend on every run: they run with VQFAST_TEST_WHEEL=1,
+the nvcc flags, the metadata, the extras) are checked in a second, without compiling; so is what
+scripts/install.py would install. The wheel tests are slow tier (`--slow`): they compile the
+extension from scratch (about 3.5 CPU-minutes, 2 minutes of a 2-core machine), make a fresh virtual
+environment, install torch into it from the wheel on disk (pip's find-links; never downloaded), then
+the wheel with its "train" extra from the registry, and run `vqfast train`, `vqfast tokenize` and
+`vqfast demo` there (about 3 more minutes here):
 
-    VQFAST_TEST_WHEEL=1 python -m pytest tests/test_packaging.py -q -k wheel
+    python -m pytest tests/test_packaging.py -q --slow -k wheel
 """
 from __future__ import annotations
 
+import ast
+import importlib.metadata
+import importlib.util
 import os
+import re
 import runpy
 import shutil
 import subprocess
@@ -25,8 +33,7 @@ import torch.utils.cpp_extension
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETUP = os.path.join(ROOT, "setup.py")
-TEST_WHEEL = os.environ.get("VQFAST_TEST_WHEEL", "0") == "1"
-needs_wheel = pytest.mark.skipif(not TEST_WHEEL, reason="compiles the extension from scratch: set VQFAST_TEST_WHEEL=1")
+INSTALL_SCRIPT = os.path.join(ROOT, "scripts", "install.py")
 CUDA_HOME = next((h for h in (os.environ.get("CUDA_HOME"), "/usr/local/cuda")
                   if h and os.path.exists(os.path.join(h, "bin", "nvcc"))
                   and os.path.exists(os.path.join(h, "include", "cuda_runtime_api.h"))), None)
@@ -79,6 +86,132 @@ def test_the_package_ships_no_planted_bugs(run_setup):
     planted = [f for f in files if "VQFAST_MUTATION" in open(os.path.join(ROOT, f), encoding="utf-8").read()]
     assert not planted, planted
     assert os.path.exists(os.path.join(ROOT, "tests", "mutations.py"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Dependencies: declared once, in setup.py
+
+
+def load_install_script():
+    spec = importlib.util.spec_from_file_location("vqfast_install_script", INSTALL_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def requirement_name(req: str) -> str:
+    """The normalised distribution name of a requirement string ("Foo_bar[x]==1" -> "foo-bar")."""
+    return re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", req).group(0)).lower()
+
+
+def test_extras_are_declared_once_and_install_script_reads_them(run_setup):
+    _, kwargs = run_setup()
+    install = load_install_script()
+    assert install.declared() == (kwargs["install_requires"], kwargs["extras_require"])
+    extras = kwargs["extras_require"]
+    assert set(extras) == {"train", "test", "bench"}
+    assert {requirement_name(r) for r in extras["train"]} == {
+        "pillow", "scikit-image", "scikit-learn", "matplotlib", "tqdm"}
+    # The test extra brings the trainer's and the benchmarks' requirements along.
+    assert set(install.requirements(["train", "bench"])) <= set(install.requirements(["test"]))
+    # scripts/install.py keeps no list of its own: none of the declared names appears in its code.
+    declared = {requirement_name(r) for reqs in [kwargs["install_requires"], *extras.values()] for r in reqs}
+    with open(INSTALL_SCRIPT, encoding="utf-8") as f:
+        strings = {node.value for node in ast.walk(ast.parse(f.read())) if isinstance(node, ast.Constant)
+                   and isinstance(node.value, str)}
+    assert not {requirement_name(s) for s in strings if re.match(r"[A-Za-z0-9]", s)} & (declared - {"vqfast"})
+
+
+def test_no_requirement_names_torch(run_setup):
+    """A plain `torch` requirement makes pip fetch the default CUDA build (several GB) or replace the
+    torch the extension was built against; torch is installed on its own, first."""
+    _, kwargs = run_setup()
+    install = load_install_script()
+    every = kwargs["install_requires"] + [r for reqs in kwargs["extras_require"].values() for r in reqs]
+    every += install.requirements(sorted(kwargs["extras_require"])) + install.TEST_NO_DEPS + [install.TRITON]
+    assert "torch" not in {requirement_name(r) for r in every}
+    assert all(requirement_name(r) == "vqfast" for r in every if r.startswith("vqfast"))
+
+
+def third_party_imports(folder: str) -> dict[str, set[str]]:
+    """{top-level module: files} of the absolute imports in the .py files under vqfast/<folder>
+    that are neither the standard library nor vqfast."""
+    found: dict[str, set[str]] = {}
+    for dirpath, _, names in os.walk(os.path.join(ROOT, "vqfast", folder)):
+        for name in names:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(dirpath, name)
+            with open(path, encoding="utf-8") as f:
+                tree = ast.parse(f.read(), path)
+            for node in ast.walk(tree):
+                modules = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                           else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+                for module in modules:
+                    top = module.split(".")[0]
+                    if top not in sys.stdlib_module_names and top not in ("vqfast", "__future__"):
+                        found.setdefault(top, set()).add(os.path.relpath(path, ROOT))
+    return found
+
+
+def test_every_import_of_the_package_is_a_declared_requirement(run_setup):
+    """What the package imports is declared: the trainer, tokenize, the demo and the library in
+    install_requires or the "train" extra (so `pip install "vqfast[train]"` gives a working
+    `vqfast train`), the benchmark code in the "bench" extra. torch is installed on its own, and triton
+    comes with CUDA builds of torch (vqfast.backends checks for it)."""
+    _, kwargs = run_setup()
+    extras = kwargs["extras_require"]
+    distributions = importlib.metadata.packages_distributions()
+    allowed = {"library": kwargs["install_requires"] + extras["train"],
+               "bench": kwargs["install_requires"] + extras["train"] + extras["bench"]}
+    undeclared = []
+    imports = third_party_imports("")
+    bench = third_party_imports("bench")
+    for module, files in sorted(imports.items()):
+        if module in ("torch", "triton"):
+            continue
+        where = "library" if files - bench.get(module, set()) else "bench"
+        names = {requirement_name(d) for d in distributions.get(module, [module])}
+        if not names & {requirement_name(r) for r in allowed[where]}:
+            undeclared.append(f"{module} ({', '.join(sorted(names))}) imported by {sorted(files)}")
+    assert not undeclared, undeclared
+    assert {"PIL", "sklearn", "skimage", "tqdm", "matplotlib"} <= imports.keys()  # the walk sees the trainer
+
+
+def test_install_script_installs_the_extras_and_never_torch(monkeypatch):
+    """scripts/install.py --test with torch and triton present: one pip call with the build requirements,
+    install_requires and the extras train and test; taming-transformers without dependencies; then
+    vqfast itself, built without isolation."""
+    install = load_install_script()
+    calls = []
+    monkeypatch.setattr(install, "pip", lambda *args: calls.append(list(args)))
+    monkeypatch.setattr(install, "has", lambda module: True)
+    monkeypatch.setattr(install.subprocess, "check_call", lambda *a, **k: 0)
+    monkeypatch.setattr(sys, "argv", ["install.py", "--test"])
+    assert install.main() == 0
+    assert calls[0] == list(dict.fromkeys(install.build_requires() + install.requirements(["train", "test"])))
+    assert calls[1:] == [["--no-deps", "taming-transformers==0.0.1"], ["--no-build-isolation", "-e", "."]]
+    assert "torch" not in {requirement_name(r) for r in calls[0]}
+    assert {"setuptools", "ninja", "numpy", "pillow", "pytest", "hypothesis", "faiss-cpu"} <= {
+        requirement_name(r) for r in calls[0]}
+
+
+def test_install_script_installs_torch_only_when_there_is_none(monkeypatch):
+    install = load_install_script()
+    calls = []
+    monkeypatch.setattr(install, "pip", lambda *args: calls.append(list(args)))
+    monkeypatch.setattr(install, "has", lambda module: module != "torch" and module != "triton")
+    monkeypatch.setattr(install.subprocess, "check_call", lambda *a, **k: 0)
+    monkeypatch.setattr(sys, "argv", ["install.py", "--bench"])
+    assert install.main() == 0
+    assert calls[0] == ["torch==2.13.0"]
+    assert calls[1] == list(dict.fromkeys(install.build_requires() + install.requirements(["train", "bench"])
+                                          + ["triton==3.7.0"]))
+    assert calls[2:] == [["--no-build-isolation", "-e", "."]]
+
+
+# ---------------------------------------------------------------------------------------------
+# The build's decisions
 
 
 def test_cpu_torch_says_why_there_are_no_cuda_kernels(run_setup):
@@ -210,7 +343,6 @@ def wheel(tmp_path_factory):
 
 
 @pytest.mark.slow
-@needs_wheel
 def test_wheel_holds_the_extension_and_no_build_junk(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert "vqfast/_C.so" in names and "vqfast/_cuda_archs.py" in names
@@ -226,7 +358,6 @@ def test_wheel_holds_the_extension_and_no_build_junk(wheel):
 
 
 @pytest.mark.slow
-@needs_wheel
 def test_wheel_installs_and_runs_outside_the_checkout(wheel, tmp_path):
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=False).create(env_dir)
