@@ -6,10 +6,10 @@ one run (one round of every variant, then the next round; medians):
 
     op N=16             the compiled op alone on the first scale's 16 rows (the kernel's time)
     public N=16         vqfast.nearest_codeword on the same rows (checks, value scan, backend choice)
-    pass N=16           one pass of vqfast.compat.var's searches over ten 16-row inputs, per search
+    pass N=16           one pass of vqfast.multiscale's searches over ten 16-row inputs, per search
     one search          vqfast.nearest_codeword once on all 10880 rows
     ten public calls    vqfast.nearest_codeword once per scale
-    ten in one pass     vqfast.compat.var's per-pass searches: checks and backend choice once, each
+    ten in one pass     vqfast.multiscale's per-pass searches: checks and backend choice once, each
                         scale launches the op alone, the value scan read back once at the end
 
     python benchmarks/var_scale_searches.py [--batch 16] [--rounds 15] [--device cpu] [--threads N]
@@ -25,7 +25,7 @@ import torch
 import vqfast
 from vqfast.backends import resolve_backend
 from vqfast.bench.timing import synchronize
-from vqfast.compat.var import _ScaleSearches
+from vqfast.multiscale import ScaleSearches
 from vqfast.ops import _op_for
 
 VAR_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -50,7 +50,7 @@ def main() -> None:
     op = _op_for(resolve_backend("auto", device.type, (zs[0], codebook)))
 
     def one_pass(z_list):
-        searches = _ScaleSearches(codebook, "l2", "exact", "auto", z_all.shape[0])
+        searches = ScaleSearches(codebook, "l2", "exact", "auto", z_all.shape[0])
         out = [searches(z) for z in z_list]
         searches.finish()
         return out

@@ -49,7 +49,6 @@ from vqfast.multiscale import (
     PhiNonShared,
     PhiPartiallyShared,
     PhiShared,
-    ScaleSearches as _ScaleSearches,  # noqa: F401  (the name benchmarks/var_scale_searches.py imports)
     VARQuantizer,
     patch_nums_problem,
 )
