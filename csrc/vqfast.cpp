@@ -7,6 +7,7 @@
 
 #include "cpu/dispatch.h"
 #include "cpu/nearest_codeword.h"
+#include "tolerance.h"
 
 extern "C" {
 // Importing vqfast._C loads this library, which runs the TORCH_LIBRARY registrations below.
@@ -44,6 +45,14 @@ TORCH_LIBRARY(vqfast, m) {
   m.def("cpu_isa_levels() -> str[]", []() -> std::vector<std::string> { return vqfast::cpu::isa_levels(); });
   m.def("cpu_isa_compiled() -> str[]", []() -> std::vector<std::string> { return vqfast::cpu::isa_compiled(); });
   m.def("_set_cpu_isa(str name) -> str", [](std::string name) -> std::string { return vqfast::cpu::set_isa(name); });
+  // The exact mode's tolerance terms (coef, floor) of csrc/tolerance.h for "float32" or "float64", which the
+  // kernels use: tests compare them with vqfast/reference.py's ranking_tolerance_terms, the definition.
+  m.def("_ranking_tolerance_terms(int dim, str dtype) -> float[]",
+        [](int64_t dim, std::string dtype) -> std::vector<double> {
+          TORCH_CHECK(dtype == "float32" || dtype == "float64", "dtype must be 'float32' or 'float64'");
+          if (dtype == "float32") return {vqfast::ranking_tolerance_coef<float>(dim), vqfast::ranking_tolerance_floor<float>(dim)};
+          return {vqfast::ranking_tolerance_coef<double>(dim), vqfast::ranking_tolerance_floor<double>(dim)};
+        });
 }
 
 TORCH_LIBRARY_IMPL(vqfast, CPU, m) {

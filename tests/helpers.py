@@ -191,3 +191,33 @@ class MaxNumel(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.max_numel = max(self.max_numel, t.numel())
         return out
+
+
+def check_cosine_zero_vectors(device_backend, dtypes=(torch.float32, torch.float16, torch.float64)) -> None:
+    """metric="cosine"'s contract for zero vectors (vqfast/reference.py): a zero row of z takes codeword 0
+    with distance exactly 1, or the first zero codeword with distance 0; other rows are searched as usual."""
+    g = torch.Generator().manual_seed(26)
+    z = torch.randn(70, 16, generator=g)
+    zero = torch.zeros(70, dtype=torch.bool)
+    zero[[0, 7, 33, 69]] = True
+    z[zero] = 0.0
+    z[33] = -0.0  # a negative zero is a zero
+    cb = torch.randn(64, 16, generator=g) * torch.linspace(0.5, 2.0, 64)[:, None]  # lengths far from 1
+    with_zeros = cb.clone()
+    with_zeros[[5, 9]] = 0.0
+    for dtype in dtypes:
+        for codebook, index, distance in ((cb, 0, 1.0), (with_zeros, 5, 0.0)):
+            zd, cd = z.to(dtype), codebook.to(dtype)
+            for precision in ("exact", "fast"):
+                for check_finite in (True, False):
+                    out = run(zd, cd, device_backend, metric="cosine", precision=precision, check_finite=check_finite)
+                    check_outputs(zd, cd, out)
+                    where = f"{device_backend} {dtype} {precision} check_finite={check_finite}"
+                    assert out[0][zero].tolist() == [index] * 4, where
+                    assert out[2][zero].tolist() == [distance] * 4, where
+                    if precision == "exact":  # the other rows as the oracle has them
+                        keep = ~zero
+                        assert_exact(zd[keep], cd, tuple(t[keep] for t in out), "cosine")
+    # A codebook of zero codewords only: every row takes codeword 0; zero rows at distance 0.
+    out = run(z, torch.zeros(3, 16), device_backend, metric="cosine")
+    assert out[0].tolist() == [0] * 70 and out[2][zero].tolist() == [0.0] * 4

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vqfast
-from tests.helpers import assert_exact, backend_params, run
+from tests.helpers import assert_exact, backend_params, check_cosine_zero_vectors, run
 
 CPU_BACKENDS = vqfast.available_backends("cpu")
 BACKENDS = backend_params()
@@ -188,3 +188,9 @@ def test_extension_missing_fallback():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert "fallback ok" in out.stdout
+
+
+@pytest.mark.parametrize("device_backend", BACKENDS)
+def test_cosine_zero_vectors_follow_the_contract(device_backend):
+    # issue 26 item 8: a zero row took whichever code's normalised length rounded lowest.
+    check_cosine_zero_vectors(device_backend)

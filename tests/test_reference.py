@@ -1,4 +1,7 @@
 """The pure-PyTorch reference and torch backend against the independent oracle and faiss-cpu."""
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -107,3 +110,81 @@ def test_exact_search_ignores_a_callers_autocast(backend):
         assert (z @ cb.T).dtype == torch.bfloat16
         out = vqfast.nearest_codeword(z, cb, backend=backend)
     assert_exact(z, cb, out)
+
+
+# ---------------------------------------------------------------- one tolerance, checked copies
+
+ROOT = Path(__file__).resolve().parents[1]
+DIMS = [1, 2, 3, 4, 7, 16, 33, 64, 255, 256, 1024, 4099, 65536]
+
+
+@pytest.mark.skipif(not vqfast.has_ext(), reason="needs the compiled extension vqfast._C")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpp_tolerance_terms_equal_the_python_definition(dtype):
+    name = str(dtype).removeprefix("torch.")
+    for dim in DIMS:
+        cpp = torch.ops.vqfast._ranking_tolerance_terms(dim, name)
+        assert cpp == list(reference.ranking_tolerance_terms(dim, dtype)), (dim, name)  # bit for bit
+
+
+def _code(path: Path) -> str:
+    """The source without its comments (so that a formula quoted in a comment is not mistaken for code)."""
+    text = re.sub(r"/\*.*?\*/", "", path.read_text(encoding="utf-8"), flags=re.S)
+    return re.sub(r"//[^\n]*", "", text)
+
+
+def test_the_kernels_take_their_tolerance_from_the_shared_header():
+    # The C++ copy of ranking_tolerance_terms is csrc/tolerance.h (compared above through the
+    # extension); the CPU driver, the CUDA binding (not built here: compared at the source) and the
+    # torch-free kernel check use it and restate no part of it.
+    header = _code(ROOT / "csrc" / "tolerance.h")
+    assert "2.0 * expansion_error_bound(dim, unit_roundoff<T>())" in header
+    users = {"csrc/cpu/nearest_codeword.cpp": ["ranking_tolerance_coef<T>(D)", "ranking_tolerance_floor<T>(D)"],
+             "csrc/cuda/binding.cpp": ["ranking_tolerance_coef<float>(d)", "ranking_tolerance_floor<float>(d)",
+                                       "ranking_tolerance_coef<double>("],
+             "tests/cpu/kernel_check.cpp": ["ranking_tolerance_coef<float>(D)"]}
+    restated = re.compile(r"(?:\(\s*[dD]\s*\+\s*3\s*\))|(?:\b[dD]\s*\+\s*3\b)|0x1p-24|0x1p-53|ldexp\(1\.0,\s*-(?:24|53)\)"
+                          r"|numeric_limits<(?:float|double)>::(?:min|epsilon)\(\)")
+    for rel, calls in users.items():
+        code = _code(ROOT / rel)
+        assert '#include "../tolerance.h"' in code or '#include "../../csrc/tolerance.h"' in code, rel
+        for call in calls:
+            assert call in code, f"{rel} no longer calls {call}"
+        found = restated.findall(code)
+        assert not found, f"{rel} restates part of the tolerance: {found}"
+    # Triton re-ranks with the reference's function, not a copy.
+    triton_code = (ROOT / "vqfast" / "triton" / "__init__.py").read_text(encoding="utf-8")
+    assert "reference.rerank_unproven(" in triton_code and "finfo" not in triton_code
+
+
+def test_ranking_tolerance_is_built_from_its_terms():
+    z_norm, cmax = torch.tensor([0.0, 1.0, 3.0]), torch.tensor(2.0)
+    coef, floor = reference.ranking_tolerance_terms(16, torch.float32)
+    assert coef == 2 * 19 * 2.0**-24 / (1 - 19 * 2.0**-24)
+    assert floor == 8 * 19 * torch.finfo(torch.float32).tiny * torch.finfo(torch.float32).eps
+    assert torch.equal(reference.ranking_tolerance(z_norm, cmax, 16, torch.float32),
+                       coef * cmax * (2 * z_norm + cmax) + floor)
+
+
+# ---------------------------------------------------------------- cosine and zero vectors
+
+def test_cosine_zero_rows_rule():
+    cb = torch.randn(6, 4)
+    rows, index, distance = reference.cosine_zero_rows(torch.tensor([[0.0, 0, 0, 0], [1, 0, 0, 0]]), cb)
+    assert rows.tolist() == [True, False] and int(index) == 0 and float(distance) == 1.0
+    cb[[2, 4]] = 0
+    _, index, distance = reference.cosine_zero_rows(torch.zeros(1, 4), cb)
+    assert int(index) == 2 and float(distance) == 0.0
+
+
+def test_no_gradient_through_a_zero_vector_under_cosine():
+    z = torch.randn(5, 8)
+    z[2] = 0
+    cb = torch.randn(7, 8)
+    cb[0] = 0  # row 2 takes it; so may others (a zero codeword is 1 from every row)
+    z.requires_grad_()
+    cb.requires_grad_()
+    _, _, dist = vqfast.nearest_codeword(z, cb, metric="cosine", backend="torch")
+    dist.sum().backward()
+    assert torch.isfinite(z.grad).all() and torch.isfinite(cb.grad).all()
+    assert z.grad[2].abs().max() == 0 and cb.grad[0].abs().max() == 0

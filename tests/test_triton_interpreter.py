@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reaso
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.importorskip("triton")
     import vqfast
-    from tests.helpers import assert_exact, assert_fast, make_hard_case
+    from tests.helpers import assert_exact, assert_fast, check_cosine_zero_vectors, make_hard_case
 
 SHAPES = [(1, 1, 1), (1, 3, 7), (37, 17, 53), (50, 100, 33), (19, 1, 40), (3, 40, 1)]
 
@@ -86,3 +86,7 @@ def test_gradients_and_float64_rejected():
     with pytest.raises(ValueError, match="float64"):
         vqfast.nearest_codeword(z.double(), cb.double(), backend="triton")
     assert vqfast.nearest_codeword(z.double(), cb.double())[0].shape == (12,)  # auto falls back
+
+
+def test_cosine_zero_vectors_follow_the_contract():
+    check_cosine_zero_vectors(("cpu", "triton"), dtypes=(torch.float32, torch.float16))

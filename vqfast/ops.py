@@ -57,7 +57,10 @@ def nearest_codeword(
         z: [N, D] vectors to quantise (float32, float16, bfloat16 or float64), N >= 0, D >= 1.
         codebook: [K, D] codewords, K >= 1, on z's device. Its dtype may differ from z's: the search runs in
             float32 (float64 if either is float64) and the codewords come back in z's dtype.
-        metric: "l2" (squared Euclidean) or "cosine" (squared L2 between L2-normalised vectors).
+        metric: "l2" (squared Euclidean) or "cosine" (squared L2 between L2-normalised vectors, 2 - 2 cos).
+            Under cosine a zero vector has no direction and normalises to the zero vector: a zero row of
+            z takes codeword 0 with distance exactly 1 (the first zero codeword, at distance 0, if the
+            codebook has one), and a zero codeword is at distance 1 from every nonzero row.
         precision: "exact" (the chosen codeword's true distance is the minimum) or "fast"
             (tf32/bf16 matrix units where the backend has them; rare near-ties may differ).
         backend: "auto", "torch", "cpu", "cuda" or "triton" (see vqfast.available_backends()).

@@ -14,6 +14,17 @@ Contract of ``nearest_codeword`` (every backend honours it):
 with dist the squared L2 distance, or for metric="cosine" the squared L2 distance between the
 L2-normalised vectors (2 - 2 cos). Memory beyond inputs and outputs is O(chunk x K), never N x K.
 
+Cosine and zero vectors. Each vector x is normalised as x / max(||x||, 1e-12)
+(torch.nn.functional.normalize), so a zero vector (every component 0) has no direction and stays
+the zero vector. Then:
+    a zero row of z is at distance 1 from every nonzero codeword (a unit vector's length) and 0
+        from a zero codeword: it takes the first zero codeword (distance 0) when the codebook has
+        one, else codeword 0 by the tie rule, with distance exactly 1. The normalised codewords'
+        lengths round to 1 +- a few ulps; that rounding does not break the tie (cosine_zero_rows).
+    a zero codeword is at distance ||n(z)||^2 = 1 (to rounding) from every nonzero row: it is
+        nearer than any codeword more than 60 degrees from the row (cos < 1/2), as the formula says.
+    gradients: none flow through a zero vector's normalisation (it has no direction to vary).
+
 Exactness. The ranking value v_k = ||c_k||^2 - 2 z.c_k (the distance less the row constant ||z||^2),
 computed in floating point, loses digits to cancellation, so a plain `argmin` can pick a codeword
 whose true distance is not the minimum. For any summation order its error is at most
@@ -47,22 +58,59 @@ def normalize_for_metric(x: torch.Tensor, metric: str) -> torch.Tensor:
     return F.normalize(x, dim=-1, eps=1e-12) if metric == "cosine" else x
 
 
+def cosine_zero_rows(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """metric="cosine"'s rule for zero rows of z (module docstring): z [N, D], codebook [K, D] ->
+    (rows [N] bool: the all-zero rows, index [] int64: the first zero codeword or 0, distance [] fp32: 0 or 1).
+    Every backend applies it to its result; no host sync."""
+    zero_codes = (codebook == 0).all(1)
+    index = zero_codes.int().argmax()  # the first True; 0 when there is none
+    return (z == 0).all(1), index, (~zero_codes[index]).float()
+
+
 def _expansion_error_bound(dim: int, dtype: torch.dtype) -> float:
     n = dim + 3
     u = _UNIT_ROUNDOFF[dtype]
     return n * u / (1.0 - n * u)
 
 
-def ranking_tolerance(z_norm: torch.Tensor, cb_maxnorm: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """How far apart two computed values of ||c||^2 - 2 z.c must be to be ordered with certainty.
+def ranking_tolerance_terms(dim: int, dtype: torch.dtype) -> tuple[float, float]:
+    """(coef, floor) of the exact mode's tolerance: the one definition, which every backend uses.
 
-    Twice the bound gamma_{D+3} max||c|| (2 ||z|| + max||c||) of the module docstring, plus an absolute
-    term for underflow: products below the smallest normal number (float32: |z_j|, |c_j| < 1e-19)
-    each lose up to half a subnormal spacing, which the relative bound does not cover.
+    Two computed values of ||c||^2 - 2 z.c over ``dim`` features in ``dtype`` are ordered with certainty
+    when they differ by more than coef max||c|| (2 ||z|| + max||c||) + floor: coef = 2 gamma_{D+3}
+    (twice the bound of the module docstring), floor = 8 (D + 3) smallest_normal eps for products
+    below the smallest normal number (float32: |z_j|, |c_j| < 1e-19), which each lose up to half a
+    subnormal spacing that the relative bound does not cover. The C++ kernels take these terms from
+    csrc/tolerance.h, which tests/test_reference.py checks against this function.
     """
-    gamma = _expansion_error_bound(dim, dtype)
-    underflow = 8.0 * (dim + 3) * torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
-    return 2.0 * gamma * cb_maxnorm * (2.0 * z_norm + cb_maxnorm) + underflow
+    coef = 2.0 * _expansion_error_bound(dim, dtype)
+    floor = 8.0 * (dim + 3) * torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    return coef, floor
+
+
+def ranking_tolerance(z_norm: torch.Tensor, cb_maxnorm: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """How far apart two computed values of ||c||^2 - 2 z.c must be to be ordered with certainty
+    (ranking_tolerance_terms): z_norm [M] or [M, 1], cb_maxnorm [] -> a tensor shaped like z_norm."""
+    coef, floor = ranking_tolerance_terms(dim, dtype)
+    return coef * cb_maxnorm * (2.0 * z_norm + cb_maxnorm) + floor
+
+
+@torch.no_grad()
+def rerank_unproven(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, best: torch.Tensor,
+                    second: torch.Tensor) -> torch.Tensor:
+    """The exact mode's re-rank for a kernel that reports each row's best and second-best computed
+    float32 value of ||c||^2 - 2 z.c: rows whose gap is not beyond ranking_tolerance (near ties, exact
+    duplicates, NaN / inf) are searched again by ``search`` in float64; the others are provably right.
+
+    z [N, D], codebook [K, D] as searched (normalised for cosine), indices/best/second [N] -> indices [N].
+    """
+    tol = ranking_tolerance(z.float().norm(dim=1), codebook.float().norm(dim=1).max(), z.shape[1], torch.float32)
+    unproven = ~(second.double() > best.double() + tol.double())  # in float64: adding tol rounds nothing away
+    out = indices.clone()
+    rows = unproven.nonzero().squeeze(1)
+    if rows.numel():
+        out[rows] = search(z[rows], codebook, "l2", "exact", compute_dtype=torch.float64)
+    return out
 
 
 @torch.no_grad()
@@ -143,6 +191,9 @@ def search(
         for start in range(0, n, step):
             zc = normalize_for_metric(z[start : start + step].to(compute_dtype), metric)
             out[start : start + step] = _search_chunk(zc, cb, cb_sqnorm, cb_maxnorm, exact, matmul_dtype)
+    if metric == "cosine":
+        rows, index, _ = cosine_zero_rows(z, codebook)
+        out = torch.where(rows, index, out)
     return out
 
 
@@ -151,7 +202,10 @@ def codeword_distances(z: torch.Tensor, codewords: torch.Tensor, metric: str = "
     dtype = torch.float64 if torch.float64 in (z.dtype, codewords.dtype) else torch.float32
     a = normalize_for_metric(z.to(dtype), metric)
     b = normalize_for_metric(codewords.to(dtype), metric)
-    return ((a - b) ** 2).sum(-1)
+    d = ((a - b) ** 2).sum(-1)
+    if metric == "cosine":  # a zero row is exactly 1 from a nonzero codeword (module docstring)
+        d = torch.where((z == 0).all(-1) & (codewords != 0).any(-1), torch.ones_like(d), d)
+    return d
 
 
 def nearest_codeword_torch(
@@ -204,9 +258,9 @@ def nearest_codeword_backward(
             a, b = zf / zn, cf / cn
             ga = 2.0 * (a - b) * g
             gb = -ga
-            # d(x/|x|)/dx = (I - x^ x^T) / |x|
-            gz = (ga - a * (a * ga).sum(1, keepdim=True)) / zn
-            gc = (gb - b * (b * gb).sum(1, keepdim=True)) / cn
+            # d(x/|x|)/dx = (I - x^ x^T) / |x|; a zero vector has no direction to vary: no gradient.
+            gz = ((ga - a * (a * ga).sum(1, keepdim=True)) / zn).masked_fill((zf == 0).all(1, keepdim=True), 0.0)
+            gc = ((gb - b * (b * gb).sum(1, keepdim=True)) / cn).masked_fill((cf == 0).all(1, keepdim=True), 0.0)
         else:
             gz = 2.0 * (zf - cf) * g
             gc = -gz

@@ -33,6 +33,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../tolerance.h"
 #include "dispatch.h"
 #include "kernels/kernel.h"
 
@@ -91,11 +92,6 @@ int64_t finish_row(const RowState<T>& s, const T* zr, const T* cb, int64_t K, in
   return best_k;
 }
 
-template <typename T>
-double unit_roundoff() {
-  return std::is_same<T, double>::value ? std::ldexp(1.0, -53) : std::ldexp(1.0, -24);
-}
-
 // vqfast/_validation.py's magnitude_limit(D, T), computed with the same double operations: the
 // largest |value| for which every squared distance over D features stays finite in T.
 template <typename T>
@@ -116,6 +112,15 @@ bool within(const T* x, int64_t n, T limit) {
   int bad = 0;
   for (int64_t i = 0; i < n; ++i) bad |= !(std::fabs(x[i]) <= limit);
   return bad == 0;
+}
+
+// True when every one of the n values is zero (-0 included).
+template <typename T>
+bool all_zero(const T* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (x[i] != T(0)) return false;
+  }
+  return true;
 }
 
 struct Norms {
@@ -207,6 +212,20 @@ Failed search(const at::Tensor& z, const at::Tensor& codebook, bool cosine, bool
   const at::Tensor searched = cosine ? (raw / raw.norm(2, {1}, true).clamp_min(1e-12)).contiguous() : raw;
   const T* cb = searched.const_data_ptr<T>();
   const T* cb_out = raw.const_data_ptr<T>();  // the codewords returned: the caller's, not normalised
+  // Cosine and zero vectors (vqfast/reference.py, cosine_zero_rows): a zero row of z has no direction;
+  // it takes the first zero codeword (distance 0), else codeword 0 with distance exactly 1, whatever
+  // the normalised codewords' lengths round to.
+  int64_t zero_k = 0;
+  float zero_dist = 1.0f;
+  if (cosine) {
+    for (int64_t k = 0; k < K; ++k) {
+      if (all_zero(cb_out + k * D, D)) {
+        zero_k = k;
+        zero_dist = 0.0f;
+        break;
+      }
+    }
+  }
 
   // ||c||^2 for the kernels, padded to whole steps with codewords that never win (+inf); the last
   // partial step's codewords copied next to zero rows, so a step never reads past the codebook.
@@ -223,19 +242,16 @@ Failed search(const at::Tensor& z, const at::Tensor& codebook, bool cosine, bool
   // compare safely beyond twice that. The kernels set each row's bound from this coefficient and
   // ||z|| (kernels/search.h: init_states). There is no ||z||^2 term: dropping the reference's
   // matters when the codebook is tiny next to z (the classic uniform [-1/K, 1/K] initialisation),
-  // where the looser bound made every row ambiguous.
-  const double n_terms = static_cast<double>(D + 3);
+  // where the looser bound made every row ambiguous. The coefficient and the floor are
+  // reference.ranking_tolerance's (csrc/tolerance.h); the coefficient gains (1 + 4u) for its
+  // conversion to T and the kernels' rounding of the product.
   const double u = unit_roundoff<T>();
-  const double gamma = n_terms * u / (1.0 - n_terms * u);
-  const T tol_coef = exact ? static_cast<T>(2.0 * gamma * (1.0 + 4.0 * u)) : T(0);
+  const T tol_coef = exact ? static_cast<T>(ranking_tolerance_coef<T>(D) * (1.0 + 4.0 * u)) : T(0);
   // Products and squares below the smallest normal number lose up to half a subnormal spacing each,
   // which the relative bound does not cover (float32: |z_j|, |c_j| < 1e-19; at 2^-75 half the rows
-  // of a Gaussian sample were ranked wrongly without it). The same term as reference.ranking_tolerance;
-  // (D + 3) 2^-146 in float32 is itself a representable (subnormal) number.
-  const T tol_floor = exact ? static_cast<T>(8.0 * static_cast<double>(D + 3) *
-                                             static_cast<double>(std::numeric_limits<T>::min()) *
-                                             static_cast<double>(std::numeric_limits<T>::epsilon()))
-                            : T(0);
+  // of a Gaussian sample were ranked wrongly without it). (D + 3) 2^-146 in float32 is itself a
+  // representable (subnormal) number.
+  const T tol_floor = exact ? static_cast<T>(ranking_tolerance_floor<T>(D)) : T(0);
   // Rounded up past the double computation and the conversion to T.
   const T cmax_up = static_cast<T>(std::sqrt(cmax2) * (1.0 + static_cast<double>(D + 2) * 0x1p-50)) *
                     (T(1) + T(4) * static_cast<T>(u));
@@ -312,9 +328,11 @@ Failed search(const at::Tensor& z, const at::Tensor& codebook, bool cosine, bool
       }
       for (int64_t r = 0; r < mt; ++r) {
         const T* zr = zt + r * D;
-        const int64_t k = finish_row(buf.state[r], zr, cb, K, D, exact);
+        // A zero row stays zero when normalised (and a nonzero one nonzero): test the searched row.
+        const bool zero_row = cosine && all_zero(zr, D);
+        const int64_t k = zero_row ? zero_k : finish_row(buf.state[r], zr, cb, K, D, exact);
         out_idx[r0 + r] = k;
-        out_dist[r0 + r] = static_cast<float>(direct_distance(zr, cb + k * D, D));
+        out_dist[r0 + r] = zero_row ? zero_dist : static_cast<float>(direct_distance(zr, cb + k * D, D));
         src_t* cw = out_cw + (r0 + r) * D;
         if constexpr (std::is_same<T, src_t>::value) {
           std::memcpy(cw, cb_out + k * D, static_cast<size_t>(D) * sizeof(T));

@@ -5,9 +5,13 @@
 //
 // Exact precision. The kernel ranks ||c||^2 - 2 z.c in fp32 FMA, off by at most gamma_{D+3} max||c||
 // (2 ||z|| + max||c||) (vqfast/reference.py, ranking_tolerance), so a row whose second-best value
-// exceeds the best by more than twice that, plus an underflow allowance, is provably right. The few rows that are not
-// (near ties, exact duplicates, non-finite values) are searched again here in float64 by the
-// reference algorithm: expansion, candidates within the float64 bound, direct sum((z - c)^2).
+// exceeds the best by more than twice that, plus an underflow allowance, is provably right (the terms
+// come from csrc/tolerance.h, checked against the Python definition). The few rows that are not
+// (near ties, exact duplicates, non-finite values) are searched again here in float64: expansion,
+// candidates within the float64 bound, direct sum((z - c)^2).
+//
+// Cosine and zero vectors (reference.cosine_zero_rows): a zero row of z takes the first zero codeword
+// (distance 0), else codeword 0 with distance exactly 1.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -18,6 +22,7 @@
 #include <string>
 #include <tuple>
 
+#include "../tolerance.h"
 #include "nearest_codeword.h"
 
 namespace vqfast {
@@ -27,9 +32,18 @@ namespace {
 // Rows x codewords of one float64 re-ranking block: 2^22 elements (32 MiB), as in reference.py.
 constexpr int64_t kRerankElements = int64_t{1} << 22;
 
-double expansion_error_bound(int64_t dim, double unit_roundoff) {
-  const double n = static_cast<double>(dim + 3);
-  return n * unit_roundoff / (1.0 - n * unit_roundoff);
+// metric="cosine": the all-zero rows of z, the codeword they take and its distance (see the top).
+struct ZeroRows {
+  at::Tensor rows;      // [N] bool
+  at::Tensor index;     // [] int64: the first zero codeword, or 0
+  at::Tensor distance;  // [] float32: 0 at a zero codeword, else 1
+};
+
+ZeroRows cosine_zero_rows(const at::Tensor& z, const at::Tensor& codebook) {
+  const at::Tensor zero_codes = codebook.eq(0).all(1);
+  const at::Tensor index = zero_codes.to(at::kInt).argmax();  // the first true; 0 when there is none
+  const at::Tensor distance = zero_codes.index_select(0, index.reshape({1})).logical_not().to(at::kFloat).squeeze(0);
+  return {z.eq(0).all(1), index, distance};
 }
 
 at::Tensor normalize_for_metric(const at::Tensor& x, bool cosine) {
@@ -41,7 +55,8 @@ at::Tensor search_fp64(const at::Tensor& zs, const at::Tensor& cb64) {
   const int64_t m = zs.size(0), k = cb64.size(0);
   const at::Tensor cb_sqnorm = (cb64 * cb64).sum(1);
   const at::Tensor cb_maxnorm = cb_sqnorm.max().sqrt();
-  const double gamma = expansion_error_bound(zs.size(1), std::numeric_limits<double>::epsilon() / 2);
+  // The bound of the full distance (this expansion keeps ||z||^2): coef (||z|| + max||c||)^2.
+  const double coef = ranking_tolerance_coef<double>(zs.size(1));
   at::Tensor out = at::empty({m}, zs.options().dtype(at::kLong));
   const int64_t step = std::max<int64_t>(1, kRerankElements / k);
   for (int64_t start = 0; start < m; start += step) {
@@ -51,7 +66,7 @@ at::Tensor search_fp64(const at::Tensor& zs, const at::Tensor& cb64) {
     const at::Tensor z_sqnorm = (zc * zc).sum(1, /*keepdim=*/true);
     const at::Tensor dist = (z_sqnorm + cb_sqnorm) - 2.0 * at::matmul(zc, cb64.t());
     const at::Tensor best = dist.argmin(1);
-    const at::Tensor limit = dist.gather(1, best.unsqueeze(1)) + 2.0 * gamma * (z_sqnorm.sqrt() + cb_maxnorm).pow(2);
+    const at::Tensor limit = dist.gather(1, best.unsqueeze(1)) + coef * (z_sqnorm.sqrt() + cb_maxnorm).pow(2);
     // A non-finite bound (overflowing magnitudes) makes every codeword a candidate for that row.
     const at::Tensor cand = dist.le(limit).logical_or(limit.isfinite().logical_not());
     const at::Tensor nz = cand.nonzero();  // row-major: columns ascend within each row
@@ -105,9 +120,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nearest_codeword(const at::Tensor
     // algorithm in ATen ops, chunked, gives the same contract.
     const at::Tensor zf = normalize_for_metric(z.to(at::kDouble), cosine).contiguous();
     const at::Tensor cf = normalize_for_metric(codebook.to(at::kDouble), cosine).contiguous();
-    const at::Tensor indices = search_fp64(zf, cf);
+    at::Tensor indices = search_fp64(zf, cf);
+    at::Tensor distances;
+    if (cosine) {
+      const ZeroRows zero = cosine_zero_rows(z, codebook);
+      indices = at::where(zero.rows, zero.index, indices);
+      distances = at::where(zero.rows, zero.distance, (zf - cf.index_select(0, indices)).pow(2).sum(1).to(at::kFloat));
+    } else {
+      distances = (zf - cf.index_select(0, indices)).pow(2).sum(1).to(at::kFloat);
+    }
     at::Tensor codewords = codebook.index_select(0, indices).to(z.scalar_type());
-    at::Tensor distances = (zf - cf.index_select(0, indices)).pow(2).sum(1).to(at::kFloat);
     return {indices, codewords, distances};
   }
 
@@ -161,11 +183,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nearest_codeword(const at::Tensor
     // to z (the classic uniform [-1/K, 1/K] initialisation) does not send every row to the re-rank.
     const at::Tensor z_sqnorm = at::empty({n}, z.options().dtype(at::kFloat));
     check(launch_row_sqnorms(zs.data_ptr(), dtype, n, d, z_sqnorm.data_ptr<float>(), stream), "row-norm");
-    const double gamma = expansion_error_bound(d, 0x1p-24);
-    const double underflow = 8.0 * static_cast<double>(d + 3) * std::numeric_limits<float>::min() *
-                             std::numeric_limits<float>::epsilon();
+    const double coef = ranking_tolerance_coef<float>(d);
+    const double underflow = ranking_tolerance_floor<float>(d);
     const at::Tensor cmax = code_sqnorm.max().sqrt().to(at::kDouble);
-    const at::Tensor tol = 2.0 * gamma * cmax * (2.0 * z_sqnorm.to(at::kDouble).sqrt() + cmax) + underflow;
+    const at::Tensor tol = coef * cmax * (2.0 * z_sqnorm.to(at::kDouble).sqrt() + cmax) + underflow;
     // In float64, so that adding the tolerance rounds nothing away. NaN or infinite distances fail
     // the comparison and are re-ranked.
     const at::Tensor proven = second_dist.to(at::kDouble).gt(best_dist.to(at::kDouble) + tol);
@@ -181,12 +202,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nearest_codeword(const at::Tensor
     }
   }
   if (!direct) {
+    ZeroRows zero;
+    if (cosine) {
+      zero = cosine_zero_rows(z, codebook);
+      indices = at::where(zero.rows, zero.index, indices);
+    }
     // Staged operands (mixed dtypes, cosine): distances from the searched (normalised) vectors, the
     // codewords from the codebook as given.
     check(launch_gather_distance(zs.data_ptr(), cs.data_ptr(), dtype, indices.data_ptr<int64_t>(), n, d, nullptr,
                                  distances.data_ptr<float>(), stream),
           "distance");
     codewords = codebook.index_select(0, indices).to(z.scalar_type());
+    if (cosine) return {indices, codewords, at::where(zero.rows, zero.distance, distances)};
   }
   return {indices, codewords, distances};
 }

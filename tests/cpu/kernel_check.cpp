@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../../csrc/cpu/kernels/kernel.h"
+#include "../../csrc/tolerance.h"
 
 using namespace vqfast::cpu;
 
@@ -61,8 +62,8 @@ std::vector<int64_t> search(const Kernels& k, const std::vector<float>& z, const
     for (int64_t c = 0; c < K; ++c)
       for (int64_t j = 0; j < D; ++j) steps[(c - c % k.step) * D + c % k.step + j * k.step] = cb[c * D + j];
   }
-  const double n = D + 3, u = std::ldexp(1.0, -24), gamma = n * u / (1 - n * u);
-  const float tol_coef = float(2 * gamma * (1 + 4 * u)), cmax = float(std::sqrt(cmax2) * (1 + 1e-6));
+  const double u = vqfast::unit_roundoff<float>();  // the driver's coefficient (csrc/tolerance.h), no floor
+  const float tol_coef = float(vqfast::ranking_tolerance_coef<float>(D) * (1 + 4 * u)), cmax = float(std::sqrt(cmax2) * (1 + 1e-6));
   std::vector<RowState<float>> st(TILE_ROWS);
   std::vector<float> scratch(VQFAST_SCRATCH(D));
   std::vector<int64_t> out(N);

@@ -106,20 +106,12 @@ def _prepare(z: Tensor, codebook: Tensor, metric: str) -> tuple[Tensor, Tensor]:
 
 @torch.library.custom_op("vqfast::rerank_rows", mutates_args=())
 def rerank_rows(z: Tensor, codebook: Tensor, indices: Tensor, best: Tensor, second: Tensor) -> Tensor:
-    """Exact re-rank of the rows whose top-2 gap lies within the rounding bound (see module docstring).
+    """Exact re-rank of the rows whose top-2 gap lies within the rounding bound (reference.rerank_unproven).
 
     z [N, D], codebook [K, D] as searched (normalised for cosine), indices/best/second [N] -> indices [N].
     """
     # The kernel ranks ||c||^2 - 2 z.c in fp32, as the reference does.
-    zn = z.float().norm(dim=1)
-    cmax = codebook.float().norm(dim=1).max()
-    tol = reference.ranking_tolerance(zn, cmax, z.shape[1], torch.float32)
-    ambiguous = ~(second.double() > best.double() + tol.double())  # also catches NaN / inf
-    out = indices.clone()
-    rows = ambiguous.nonzero().squeeze(1)
-    if rows.numel():
-        out[rows] = reference.search(z[rows], codebook, "l2", "exact", compute_dtype=torch.float64)
-    return out
+    return reference.rerank_unproven(z, codebook, indices, best, second)
 
 
 @rerank_rows.register_fake
@@ -155,6 +147,9 @@ def nearest_codeword_triton(
         _wrap(kernel)[grid](*args, K_BUCKET=k_bucket(k), INPUT_PRECISION=input_precision, CAST_FP32=cast_fp32)
     if exact:
         indices = torch.ops.vqfast.rerank_rows(zs, cbs, indices, best, second)
+    if metric == "cosine":  # zero rows: reference.cosine_zero_rows
+        zero_rows, zero_index, zero_distance = reference.cosine_zero_rows(z, codebook)
+        indices = torch.where(zero_rows, zero_index, indices)
     codewords = torch.empty((n, d), dtype=z.dtype, device=z.device)
     distances = torch.empty(n, dtype=torch.float32, device=z.device)
     gz, gcb = (zs, cbs) if metric == "cosine" else (z, codebook)
@@ -164,6 +159,7 @@ def nearest_codeword_triton(
     )
     if metric == "cosine":  # the gather above read the normalised codebook: return the original rows
         codewords = codebook.index_select(0, indices).to(z.dtype)
+        distances = torch.where(zero_rows, zero_distance, distances)
     return indices, codewords, distances
 
 
