@@ -65,6 +65,9 @@ def nearest_codeword(
             (tf32/bf16 matrix units where the backend has them; rare near-ties may differ).
         backend: "auto", "torch", "cpu", "cuda" or "triton" (see vqfast.available_backends()).
             "auto" skips backends that cannot take these inputs; a backend named here raises instead.
+            On CUDA tensors "auto" takes the cuda / triton kernel only on GPU architectures where it
+            has been validated (vqfast/gpu_validated.json; vqfast.backends.validation_summary()),
+            elsewhere torch, with a one-time warning; naming the kernel opts in.
         check_finite: test every value of z and codebook and raise a ValueError if either holds NaN
             or Inf. The same test guards against overflow: float32 inputs large enough for a float32
             squared distance to overflow (|x| > 6.5e18 / sqrt(D)) are searched in float64 instead, on
