@@ -243,10 +243,12 @@ def test_the_committed_record_and_the_summary(fake_gpus, monkeypatch):
 
 
 def test_record_validation_writes_entries_the_registry_reads(tmp_path, monkeypatch):
+    import json
+
     path = tmp_path / "gpu_validated.json"
     path.write_text(backends.VALIDATION_RECORD.read_text())
     monkeypatch.setattr(backends, "VALIDATION_RECORD", path)
-    backends.validation_record.cache_clear()
+    backends.reload_validation_record()
     try:
         assert not backends.is_validated("cuda", "sm_90")
         backends.record_validation("sm_90", ["cuda", "triton"], "NVIDIA H100 80GB HBM3", "abc", "all stages",
@@ -257,7 +259,9 @@ def test_record_validation_writes_entries_the_registry_reads(tmp_path, monkeypat
         assert entry == {"date": "2026-12-06", "commit": "abc", "device": "NVIDIA H100 80GB HBM3",
                          "passed": "all stages", "torch": "2.9"}
     finally:
-        backends.validation_record.cache_clear()
+        monkeypatch.undo()
+        backends.reload_validation_record()
+        assert backends.validation_record() == json.loads(backends.VALIDATION_RECORD.read_text())["architectures"]
 
 
 def test_a_cuda_torch_with_a_cpu_only_build_says_how_to_see_why(monkeypatch):

@@ -227,14 +227,27 @@ class UnvalidatedKernelWarning(UserWarning):
     """backend="auto" took torch on a GPU where vqfast's GPU kernels run but have not been validated."""
 
 
-@functools.cache
-def validation_record() -> dict[str, dict[str, dict]]:
-    """vqfast/gpu_validated.json's entries: {architecture ("sm_90"): {backend: {date, commit, device, passed, ...}}}."""
+def _read_record(path: Path) -> dict[str, dict[str, dict]]:
     try:
-        data = json.loads(VALIDATION_RECORD.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:  # a build that left the file out: nothing is validated
         return {}
     return dict(data.get("architectures", {}))
+
+
+# Read once, at import: "auto" consults it on every call, also while torch.compile traces (no file I/O there).
+_RECORD = _read_record(VALIDATION_RECORD)
+
+
+def validation_record() -> dict[str, dict[str, dict]]:
+    """vqfast/gpu_validated.json's entries: {architecture ("sm_90"): {backend: {date, commit, device, passed, ...}}}."""
+    return _RECORD
+
+
+def reload_validation_record() -> None:
+    """Read VALIDATION_RECORD again (after record_validation, or in tests)."""
+    global _RECORD
+    _RECORD = _read_record(VALIDATION_RECORD)
 
 
 def gpu_arch(index: int | None = None) -> str:
@@ -289,7 +302,7 @@ def record_validation(arch: str, backends: list[str], device: str, commit: str, 
              "passed": passed, **details}
     data.setdefault("architectures", {}).setdefault(arch, {}).update({name: dict(entry) for name in backends})
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    validation_record.cache_clear()
+    reload_validation_record()
 
 
 _unvalidated_checked = False
@@ -298,7 +311,7 @@ _unvalidated_checked = False
 def _warn_unvalidated(skipped: list[str], index: int | None) -> None:
     """Once per process: which GPU kernels "auto" passed over on this GPU, and how to opt in."""
     global _unvalidated_checked
-    if _unvalidated_checked:
+    if _unvalidated_checked or torch.compiler.is_compiling():  # said in eager mode, not while tracing
         return
     _unvalidated_checked = True
     runnable = [n for n in skipped if REGISTRY[n].unavailable_reason() is None]
