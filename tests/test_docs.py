@@ -227,6 +227,23 @@ def test_relative_links_resolve():
     assert not problems, "\n".join(problems)
 
 
+def test_named_paths_and_tests_exist():
+    """Every repository path the docs name in `code` (vqfast/..., tests/..., csrc/...) exists, and every
+    tests/<file>.py::<test> they cite is defined there."""
+    problems = []
+    for path in DOCS:
+        text = path.read_text(encoding="utf-8")
+        for code in re.findall(r"`([^`\n]+)`", text):
+            for name in re.findall(r"\b(?:vqfast|csrc|tests|benchmarks|scripts|docs|\.ci)/[\w./-]*\w", code):
+                if not (ROOT / name).exists():
+                    problems.append(f"{path.name}: `{code}` names {name}, which does not exist")
+        for file, test in re.findall(r"\b(test_\w+\.py)::(test_\w+)", text):
+            source = ROOT / "tests" / file
+            if not source.exists() or not re.search(rf"def {test}\b", source.read_text(encoding="utf-8")):
+                problems.append(f"{path.name}: cites tests/{file}::{test}, which is not defined")
+    assert not problems, "\n".join(problems)
+
+
 def test_readme_is_short_and_the_commands_come_first():
     lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
     assert len(lines) <= 200, f"README.md has {len(lines)} lines; docs/ holds the rest"
