@@ -52,6 +52,58 @@ def test_dispatcher_help_lists_every_subcommand(capsys):
     assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 
+HELP_PROBE = """
+import sys, types
+if {bare}:
+    # A bare package in place of vqfast/__init__.py (the library's API, which imports torch): the probe
+    # then sees what the command line's own modules import.
+    package = types.ModuleType("vqfast")
+    package.__path__ = [{package_dir!r}]
+    sys.modules["vqfast"] = package
+from vqfast import cli
+try:
+    cli.main({argv!r})
+except SystemExit as e:
+    assert e.code == 0, e.code
+print("imported torch" if "torch" in sys.modules else "no torch")
+"""
+
+
+def _help_imports(argv: list[str], bare: bool) -> str:
+    code = HELP_PROBE.format(bare=bare, package_dir=os.path.join(ROOT, "vqfast"), argv=argv)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"]], ids=" ".join)
+def test_help_of_the_command_line_modules_imports_no_torch(argv):
+    """The dispatcher imports only the chosen subcommand, and vqfast.train's command line no torch."""
+    assert _help_imports(argv, bare=True) == "no torch"
+
+
+def test_vqfast_help_imports_no_torch():
+    """`vqfast --help` as a user runs it: the vqfast package's own import must not pull in torch either."""
+    assert _help_imports(["--help"], bare=False) == "no torch", (
+        "vqfast/__init__.py imports torch when the package is imported: its public names must be loaded on "
+        "first use (a module __getattr__) for `vqfast --help` to stay fast")
+
+
+def test_warnings_print_as_plain_lines(capsys, monkeypatch):
+    import warnings
+
+    from vqfast import cli, demo
+
+    def warn_and_succeed(args):
+        warnings.warn("3 files were skipped")
+        return 0
+
+    monkeypatch.setattr(demo, "main", warn_and_succeed)
+    assert cli.main(["demo"]) == 0
+    assert capsys.readouterr().err == "warning: 3 files were skipped\n"
+
+
 def test_installed_console_script_is_the_dispatcher():
     script = os.path.join(os.path.dirname(sys.executable), "vqfast")
     if not os.path.exists(script):
@@ -80,7 +132,7 @@ def test_train_tiny_end_to_end(trained):
     with open(out / "reconstructions.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     m = json.loads((out / "metrics.json").read_text())
-    for key in ("heldout_psnr_db", "mean_colour_baseline_psnr_db", "codebook_usage", "perplexity"):
+    for key in ("heldout_psnr_db", "mean_colour_baseline_psnr_db", "heldout_codebook_usage", "perplexity"):
         assert m[key] > 0, key
     assert "held-out PSNR" in proc.stdout
 
@@ -90,7 +142,7 @@ def test_train_demo_learns_past_the_mean_colour_baseline(tmp_path_factory):
     _ok(proc)
     m = json.loads((out / "metrics.json").read_text())
     assert m["heldout_psnr_db"] > m["mean_colour_baseline_psnr_db"] + 2.5, m
-    assert m["codebook_used"] >= 160 and m["perplexity"] > 40, m  # no codebook collapse
+    assert m["heldout_codebook_used"] >= 160 and m["perplexity"] > 40, m  # no codebook collapse
 
 
 def test_tokenize_encode_decode_roundtrip(trained, tmp_path):

@@ -1,12 +1,16 @@
 import json
+import os
 import re
+import shlex
+import signal
 
 import numpy as np
 import pytest
 import torch
 
-from vqfast import train as vtrain
 from vqfast import tokenize as vtok
+from vqfast import tokenizer
+from vqfast import train as vtrain
 from vqfast.data import load_crop, to_uint8
 
 
@@ -59,15 +63,23 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 def test_outputs_and_tokenize_roundtrip(tmp_path):
     r = vtrain.train(tiny(2), tmp_path, progress=False)
     m = json.loads((tmp_path / "metrics.json").read_text())
-    for key in ("heldout_psnr_db", "mean_colour_baseline_psnr_db", "codebook_usage", "perplexity",
-                "encode_tokens_per_s", "train_tokens_per_s"):
+    for key in ("heldout_psnr_db", "mean_colour_baseline_psnr_db", "heldout_codebook_usage", "perplexity",
+                "encode_tokens_per_s", "train_tokens_per_s", "train_recent_code_use"):
         assert key in m and m[key] > 0, key
-    assert 1 <= m["perplexity"] <= 64 and 0 < m["codebook_usage"] <= 1
+    assert 1 <= m["perplexity"] <= 64 and 0 < m["heldout_codebook_usage"] <= 1
     # Per-scale usage: one entry per scale; the 1 x 1 scale of 16 images uses at most 16 codes.
-    assert m["patch_nums"] == [1, 2, 4, 8] and len(m["codebook_used_per_scale"]) == 4
-    assert 1 <= m["codebook_used_per_scale"][0] <= 16
-    assert max(m["codebook_used_per_scale"]) <= m["codebook_used"] <= sum(m["codebook_used_per_scale"])
-    assert m["codebook_usage_per_scale"] == [u / 64 for u in m["codebook_used_per_scale"]]
+    used = m["heldout_codebook_used_per_scale"]
+    assert m["patch_nums"] == [1, 2, 4, 8] and len(used) == 4
+    assert 1 <= used[0] <= 16
+    assert max(used) <= m["heldout_codebook_used"] <= sum(used)
+    assert m["heldout_codebook_usage_per_scale"] == [u / 64 for u in used]
+    # The training figure is the last step's recent code use, a fraction like the held-out one.
+    assert m["train_recent_code_use"] == r["history"][-1]["recent_code_use"] <= 1
+    # The previous names still read the held-out figures.
+    for old, new in (("codebook_used", "heldout_codebook_used"), ("codebook_usage", "heldout_codebook_usage"),
+                     ("codebook_used_per_scale", "heldout_codebook_used_per_scale"),
+                     ("codebook_usage_per_scale", "heldout_codebook_usage_per_scale")):
+        assert m[old] == m[new], old
     for name in ("reconstructions.png", "loss_curve.png", "checkpoint.pt"):
         assert (tmp_path / name).stat().st_size > 0
     assert not list(tmp_path.glob("*.tmp"))
@@ -87,7 +99,7 @@ def test_outputs_and_tokenize_roundtrip(tmp_path):
     paths = vtok.decode(model, vtok.read_tokens(tmp_path / "tok.pt", model), tmp_path / "out.png", progress=False)
     decoded = np.asarray(Image.open(paths[0]))
     assert decoded.shape == (16, 16, 3)
-    assert np.array_equal(decoded, to_uint8(vtrain.decode_tokens(model, expected))[0])
+    assert np.array_equal(decoded, to_uint8(tokenizer.decode_tokens(model, expected))[0])
 
 
 def test_corrupt_and_mismatched_checkpoint(tmp_path):
@@ -112,7 +124,7 @@ def test_bad_preset_and_steps():
 
 
 def test_presets_build():
-    demo = vtrain.build_model(vtrain.make_config("demo"))
+    demo = tokenizer.build_model(vtrain.make_config("demo"))
     assert demo.num_tokens == 130 and demo.image_size == 32
     var = vtrain.PRESETS["var"]["model"]
     assert sum(p * p for p in var["v_patch_nums"]) == 680 and var["vocab_size"] == 4096 and var["z_channels"] == 32
@@ -130,10 +142,10 @@ def test_kill_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
             fh.truncate(max(1, len(before) // 2))
         raise KeyboardInterrupt("killed mid-save")
 
-    monkeypatch.setattr(vtrain.torch, "save", dying_save)
+    monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
         vtrain.train(tiny(6), tmp_path, resume=True, progress=False, checkpoint_every=1, finish=False)
-    monkeypatch.setattr(vtrain.torch, "save", real_save)
+    monkeypatch.setattr(torch, "save", real_save)
     assert (tmp_path / "checkpoint.pt").read_bytes() == before  # nothing lost: the old file is intact
     full = vtrain.train(tiny(6), tmp_path / "ref", progress=False, finish=False)
     rest = vtrain.train(tiny(6), tmp_path, resume=True, progress=False, finish=False)
@@ -191,3 +203,83 @@ def test_image_size_and_batch_shares():
     for step in (0, 5, 12345):
         shares = [vtrain.batch_indices(cfg, step, r, 3) for r in range(3)]
         assert sum(shares, []) == vtrain.batch_indices(cfg, step)
+
+
+def test_ctrl_c_checkpoints_the_step_reached_and_resume_continues(tmp_path, capsys, monkeypatch):
+    """Ctrl-C in `vqfast train`: the step ends, checkpoint.pt is written, one line gives the step and
+    the command that continues; that command finishes the run exactly as an uninterrupted one, and
+    --resume of the finished run does nothing."""
+    from vqfast import cli
+    from vqfast.train import loop
+
+    real, calls = loop.model_forward, []
+
+    def forward(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)  # delivered at once to this (the main) thread
+        return real(*args)
+
+    monkeypatch.setattr(loop, "model_forward", forward)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--preset", "tiny", "--steps", "5", "--out", str(out), "--no-progress"]) == 130
+    said = capsys.readouterr()
+    lines = said.err.strip().splitlines()
+    assert len(lines) == 1, said.err
+    match = re.fullmatch(r"vqfast train: interrupted at step 3 of 5: checkpoint written to (\S+); continue with: "
+                         r"(vqfast train --preset tiny --steps 5 --out \S+ --resume)", lines[0])
+    assert match and match.group(1) == str(out / "checkpoint.pt"), lines[0]
+    assert sorted(os.listdir(out)) == ["checkpoint.pt"] and torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
+    monkeypatch.setattr(loop, "model_forward", real)
+    assert cli.main(shlex.split(match.group(2))[1:] + ["--no-progress"]) == 0
+    assert "held-out PSNR" in capsys.readouterr().out
+    full = vtrain.train(tiny(5), tmp_path / "ref", progress=False, finish=False)
+    resumed = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
+    # --resume of the finished run: one line, nothing re-evaluated or rewritten.
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
+    assert cli.main(["train", "--preset", "tiny", "--steps", "5", "--out", str(out), "--resume"]) == 0
+    said = capsys.readouterr()
+    assert said.err == "" and re.fullmatch(r"--resume: the run in \S+ finished at step 5 of 5 \(its metrics.json "
+                                           r"is written\): nothing to do; a larger --steps trains further\n", said.out)
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()} == before
+
+
+def test_second_ctrl_c_stops_at_once_in_one_line(tmp_path, capsys, monkeypatch):
+    from vqfast import cli
+    from vqfast.train import loop
+
+    def forward(*args):
+        signal.raise_signal(signal.SIGINT)  # the first asks for a stop at the step's end
+        signal.raise_signal(signal.SIGINT)  # the second does not wait
+        raise AssertionError("the second Ctrl-C did not stop the step")
+
+    monkeypatch.setattr(loop, "model_forward", forward)
+    handler = signal.getsignal(signal.SIGINT)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--preset", "tiny", "--out", str(out), "--no-progress"]) == 130
+    assert capsys.readouterr().err == "vqfast train: interrupted; nothing was written\n"
+    assert not (out / "checkpoint.pt").exists()
+    assert signal.getsignal(signal.SIGINT) is handler  # put back
+
+
+def test_every_preset_runs_on_the_bundled_images_or_asks_for_data():
+    """tiny and demo train on the bundled images (test_entrypoints runs them); the others must say
+    in one line that they need --data, before any work."""
+    from vqfast.data import RealImageCrops
+    from vqfast.errors import InputError
+    from vqfast.train.cli import check_bundled_size
+
+    needs_data = set()
+    for name in vtrain.PRESETS:
+        size = vtrain.config_geometry(vtrain.make_config(name))["image_size"]
+        try:
+            check_bundled_size(name, size, image_size_given=False)
+        except InputError as e:
+            needs_data.add(name)
+            assert re.fullmatch(rf"--preset {name} trains on {size} x {size} crops, larger than every bundled "
+                                rf"photograph's (held-out|training) region: it needs --data DIR, a folder of your own "
+                                rf"images at least {size} pixels on each side \(or a smaller --image-size\)", str(e))
+        else:
+            RealImageCrops("train", size, 1), RealImageCrops("heldout", size, 1)
+    assert needs_data == {"var"}

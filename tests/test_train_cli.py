@@ -17,6 +17,7 @@ from PIL import Image
 
 import vqfast
 from vqfast import train as vtrain
+from vqfast.tokenizer import CHECKPOINT_FORMAT
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,9 +48,9 @@ def _cases(tmp: Path) -> dict:
     (tmp / "empty").mkdir()
     evil_run = tmp / "evil_run"
     evil_run.mkdir()
-    torch.save({"format": vtrain.CHECKPOINT_FORMAT, "config": Payload(tmp / "pwned_train")},
+    torch.save({"format": CHECKPOINT_FORMAT, "config": Payload(tmp / "pwned_train")},
                evil_run / "checkpoint.pt")
-    torch.save({"format": vtrain.CHECKPOINT_FORMAT, "model": Payload(tmp / "pwned_tokenize")}, tmp / "evil.pt")
+    torch.save({"format": CHECKPOINT_FORMAT, "model": Payload(tmp / "pwned_tokenize")}, tmp / "evil.pt")
     torch.save({"format": "vqfast-tokens-1", "names": Payload(tmp / "pwned_decode")}, tmp / "evil_tokens.pt")
     cut_run = tmp / "cut_run"
     cut_run.mkdir()
@@ -108,6 +109,20 @@ def _cases(tmp: Path) -> dict:
         "tokenize decode payload": (tok + ["decode", str(tmp / "evil_tokens.pt"), str(tmp / "d.png")], {}, 2,
                                     r"^vqfast tokenize: error: refused to load token file .*evil_tokens.pt: it carries "
                                     r"pickled Python objects \(posix.system\)", [tmp / "pwned_decode", tmp / "d.png"]),
+        # With a --data folder that would fail its scan: the backend is checked before any data loads.
+        "train --backend nope": (["train", "--preset", "tiny", "--data", str(one), "--backend", "nope", "--out", out],
+                                 {}, 2,
+                                 r"^vqfast train: error: --backend nope: .*'nope' is not a vqfast backend; choose one "
+                                 r"of .*'auto'.*'cpu'", [out]),
+        "train --preset var without --data": (["train", "--preset", "var", "--out", out], {}, 2,
+                                              r"^vqfast train: error: --preset var trains on 256 x 256 crops, larger "
+                                              r"than every bundled photograph's .* region: it needs --data DIR", [out]),
+        "tokenize --backend nope": (tok + ["encode", str(img), str(tmp / "t.pt"), "--backend", "nope"], {}, 2,
+                                    r"^vqfast tokenize: error: --backend nope: .*'nope' is not a vqfast backend; "
+                                    r"choose one of .*'auto'", [tmp / "t.pt"]),
+        "bench --device gpu": (["bench", "--preset", "tiny", "--device", "gpu"], {}, 2,
+                               r"^vqfast bench: error: argument --device: invalid choice: '?gpu'? \(choose from "
+                               r"'?cpu'?, '?cuda'?\)", []),
         "tokenize encode states the resize": (tok + ["encode", str(img), str(tmp / "ok.pt"), "--no-progress"], {}, 0,
                                               r"photo.png: 1 image, 24 x 20: centre crop 20 x 20, resized to 16 x 16 "
                                               r"\(the checkpoint's image size\)", []),
@@ -115,6 +130,9 @@ def _cases(tmp: Path) -> dict:
     if not torch.cuda.is_available():
         cases["train --device cuda"] = (["train", "--preset", "tiny", "--device", "cuda", "--out", out], {}, 2,
                                         r"^vqfast train: error: --device cuda: no CUDA device is available", [out])
+        cases["bench --device cuda"] = (["bench", "--preset", "tiny", "--device", "cuda", "--no-save"], {}, 2,
+                                        r"^vqfast bench: error: --device cuda: no CUDA device is available to this "
+                                        r"torch .*; use --device cpu$", [])
     return cases
 
 
@@ -146,8 +164,9 @@ NAMES = [
     "train --resume payload", "train --resume truncated", "train --image-size", "train --batch-size vs processes",
     "tokenize missing image", "tokenize text as image", "tokenize output folder missing",
     "tokenize --checkpoint payload", "tokenize --checkpoint an image", "tokenize decode payload",
-    "tokenize encode states the resize",
-] + ([] if torch.cuda.is_available() else ["train --device cuda"])
+    "tokenize encode states the resize", "train --backend nope", "train --preset var without --data",
+    "tokenize --backend nope", "bench --device gpu",
+] + ([] if torch.cuda.is_available() else ["train --device cuda", "bench --device cuda"])
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -182,3 +182,56 @@ def test_file_that_fails_to_decode_is_replaced_and_named(tmp_path):
     images, failed = data.load_batch(range(len(data.files)))
     assert images.shape == (len(data.files), 3, 16, 16) and torch.isfinite(images).all()
     assert len(failed) == 1 and failed[0].startswith("ok0.jpg (OSError") and "ok0.jpg" in files
+
+
+def _valid_images(root) -> list[str]:
+    """A folder of valid images of the kinds people have: camera-like JPEGs of odd sizes (641 x 479
+    landscape, portrait, greyscale), PNG (RGB, RGBA, palette, greyscale, 16-bit), WebP and BMP."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "sub").mkdir()
+    rng = np.random.default_rng(5)
+
+    def picture(h, w, seed):  # structure plus noise: JPEG's coefficients are not all zero
+        noise = rng.normal(0, 12, (h, w, 3))
+        return np.clip(_photo(h, w, seed).astype(float) + noise, 0, 255).astype(np.uint8)
+
+    made = {
+        "landscape.jpg": Image.fromarray(picture(479, 641, 0)),
+        "sub/portrait.JPG": Image.fromarray(picture(641, 479, 1)),
+        "odd.jpeg": Image.fromarray(picture(331, 257, 2)),
+        "grey.jpg": Image.fromarray(picture(300, 401, 3)).convert("L"),
+        "big.jpg": Image.fromarray(picture(1200, 1601, 4)),
+        "rgb.png": Image.fromarray(picture(97, 131, 5)),
+        "rgba.png": Image.fromarray(np.dstack([picture(64, 90, 6), np.full((64, 90), 200, np.uint8)])),
+        "palette.png": Image.fromarray(picture(120, 80, 7)).convert("P", palette=Image.ADAPTIVE, colors=64),
+        "grey.png": Image.fromarray(picture(50, 70, 8)).convert("L"),
+        "sub/photo.webp": Image.fromarray(picture(211, 300, 9)),
+        "tiny.bmp": Image.fromarray(picture(17, 23, 10)),
+    }
+    for name, img in made.items():
+        img.save(root / name, **({"quality": 90} if name.lower().endswith((".jpg", ".jpeg")) else {}))
+    _png16(root / "sixteen.png", (rng.random((45, 60, 3)) * 65535).astype(np.uint16))
+    return sorted([*made, "sixteen.png"])
+
+
+def test_no_valid_image_is_skipped_by_train_or_tokenize(tmp_path):
+    """Every file of a folder of valid images is used: the trainer's scan skips none, 40 random crops
+    of each at the demo and tiny sizes decode, and tokenize encodes them all."""
+    from vqfast import tokenize as vtok
+    from vqfast import tokenizer
+
+    names = _valid_images(tmp_path / "photos")
+    folder = ImageFolder.scan(tmp_path / "photos")
+    assert folder.skipped == [] and sorted(folder.train + folder.heldout) == names
+    for size in (32, 16):
+        for split in ("train", "heldout"):
+            files = folder.train if split == "train" else folder.heldout
+            data = FolderCrops(folder, split, size, 40 * len(files), seed=size)
+            for start in range(0, len(data), 64):
+                images, failed = data.load_batch(range(start, min(len(data), start + 64)))
+                assert failed == (), f"{split} crops at size {size} failed: {failed}"
+                assert torch.isfinite(images).all()
+    model = tokenizer.build_model(make_config("tiny"))
+    done = vtok.encode(model, tmp_path / "photos", tmp_path / "tokens.pt", batch_size=16, progress=False)
+    assert done["skipped"] == []
+    assert sorted(done["payload"]["names"]) == names

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vqfast import tokenizer
 from vqfast import train as vtrain
 from vqfast.data import RealImageCrops, psnr
 
@@ -80,7 +81,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(runs):
     torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), rtol=1e-5, atol=0)
     # The trained models compute the same function (Adam turns the last-bit noise in the gradients of
     # conv biases ahead of GroupNorm, whose true gradient is ~0, into lr-sized steps: compare outputs).
-    ma, mb = vtrain.build_model(a["config"]), vtrain.build_model(b["config"])
+    ma, mb = tokenizer.build_model(a["config"]), tokenizer.build_model(b["config"])
     ma.load_state_dict(a["model"])
     mb.load_state_dict(b["model"])
     x = RealImageCrops("heldout", 16, 32, seed=0).batch(range(32))
@@ -90,7 +91,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(runs):
         ta, tb = ma.img_to_idxBl(x), mb.img_to_idxBl(x)
         agree = torch.cat([(p == q).float().flatten() for p, q in zip(ta, tb)]).mean().item()
         assert agree > 0.99
-        assert psnr(vtrain.decode_tokens(ma, tb), vtrain.decode_tokens(mb, tb)).min().item() > 60
+        assert psnr(tokenizer.decode_tokens(ma, tb), tokenizer.decode_tokens(mb, tb)).min().item() > 60
     ja, jb = json.loads((tmp / "two" / "metrics.json").read_text()), runs["single"]["metrics"]
     assert abs(ja["heldout_psnr_db"] - jb["heldout_psnr_db"]) < 0.05
 

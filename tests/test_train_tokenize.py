@@ -7,6 +7,7 @@ from PIL import Image
 
 from vqfast import models
 from vqfast import tokenize as vtok
+from vqfast import tokenizer
 from vqfast import train as vtrain
 from vqfast.errors import InputError
 from vqfast.data import load_crop, to_uint8
@@ -49,7 +50,7 @@ def test_encode_folder_and_decode_roundtrip(tmp_path, ckpt):
     paths = vtok.decode(model, tokens, tmp_path / "out", batch_size=3, progress=False)
     assert [p.relative_to(tmp_path / "out").as_posix() for p in paths] == [
         "a.png", "b.png", "e.png", "sub/c.png", "sub/d.png"]
-    expected = to_uint8(vtrain.decode_tokens(model, tokens["tokens"]))
+    expected = to_uint8(tokenizer.decode_tokens(model, tokens["tokens"]))
     for path, img in zip(paths, expected):
         assert np.array_equal(np.asarray(Image.open(path)), img)
     with pytest.raises(InputError, match="holds 5: give a folder"):
@@ -105,10 +106,40 @@ def test_bare_var_state_dict(tmp_path):
     var = models.VQVAE(vocab_size=64, z_channels=8, ch=32, test_mode=True)
     torch.save(var.state_dict(), tmp_path / "vae.pth")
     model = vtok.load_model(tmp_path / "vae.pth")
-    geo = vtrain.model_geometry(model)
+    geo = tokenizer.model_geometry(model)
     assert geo["image_size"] == 256 and geo["vocab_size"] == 64
     Image.fromarray((np.random.default_rng(0).random((300, 256, 3)) * 255).astype(np.uint8)).save(tmp_path / "p.png")
     vtok.encode(model, tmp_path / "p.png", tmp_path / "tok.pt", progress=False)
     tokens = vtok.read_tokens(tmp_path / "tok.pt", model)["tokens"]
     expected = var.img_to_idxBl(load_crop(tmp_path / "p.png", 256)[0][None])
     assert all(torch.equal(a, b) for a, b in zip(tokens, expected))
+
+
+def test_decode_output_names_never_collide(tmp_path):
+    """decode's rule: the input's relative path with .png for its extension; inputs sharing a stem in
+    one folder keep their extension (x_jpg.png); a name still taken gets _2."""
+    out = tmp_path / "out"
+    names = ["a/x.png", "b/x.png", "x.jpg", "x.png", "y.jpeg", "z.PNG", "sub/w.webp", "v.jpg", "v_jpg.png", "V.png"]
+    paths = vtok.output_paths(names, out)
+    assert [p.relative_to(out).as_posix() for p in paths] == [
+        "a/x.png", "b/x.png", "x_jpg.png", "x_png.png", "y.png", "z.png", "sub/w.png", "v_jpg.png", "v_jpg_2.png",
+        "V_png.png"]
+    assert len({p.as_posix().lower() for p in paths}) == len(names)
+    assert vtok.output_paths(["photo.jpg"], tmp_path / "one.png") == [tmp_path / "one.png"]
+    assert vtok.output_paths(["photo.jpg"], out) == [out / "photo.png"]  # not photo.jpg.png
+    for bad in ("../up.png", "/abs.png", "a/../../b.png"):
+        with pytest.raises(InputError, match="is not a relative path inside the output folder"):
+            vtok.output_paths(["ok.png", bad], out)
+
+
+def test_decode_writes_every_image_of_colliding_stems(tmp_path, ckpt):
+    model = vtok.load_model(ckpt)
+    root = tmp_path / "in"
+    for name in ("a/x.png", "b/x.png", "x.jpg", "x.png"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((np.random.default_rng(len(name)).random((16, 16, 3)) * 255).astype(np.uint8)).save(root / name)
+    vtok.encode(model, root, tmp_path / "tok.pt", progress=False)
+    paths = vtok.decode(model, vtok.read_tokens(tmp_path / "tok.pt", model), tmp_path / "out", progress=False)
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png")) == [
+        "a/x.png", "b/x.png", "x_jpg.png", "x_png.png"]
+    assert len(paths) == 4

@@ -16,7 +16,10 @@ plain values, read back with ``weights_only=True``:
      "vocab_size": V, "image_size": S, "tokens": [int16 or int32 tensor [N, p * p] per scale]}
 
 decode writes one image file when the token file holds one image and the output names an image
-file, else one PNG per image under the output folder, at its relative path.
+file, else one PNG per image under the output folder at the input's relative path with its extension
+replaced by .png (photos/a/x.jpg -> recon/a/x.png); inputs that share a stem in one folder keep their
+extension in the name (x.jpg, x.png -> x_jpg.png, x_png.png), so no two images share an output
+(``output_paths``). Files that cannot be decoded are skipped, counted and named in one warning line.
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ from vqfast.checkpoint import load_safely, save_atomic
 from vqfast.errors import InputError
 from vqfast.data import IMAGE_SUFFIXES, format_skipped, list_images, load_crop, probe_image, to_uint8
 from vqfast.models import VQVAE, vqvae_config_from_state_dict
-from vqfast.train import CHECKPOINT_FORMAT, amp_context, build_model, decode_tokens, model_geometry
+from vqfast.tokenizer import (CHECKPOINT_FORMAT, amp_context, build_model, check_backend, decode_tokens,
+                              encode_images, model_geometry)
 
 TOKENS_FORMAT = "vqfast-tokens-1"
 
@@ -43,13 +47,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("mode", choices=("encode", "decode"))
     parser.add_argument("input", help="encode: an image file or a folder of images; decode: a token file")
     parser.add_argument("output", help="encode: the token file to write; decode: an image file (one image) "
-                                       "or a folder")
+                                       "or a folder, where each image is written at its input's relative path "
+                                       "with .png for its extension (x.jpg and x.png in one folder: x_jpg.png "
+                                       "and x_png.png)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     parser.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
     parser.add_argument("--dtype", default=None, choices=("fp32", "bf16"),
                         help="autocast dtype of the encoder and decoder; default: bf16 on cuda, fp32 on cpu")
     parser.add_argument("--workers", type=int, default=0, help="image-decoding processes for encode (default 0)")
-    parser.add_argument("--backend", default="auto", help="nearest-codeword backend (default: auto)")
+    parser.add_argument("--backend", default="auto",
+                        help="nearest-codeword backend: auto, torch, cpu, cuda or triton (default: auto)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -176,7 +183,7 @@ def encode(model: nn.Module, source, output, batch_size: int = 32, device="cpu",
         skipped += [(names[i] or str(root), reason) for i, reason in failed]
         if images is not None:
             with amp_context(device, dtype):
-                idx_list = model.img_to_idxBl(images.to(device, non_blocking=True))
+                idx_list = encode_images(model, images.to(device, non_blocking=True))
             for s, idx in enumerate(idx_list):
                 per_scale[s].append(idx.cpu())
             kept += [names[i] or root.name for i in done]
@@ -224,15 +231,33 @@ def read_tokens(path, model: nn.Module | None = None) -> dict:
     return {**t, "tokens": [tok.long() for tok in tokens]}
 
 
-def _output_paths(names: list[str], output: Path) -> list[Path]:
+def output_paths(names: list[str], output: Path) -> list[Path]:
+    """Where decode writes each image of a token file: ``output`` itself when it names an image file and
+    the file holds one image; else ``output / <the input's relative path, extension replaced by .png>``
+    (a/x.jpg -> a/x.png), except that inputs sharing a stem in one folder (x.jpg and x.png) keep their
+    extension before .png, joined by an underscore (x_jpg.png, x_png.png). Any name still taken gets
+    _2, _3, ... before .png. No two images ever share an output path."""
     if len(names) == 1 and output.suffix.lower() in IMAGE_SUFFIXES:
         return [output]
     if output.suffix.lower() in IMAGE_SUFFIXES:
         raise InputError(f"output {output} names one image, but the token file holds {len(names)}: "
                          f"give a folder")
-    paths = [output / Path(n).with_suffix(".png") for n in names]
-    if len(set(paths)) != len(paths):  # photo.jpg and photo.png in one folder
-        paths = [output / (n + ".png") for n in names]
+    for n in names:
+        if not isinstance(n, str) or not n or Path(n).is_absolute() or ".." in Path(n).parts:
+            raise InputError(f"the token file's image name {n!r} is not a relative path inside the output folder")
+    plain = [Path(n).with_suffix(".png") for n in names]
+    shared = {p for p, k in Counter(p.as_posix().lower() for p in plain).items() if k > 1}
+    taken: set[str] = set()
+    paths = []
+    for n, p in zip(names, plain):
+        if p.as_posix().lower() in shared:
+            p = p.with_name(f"{p.stem}_{Path(n).suffix[1:].lower()}.png")
+        candidate, k = p, 1
+        while candidate.as_posix().lower() in taken:  # case-insensitive: x.PNG and x.png on macOS / Windows
+            k += 1
+            candidate = p.with_name(f"{p.stem}_{k}.png")
+        taken.add(candidate.as_posix().lower())
+        paths.append(output / candidate)
     return paths
 
 
@@ -244,7 +269,7 @@ def decode(model: nn.Module, tokens: dict, output, batch_size: int = 32, device=
     from tqdm import tqdm
 
     device = torch.device(device)
-    paths = _output_paths(tokens["names"], Path(output))
+    paths = output_paths(tokens["names"], Path(output))
     model.to(device)
     bar = tqdm(total=len(paths), disable=not progress, desc="decode", unit="img", dynamic_ncols=True)
     for i in range(0, len(paths), batch_size):
@@ -288,6 +313,7 @@ def _check_args(args: argparse.Namespace) -> tuple[torch.device, str]:
     if args.mode == "decode" and output.exists() and not output.is_dir() and not image_name:
         raise InputError(f"output {output} is a file; give an image file name or a folder")
     device = torch.device(name)
+    check_backend(args.backend, device.type)
     return device, args.dtype or ("bf16" if device.type == "cuda" else "fp32")
 
 
