@@ -3,6 +3,9 @@ what benchmarks/results gives, every relative link resolves.
 
 A ```python block runs with this interpreter, a ```bash or ```sh block with bash (-e, pipefail),
 each in a fresh temporary directory with the checkout on PYTHONPATH and `vqfast` / `python` on PATH.
+The fast tier's Python blocks share one interpreter (torch is imported once, not once per block):
+each runs in fresh globals and its own directory, so a block that forgets an import still fails;
+slow blocks run in a process each.
 A block is left out only when the line just above it is one of SKIP_MARKERS (an HTML comment saying
 why); SLOW_MARKER runs it in the slow tier. Any other HTML comment in the docs, except the table
 markers of benchmarks/plot.py, and any fence in a language outside LANGUAGES fails
@@ -134,10 +137,55 @@ def test_every_block_is_run_or_marked():
     assert BLOCKS, "no code block found in README.md or docs/"
 
 
+# Runs the fast Python blocks in one interpreter: argv[1] is a JSON list of [id, code, directory],
+# argv[2] the JSON file for {id: [status, output]}.
+_SHARED_RUNNER = """
+import contextlib, io, json, os, sys, traceback
+results = {}
+for block_id, code, directory in json.load(open(sys.argv[1])):
+    os.chdir(directory)
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            exec(compile(code, block_id, "exec"), {"__name__": "__main__"})
+        results[block_id] = [0, out.getvalue()]
+    except BaseException:
+        results[block_id] = [1, out.getvalue() + traceback.format_exc()]
+json.dump(results, open(sys.argv[2], "w"))
+"""
+
+
+def _shared(block: Block) -> bool:
+    return block.language == "python" and block.marker is None
+
+
+@pytest.fixture(scope="module")
+def shared_python_results(tmp_path_factory):
+    """{block id: [exit status, output]} of the fast Python blocks, run in one interpreter."""
+    import json
+
+    root = tmp_path_factory.mktemp("docs_blocks")
+    todo = []
+    for n, block in enumerate(b for b in BLOCKS if _shared(b)):
+        directory = root / f"block{n}"
+        directory.mkdir()
+        todo.append([block.id, block.code, str(directory)])
+    (root / "blocks.json").write_text(json.dumps(todo))
+    (root / "runner.py").write_text(_SHARED_RUNNER)
+    proc = subprocess.run([sys.executable, str(root / "runner.py"), str(root / "blocks.json"), str(root / "results.json")],
+                          cwd=root, env=_environment(root), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((root / "results.json").read_text())
+
+
 @pytest.mark.parametrize("block", list(_params()))
-def test_block_runs(block: Block, tmp_path):
+def test_block_runs(block: Block, tmp_path, request):
     if block.marker in SKIP_MARKERS:
         pytest.skip(f"marked {block.marker}")
+    if _shared(block):
+        status, output = request.getfixturevalue("shared_python_results")[block.id]
+        assert status == 0, f"{block.id} (python) failed\n--- block\n{block.code}--- output\n{output[-6000:]}"
+        return
     work = tmp_path / "work"
     work.mkdir()
     if block.language == "python":
@@ -252,3 +300,18 @@ def test_readme_is_short_and_the_commands_come_first():
                     "python scripts/install.py --test && python -m pytest tests -q --durations=20"):
         assert command in first_screen, f"{command!r} is not on the README's first screen"
     assert "No GPU has ever run" in "\n".join(lines[:15]), "the GPU status belongs in the README's first lines"
+
+
+def test_shared_runner_gives_each_block_fresh_globals(tmp_path):
+    """A block that relies on an earlier block's import fails in the shared interpreter too."""
+    import json
+
+    blocks = [["a", "import json\nprint(json.dumps(1))\n", str(tmp_path)], ["b", "print(json.dumps(2))\n", str(tmp_path)],
+              ["c", "open('here.txt', 'w').write('x')\n", str(tmp_path)]]
+    (tmp_path / "blocks.json").write_text(json.dumps(blocks))
+    (tmp_path / "runner.py").write_text(_SHARED_RUNNER)
+    subprocess.run([sys.executable, str(tmp_path / "runner.py"), str(tmp_path / "blocks.json"), str(tmp_path / "out.json")],
+                   check=True, timeout=60)
+    results = json.loads((tmp_path / "out.json").read_text())
+    assert [results[k][0] for k in "abc"] == [0, 1, 0]
+    assert results["a"][1] == "1\n" and "NameError" in results["b"][1] and (tmp_path / "here.txt").exists()
