@@ -166,16 +166,25 @@ def test_train_command_on_a_folder(tmp_path, capsys):
         Image.fromarray(((img + 1) * 127.5 + rng.normal(0, 4, img.shape)).clip(0, 255).astype(np.uint8)).save(
             photos / ("more" if i % 2 else "") / f"p{i}.{'png' if i % 3 else 'jpg'}")
     (photos / "broken.png").write_text("not a png")
+    Image.fromarray((rng.random((256, 256, 3)) * 255).astype(np.uint8)).save(photos / "cut.jpg")
+    cut = (photos / "cut.jpg").read_bytes()
+    (photos / "cut.jpg").write_bytes(cut[: len(cut) // 2])  # the header passes the scan, the body does not decode
     out = tmp_path / "run"
     args = ["train", "--preset", "tiny", "--data", str(photos), "--out", str(out), "--steps", "3", "--no-progress",
             "--workers", "1"]
     assert cli.main(args) == 0
     said = capsys.readouterr()
-    assert "skipped 1 unreadable file: broken.png (UnidentifiedImageError" in said.err
-    assert "data: 9 training and 1 held-out images under" in said.out
+    # Warnings are plain lines: what was skipped at the scan, what failed to decode later (counted, named).
+    warned = [line for line in said.err.splitlines() if line.startswith("warning: ")]
+    assert len(warned) == 2 and "skipped 1 unreadable file: broken.png (UnidentifiedImageError" in warned[0]
+    assert warned[1].startswith("warning: 1 file failed to decode and was replaced by the next file of its epoch: "
+                                "cut.jpg (OSError"), warned
+    assert "UserWarning" not in said.err
+    assert "data: 10 training and 1 held-out images under" in said.out
     assert "random square crops resized to 16 x 16 (the tiny preset's size)" in said.out
     m = json.loads((out / "metrics.json").read_text())
-    assert (m["data"]["train_files"], m["data"]["heldout_files"], m["data"]["skipped_files"]) == (9, 1, 1)
+    assert (m["data"]["train_files"], m["data"]["heldout_files"], m["data"]["skipped_files"]) == (10, 1, 1)
+    assert m["data"]["decode_failures"] == 1
     assert m["steps"] == 3 and m["image_size"] == 16
     # A second run into the same --out must say what to do; --overwrite replaces the first run.
     assert cli.main(args) == 2

@@ -179,3 +179,41 @@ def test_command(results, name):
     assert re.search(pattern, text.strip(), flags=re.M), f"{argv}:\n{text}"
     for path in absent:
         assert not Path(path).exists(), f"{argv} created {path}"
+
+
+@pytest.mark.slow
+def test_ctrl_c_from_a_terminal_checkpoints_and_says_how_to_resume(tmp_path):
+    """SIGINT to the command's whole process group, as Ctrl-C in a terminal sends it, with data-loading
+    workers running: exit 130, one line naming the step and the --resume command, a whole checkpoint."""
+    import signal
+    import time
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(6):
+        Image.fromarray((np.random.default_rng(i).random((60, 70, 3)) * 255).astype(np.uint8)).save(photos / f"{i}.png")
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "vqfast", "train", "--preset", "tiny", "--data", str(photos),
+                             "--workers", "2", "--steps", "100000", "--checkpoint-every", "1", "--no-progress",
+                             "--out", str(out)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoint.pt").exists():  # the first step's checkpoint: the loop is running
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    match = re.fullmatch(r"vqfast train: interrupted at step (\d+) of 100000: checkpoint written to \S+; continue "
+                         r"with: vqfast train --preset tiny --data \S+ --steps 100000 --checkpoint-every 1 --workers 2 "
+                         r"--out \S+ --resume", lines[0])
+    assert match, lines[0]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == int(match.group(1)) >= 1
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt"]

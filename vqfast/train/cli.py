@@ -185,10 +185,13 @@ def resume_command(args: argparse.Namespace, out: Path, world: int = 1) -> str:
     return shlex.join(words + ["--out", str(out), "--resume"])
 
 
-def files_line(what: str, names: list[str]) -> str:
-    """'<count> <what>: name; name; ...' with at most SHOWN_NAMES names."""
-    more = f"; and {len(names) - SHOWN_NAMES} more" if len(names) > SHOWN_NAMES else ""
-    return f"{len(names)} {what}: " + "; ".join(names[:SHOWN_NAMES]) + more
+def decode_failures_line(failures: list[str]) -> str:
+    """One warning line: how many files failed to decode, and the first SHOWN_NAMES of them."""
+    n = len(failures)
+    what = ("1 file failed to decode and was replaced by the next file of its epoch" if n == 1 else
+            f"{n} files failed to decode and were replaced by the next file of their epoch")
+    more = f"; and {n - SHOWN_NAMES} more" if n > SHOWN_NAMES else ""
+    return f"{what}: " + "; ".join(failures[:SHOWN_NAMES]) + more
 
 
 class GracefulStop:
@@ -295,8 +298,7 @@ def main(args: argparse.Namespace) -> int:
                 print(f"vqfast train: interrupted; {where}", file=sys.stderr)
                 return INTERRUPTED_EXIT
         if result["decode_failures"]:
-            warn(files_line("files failed to decode during training and were replaced by the next file of their "
-                            "epoch", result["decode_failures"]))
+            warn(decode_failures_line(result["decode_failures"]))
         if result["status"] == "interrupted":
             if rank == 0:
                 print(f"vqfast train: interrupted at step {result['step']} of {cfg['steps']}: checkpoint written to "

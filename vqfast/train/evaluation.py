@@ -30,18 +30,21 @@ OLD_KEYS = {"codebook_used": "heldout_codebook_used", "codebook_usage": "heldout
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data, count: int, device: torch.device = torch.device("cpu"), dtype: str = "fp32",
-             batch_size: int = 64) -> tuple[dict, torch.Tensor, torch.Tensor]:
+             batch_size: int = 64) -> tuple[dict, torch.Tensor, torch.Tensor, list[str]]:
     """Held-out metrics over items 0..count-1 of ``data``: PSNR of reconstructions vs the mean-colour
     baseline, held-out codebook usage overall and per scale, perplexity of the token distribution, and
-    encode throughput. Returns (metrics, the first 16 originals, their reconstructions)."""
+    encode throughput. Returns (metrics, the first 16 originals, their reconstructions, the files that
+    failed to decode and were replaced by the next of their epoch)."""
     geo = model_geometry(model)
     was_training = model.training
     model.eval()
     vocab = geo["vocab_size"]
     counts = torch.zeros(len(geo["patch_nums"]), vocab, dtype=torch.float64)
-    psnrs, baselines, shown, encode_s, tokens = [], [], None, 0.0, 0
+    psnrs, baselines, shown, encode_s, tokens, failures = [], [], None, 0.0, 0, []
     for i in range(0, count, batch_size):
-        images = data.load_batch(range(i, min(count, i + batch_size)))[0].to(device)
+        images, failed = data.load_batch(range(i, min(count, i + batch_size)))
+        failures += failed
+        images = images.to(device)
         t0 = time.perf_counter()
         with amp_context(device, dtype):
             idx_list = encode_images(model, images)
@@ -76,7 +79,7 @@ def evaluate(model: nn.Module, data, count: int, device: torch.device = torch.de
         "encode_tokens_per_s": tokens / encode_s if encode_s else None,
     }
     metrics.update({old: metrics[new] for old, new in OLD_KEYS.items()})
-    return metrics, shown[0], shown[1]
+    return metrics, shown[0], shown[1], failures
 
 
 def summary_line(m: dict) -> str:

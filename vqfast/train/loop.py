@@ -130,7 +130,8 @@ def train(cfg: dict, out: str | Path, resume: bool = False, checkpoint_every: in
 
     Returns {"model" (unwrapped), "step", "history", "metrics" (None unless this call finished the
     run on rank 0), "status": "finished" / "stopped" (stop_after or finish=False) / "interrupted"
-    (stop) / "already finished", "decode_failures": names of files that failed to decode, all runs}.
+    (stop) / "already finished", "decode_failures": "name (reason)" of every file that failed to decode
+    and was replaced by the next of its epoch, in training since the run began and in the evaluation}.
     """
     from tqdm import tqdm
 
@@ -242,7 +243,8 @@ def train(cfg: dict, out: str | Path, resume: bool = False, checkpoint_every: in
     result["status"] = "finished"
     if rank != 0:
         return result
-    metrics, originals, recon = evaluate(model, held, cfg["eval_images"], device, dtype)
+    metrics, originals, recon, held_failures = evaluate(model, held, cfg["eval_images"], device, dtype)
+    all_failures = result["decode_failures"] = sorted(set(all_failures + held_failures))
     metrics.update(
         preset=cfg["preset"], steps=step, tokens_per_image=geo["num_tokens"], image_size=geo["image_size"],
         patch_nums=list(geo["patch_nums"]), world_size=world, device=str(device), dtype=dtype,
