@@ -242,7 +242,32 @@ def table_codebook_ablation(results_dir: Path) -> str:
     return _ablation_module().markdown(rows).strip()
 
 
+CPU_LEVELS = ("generic", "avx2", "avx512", "neon")
+
+
+def table_cpu_levels(results_dir: Path) -> str:
+    """Which CPU instruction level each committed (clean) benchmark record measured, and where."""
+    runs: dict[tuple[str, str], dict[str, set]] = {}
+    for path in sorted(results_dir.glob("*_cpu.jsonl")):
+        for r in read_jsonl(path):
+            if is_clean(r) and r.get("cpu_isa"):
+                run = runs.setdefault((r["cpu_isa"], r["device"]), {"questions": set(), "commits": set(), "dates": set()})
+                run["questions"].add(r["question"])
+                run["commits"].add(r["commit"])
+                run["dates"].add(r["date"][:10])
+    lines = ["| level | machine | questions | commits | dates |", "|---|---|---|---|---|"]
+    for (level, device), run in sorted(runs.items(), key=lambda kv: (CPU_LEVELS.index(kv[0][0]) if kv[0][0] in CPU_LEVELS else 99, kv[0][1])):
+        lines.append(f"| `{level}` | {device} | {', '.join(sorted(run['questions']))} | {', '.join(sorted(run['commits']))} "
+                     f"| {', '.join(sorted(run['dates']))} |")
+    missing = [f"`{lv}`" for lv in CPU_LEVELS if lv not in {level for level, _ in runs}]
+    text = "\n".join(lines) if runs else "No clean CPU benchmark record yet."
+    if missing:
+        text += f"\n\nNo clean benchmark record comes from {', '.join(missing)}."
+    return text
+
+
 TABLES = {
+    "cpu_levels": table_cpu_levels,
     "headline": table_headline,
     "faiss_cpu": table_faiss,
     "dropin_cpu": table_dropin,
