@@ -111,6 +111,24 @@ def _all_blocks() -> tuple[list[Block], list[str]]:
 BLOCKS, PROBLEMS = _all_blocks()
 
 
+def expected_output(code: str) -> list[str]:
+    """The output a Python block promises: full-line comments right after a line that prints (a
+    ``print(`` call or ``verbose=True``); each must appear in what the block writes."""
+    out, printing = [], False
+    for line in code.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("# ") and printing:
+            out.append(stripped[2:])
+            continue
+        printing = bool(stripped) and not stripped.startswith("#") and ("print(" in stripped or "verbose=True" in stripped)
+    return out
+
+
+def _check_output(block: Block, output: str) -> None:
+    missing = [line for line in expected_output(block.code) if line not in output]
+    assert not missing, f"{block.id}: the block promises output it did not write: {missing}\n--- output\n{output[-3000:]}"
+
+
 def _params():
     for block in BLOCKS:
         marks = [pytest.mark.slow] if block.marker == SLOW_MARKER else []
@@ -185,6 +203,7 @@ def test_block_runs(block: Block, tmp_path, request):
     if _shared(block):
         status, output = request.getfixturevalue("shared_python_results")[block.id]
         assert status == 0, f"{block.id} (python) failed\n--- block\n{block.code}--- output\n{output[-6000:]}"
+        _check_output(block, output)
         return
     work = tmp_path / "work"
     work.mkdir()
@@ -198,6 +217,8 @@ def test_block_runs(block: Block, tmp_path, request):
     proc = subprocess.run(cmd, cwd=work, env=_environment(tmp_path), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (f"{block.id} ({block.language}) exited {proc.returncode}\n--- block\n{block.code}"
                                   f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
+    if block.language == "python":
+        _check_output(block, proc.stdout + proc.stderr)
 
 
 # ----------------------------------------------------------------------------- the parser itself
@@ -300,6 +321,11 @@ def test_readme_is_short_and_the_commands_come_first():
                     "python scripts/install.py --test && python -m pytest tests -q --durations=20"):
         assert command in first_screen, f"{command!r} is not on the README's first screen"
     assert "No GPU has ever run" in "\n".join(lines[:15]), "the GPU status belongs in the README's first lines"
+
+
+def test_expected_output_is_the_comments_after_a_print():
+    code = "x = 1\nprint(x)\n# 1\n# and 2\ny = 2  # not output\n# a note, not after a print\nf(verbose=True)\n# f: done\n"
+    assert expected_output(code) == ["1", "and 2", "f: done"]
 
 
 def test_shared_runner_gives_each_block_fresh_globals(tmp_path):
