@@ -357,27 +357,80 @@ def test_wheel_holds_the_extension_and_no_build_junk(wheel):
     assert "vqfast/testing/oracle.py" in names and "vqfast/testing/mutations.py" not in names
 
 
-@pytest.mark.slow
-def test_wheel_installs_and_runs_outside_the_checkout(wheel, tmp_path):
-    env_dir = tmp_path / "venv"
-    venv.EnvBuilder(with_pip=False).create(env_dir)
+def clean_env() -> dict:
+    """This process's environment without what would point a child at this checkout or this venv."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+
+
+def run(cmd, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=600, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def fresh_venv(wheel, tmp_path_factory):
+    """A fresh virtual environment (its own pip, no system site-packages) with torch installed by pip from
+    the wheel on disk, then `pip install --no-build-isolation "<the wheel>[train]"`, as a user would:
+    (python, its bin folder, the environment to run it in)."""
+    env_dir = tmp_path_factory.mktemp("fresh") / "venv"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
     python = str(env_dir / "bin" / "python")
-    # torch from this environment, as --system-site-packages would give it from a system Python (a venv
-    # made from a venv would see the base interpreter's packages instead); vqfast only from the wheel,
-    # whose site-packages comes first on the path.
-    site_dir = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-    torch_dir = os.path.dirname(os.path.dirname(torch.__file__))
-    with open(os.path.join(site_dir, "outer_torch.pth"), "w") as f:
-        f.write(torch_dir + "\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    proc = subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps",
-                           "--disable-pip-version-check", str(wheel)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    env = clean_env()
+    pip = [python, "-m", "pip", "install", "--disable-pip-version-check"]
+    # Exactly the torch vqfast._C was compiled against, from a file on disk (pip's find-links): with
+    # --no-index the registry, whose default torch is the CUDA build (several GB), is never asked.
+    pinned = f"torch=={torch.__version__}"
+    proc = run(pip + ["--no-index", "--no-deps", pinned], env=env)
+    if proc.returncode != 0 and "No matching distribution found" in proc.stdout + proc.stderr:
+        pytest.skip(f"no {pinned} wheel on disk for pip (find-links): it is not downloaded here")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    run = subprocess.run([python, "-c", SMOKE], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "smoke ok " + os.path.join(site_dir, "vqfast") in run.stdout
-    cli = subprocess.run([str(env_dir / "bin" / "vqfast"), "--help"], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=300)
+    for args in ([pinned],  # torch's own dependencies (sympy, networkx, ...), from the registry
+                 ["--no-build-isolation", f"{wheel}[train]"]):
+        proc = run(pip + args, env=env)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # No requirement of vqfast or its extras replaced the torch installed first.
+    proc = run([python, "-c", "import torch; print(torch.__version__)"], env=env)
+    assert proc.stdout.strip() == torch.__version__, proc.stdout + proc.stderr
+    return python, env_dir / "bin", env
+
+
+@pytest.mark.slow
+def test_wheel_installs_and_runs_outside_the_checkout(fresh_venv, tmp_path):
+    python, bin_dir, env = fresh_venv
+    site_dir = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], env=env).stdout.strip()
+    proc = run([python, "-c", SMOKE], cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "smoke ok " + os.path.join(site_dir, "vqfast") in proc.stdout
+    cli = run([bin_dir / "vqfast", "--help"], cwd=tmp_path, env=env)
     assert cli.returncode == 0 and "bench" in cli.stdout, cli.stdout + cli.stderr
+
+
+def _ran(proc: subprocess.CompletedProcess) -> str:
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Traceback" not in out and "ModuleNotFoundError" not in out, out[-4000:]
+    return out
+
+
+@pytest.mark.slow
+def test_wheel_train_extra_gives_a_working_trainer_tokenize_and_demo(fresh_venv, tmp_path):
+    """`pip install "vqfast[train]"` is all `vqfast train`, `vqfast tokenize` and `vqfast demo` need
+    (Pillow, scikit-image, scikit-learn, matplotlib and tqdm each imported on the way)."""
+    from PIL import Image
+
+    _, bin_dir, env = fresh_venv
+    vqfast_cli = bin_dir / "vqfast"
+    out = tmp_path / "run"
+    _ran(run([vqfast_cli, "train", "--preset", "demo", "--steps", "3", "--out", out], cwd=tmp_path, env=env))
+    for name in ("checkpoint.pt", "metrics.json", "reconstructions.png", "loss_curve.png"):
+        assert (out / name).is_file(), sorted(os.listdir(out))
+    rng = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (40, 50, 3), dtype=torch.uint8, generator=rng).numpy()
+    Image.fromarray(pixels).save(tmp_path / "photo.png")
+    ckpt = ["--checkpoint", out / "checkpoint.pt"]
+    _ran(run([vqfast_cli, "tokenize", *ckpt, "encode", tmp_path / "photo.png", tmp_path / "tokens.pt"],
+             cwd=tmp_path, env=env))
+    _ran(run([vqfast_cli, "tokenize", *ckpt, "decode", tmp_path / "tokens.pt", tmp_path / "back.png"],
+             cwd=tmp_path, env=env))
+    with Image.open(tmp_path / "back.png") as back:
+        assert back.size == (32, 32) and back.mode == "RGB"  # the demo preset's image size
+    demo = _ran(run([vqfast_cli, "demo", "--codes", "64", "--repeats", "1"], cwd=tmp_path, env=env))
+    assert "vqfast backend=cpu" in demo and "PSNR" in demo, demo
