@@ -11,6 +11,7 @@ Importing this module imports no torch: ``vqfast train --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import signal
@@ -221,18 +222,13 @@ class GracefulStop:
             return
         raise KeyboardInterrupt
 
+    @contextlib.contextmanager
     def deferring(self):
-        stop = self
-
-        class _Deferring:
-            def __enter__(self):
-                stop._deferring = True
-
-            def __exit__(self, *exc):
-                stop._deferring = False
-                return False
-
-        return _Deferring()
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
 
 
 # ---- the command ---------------------------------------------------------------------------------

@@ -214,6 +214,7 @@ def train(cfg: dict, out: str | Path, resume: bool = False, checkpoint_every: in
             step += 1
             # Logged values are global means, and a stop request of any process stops them all at this
             # step: one small all-reduce, so every process logs and decides the same.
+            # (The request is scaled by world so that the division below leaves the number of requests.)
             asked = torch.tensor(float(stop is not None and stop.requested) * world, device=device)
             stats = torch.stack([loss.detach(), rec_loss.detach(), psnr(recon.detach(), img).mean(), asked]).float()
             if world > 1:
