@@ -57,6 +57,16 @@ def test_encode_folder_and_decode_roundtrip(tmp_path, ckpt):
         vtok.decode(model, tokens, tmp_path / "one.png", progress=False)
 
 
+def test_an_input_none_of_whose_images_decode_says_why(tmp_path, ckpt):
+    img = tmp_path / "cut.jpg"
+    Image.fromarray((np.random.default_rng(0).random((256, 256, 3)) * 255).astype(np.uint8)).save(img)
+    img.write_bytes(img.read_bytes()[:20000])  # the header passes the probe, the body does not decode
+    with pytest.raises(InputError, match=r"input .*cut.jpg: none of its 1 image could be decoded \(skipped 1 "
+                                         r"unreadable file: .*cut.jpg \(OSError"):
+        vtok.encode(vtok.load_model(ckpt), img, tmp_path / "tok.pt", progress=False)
+    assert not (tmp_path / "tok.pt").exists()
+
+
 def test_token_files_are_checked(tmp_path, ckpt):
     model = vtok.load_model(ckpt)
     img = tmp_path / "x.png"

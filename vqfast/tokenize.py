@@ -191,7 +191,8 @@ def encode(model: nn.Module, source, output, batch_size: int = 32, device="cpu",
         bar.update(len(done) + len(failed))
     bar.close()
     if not kept:
-        raise InputError(f"input {source}: none of its {len(names)} images could be decoded")
+        raise InputError(f"input {source}: none of its {len(names)} image{'s' if len(names) != 1 else ''} could be "
+                         f"decoded ({format_skipped(skipped, limit=3)})")
     # int16 holds vocabularies up to 32768 (VAR's is 4096): a quarter of int64's size.
     small = torch.int16 if geo["vocab_size"] <= 2 ** 15 else torch.int32
     payload = {"format": TOKENS_FORMAT, "names": kept, "patch_nums": list(geo["patch_nums"]),
