@@ -81,7 +81,7 @@ def check_bundled_size(preset: str, size: int, image_size_given: bool) -> None:
         try:
             RealImageCrops(split, size, 1)
         except ValueError:
-            chosen = "--image-size" if image_size_given else f"--preset {preset}"
+            chosen = f"--image-size {size}" if image_size_given else f"--preset {preset}"
             raise InputError(f"{chosen} trains on {size} x {size} crops, larger than every bundled photograph's "
                              f"{'held-out' if split == 'heldout' else 'training'} region: it needs --data DIR, a "
                              f"folder of your own images at least {size} pixels on each side"
