@@ -233,6 +233,23 @@ class GracefulStop:
 
 # ---- the command ---------------------------------------------------------------------------------
 
+def run_lines(args: argparse.Namespace, cfg: dict, folder, device, dtype: str, world: int) -> list[str]:
+    """What the run will do, said before it starts: the data, the crops, the model, the device."""
+    geo = config_geometry(cfg)
+    size = geo["image_size"]
+    data = (f"{len(folder.train)} training and {len(folder.heldout)} held-out images under {folder.root}"
+            if folder is not None else "the images bundled with scikit-image and scikit-learn")
+    lines = [f"data: {data}; random square crops resized to {size} x {size} ("
+             + ("--image-size" if args.image_size else f"the {args.preset} preset's size") + ")",
+             f"model: {len(geo['patch_nums'])} scales {tuple(geo['patch_nums'])} = {geo['num_tokens']} tokens per "
+             f"image, vocabulary {geo['vocab_size']}; {device} {dtype}, global batch {cfg['batch_size']}"
+             + (f" over {world} processes" if world > 1 else "")]
+    if args.preset == "var" and device.type == "cpu":
+        lines.append("note: the var preset is VAR's full tokenizer, sized for GPUs: on a CPU a step takes seconds "
+                     "to minutes (try --preset demo)")
+    return lines
+
+
 def main(args: argparse.Namespace) -> int:
     out, device, dtype, workers = check_args(args)
     import torch
@@ -240,6 +257,7 @@ def main(args: argparse.Namespace) -> int:
 
     from vqfast.data import format_skipped
     from vqfast.train.distributed import rank_and_world
+    from vqfast.train.evaluation import summary_line
     from vqfast.train.loop import OUTPUT_FILES, is_finished, load_checkpoint, train
 
     if args.threads is not None:
@@ -250,16 +268,20 @@ def main(args: argparse.Namespace) -> int:
         torch.backends.cudnn.benchmark = True  # every batch has the same shape: pick the fastest convolutions once
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = rank_and_world()[0]
+    say = print if rank == 0 else (lambda *a, **k: None)
+
+    def tell(line: str) -> None:  # warnings and the interrupt line: stderr, rank 0 only
+        if rank == 0:
+            print(line, file=sys.stderr)
+
     ckpt = out / "checkpoint.pt"
     try:
         with GracefulStop() as stop:
-            rank = rank_and_world()[0]
-            say = print if rank == 0 else (lambda *a, **k: None)
-            warn = (lambda line: print(f"warning: {line}", file=sys.stderr)) if rank == 0 else (lambda line: None)
             try:
                 folder = scan_folder(args.data, rank, world)
                 if folder is not None and folder.skipped:
-                    warn(f"--data {args.data}: {format_skipped(folder.skipped, SHOWN_NAMES)}")
+                    tell(f"warning: --data {args.data}: {format_skipped(folder.skipped, SHOWN_NAMES)}")
                 cfg = make_config(args.preset, args.steps, args.seed, args.backend, image_size=args.image_size,
                                   batch_size=args.batch_size, data=folder.describe() if folder is not None else None)
                 if args.resume and (out / "metrics.json").is_file():
@@ -271,42 +293,26 @@ def main(args: argparse.Namespace) -> int:
                 if args.overwrite and rank == 0:
                     for name in OUTPUT_FILES:
                         (out / name).unlink(missing_ok=True)
-                geo = config_geometry(cfg)
-                size = geo["image_size"]
-                say(("data: " + (f"{len(folder.train)} training and {len(folder.heldout)} held-out images under "
-                                 f"{folder.root}" if folder is not None
-                                 else "the images bundled with scikit-image and scikit-learn"))
-                    + f"; random square crops resized to {size} x {size} ("
-                    + ("--image-size" if args.image_size else f"the {args.preset} preset's size") + ")")
-                say(f"model: {len(geo['patch_nums'])} scales {tuple(geo['patch_nums'])} = {geo['num_tokens']} tokens "
-                    f"per image, vocabulary {geo['vocab_size']}; {device} {dtype}, "
-                    f"global batch {cfg['batch_size']}" + (f" over {world} processes" if world > 1 else ""))
-                if args.preset == "var" and device.type == "cpu":
-                    say("note: the var preset is VAR's full tokenizer, sized for GPUs: on a CPU a step takes seconds "
-                        "to minutes (try --preset demo)")
+                for line in run_lines(args, cfg, folder, device, dtype, world):
+                    say(line)
                 t0 = time.perf_counter()
                 result = train(cfg, out, resume=args.resume, checkpoint_every=args.checkpoint_every,
                                progress=not args.no_progress, folder=folder, device=device, dtype=dtype,
                                workers=workers, stop=stop)
-            except KeyboardInterrupt:
-                where = (f"{ckpt} holds the last checkpoint; continue with: {resume_command(args, out, world)}"
-                         if ckpt.is_file() else "nothing was written")
-                print(f"vqfast train: interrupted; {where}", file=sys.stderr)
+            except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training steps
+                tell("vqfast train: interrupted; " + (
+                    f"{ckpt} holds the last checkpoint; continue with: {resume_command(args, out, world)}"
+                    if ckpt.is_file() else "nothing was written"))
                 return INTERRUPTED_EXIT
         if result["decode_failures"]:
-            warn(decode_failures_line(result["decode_failures"]))
+            tell(f"warning: {decode_failures_line(result['decode_failures'])}")
         if result["status"] == "interrupted":
-            if rank == 0:
-                print(f"vqfast train: interrupted at step {result['step']} of {cfg['steps']}: checkpoint written to "
-                      f"{ckpt}; continue with: {resume_command(args, out, world)}", file=sys.stderr)
+            tell(f"vqfast train: interrupted at step {result['step']} of {cfg['steps']}: checkpoint written to {ckpt}; "
+                 f"continue with: {resume_command(args, out, world)}")
             return INTERRUPTED_EXIT
-        m = result["metrics"]
-        if m is not None:
-            from vqfast.train.evaluation import summary_line
-
-            say(f"{summary_line(m)}, wall {time.perf_counter() - t0:.0f} s")
-            say(f"wrote {out / 'reconstructions.png'}, {out / 'metrics.json'}, {out / 'loss_curve.png'}, "
-                f"{ckpt}")
+        if result["metrics"] is not None:
+            say(f"{summary_line(result['metrics'])}, wall {time.perf_counter() - t0:.0f} s")
+            say(f"wrote {out / 'reconstructions.png'}, {out / 'metrics.json'}, {out / 'loss_curve.png'}, {ckpt}")
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
