@@ -292,3 +292,24 @@ def test_every_preset_runs_on_the_bundled_images_or_asks_for_data():
         else:
             RealImageCrops("train", size, 1), RealImageCrops("heldout", size, 1)
     assert needs_data == {"var"}
+
+
+def test_reconstruction_grid_labels_originals_and_reconstructions(tmp_path):
+    from vqfast.train.evaluation import grid_figure, save_grid
+
+    originals = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    recons = -originals
+    fig = grid_figure(originals, recons)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.texts] == ["original", "reconstruction"] * 4  # a header over each column
+    assert "original | reconstruction" in fig._suptitle.get_text()
+    # Under each label its images: pair i's original at the left of its cell, its reconstruction beside it.
+    grid = np.asarray(ax.images[0].get_array())
+    o, r = to_uint8(originals), to_uint8(recons)
+    for i in range(6):
+        y, x = (i // 4) * 18 + 1, (i % 4) * 38 + 1
+        assert np.array_equal(grid[y: y + 16, x: x + 16], o[i]) and np.array_equal(grid[y: y + 16, x + 17: x + 33], r[i])
+    # Each label is centred over its column.
+    assert [t.get_position()[0] for t in ax.texts] == [38 * (j // 2) + 1 + 17 * (j % 2) + 8 for j in range(8)]
+    save_grid(tmp_path / "grid.png", originals, recons)
+    assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
