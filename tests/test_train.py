@@ -313,3 +313,9 @@ def test_reconstruction_grid_labels_originals_and_reconstructions(tmp_path):
     assert [t.get_position()[0] for t in ax.texts] == [38 * (j // 2) + 1 + 17 * (j % 2) + 8 for j in range(8)]
     save_grid(tmp_path / "grid.png", originals, recons)
     assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_progress_bar_names_the_training_figure_apart_from_the_held_out_usage(tmp_path, capsys):
+    vtrain.train(tiny(1), tmp_path, progress=True, finish=False)
+    bar = capsys.readouterr().err
+    assert re.search(r"recent_use=\d+%", bar) and "usage" not in bar, bar
