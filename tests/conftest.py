@@ -9,13 +9,6 @@ from hypothesis import HealthCheck, settings
 
 os.environ.setdefault("VQFAST_NO_EXT_WARNING", "0")
 
-# The planted bugs (tests/mutations.py) are test code and do not ship in the package. tests/test_bench.py
-# still imports them under their former name, vqfast.testing.mutations: that name points here until it
-# imports tests.mutations itself.
-import tests.mutations  # noqa: E402
-
-sys.modules.setdefault("vqfast.testing.mutations", tests.mutations)
-
 # Hypothesis. Without --slow (the README's test command): the "ci" profile, the same examples on every
 # run (derandomize) and no example database. `pytest --slow` draws ten times as many examples
 # (tests/helpers.py: examples()): at random seeds on a developer's machine ("slow"), but still

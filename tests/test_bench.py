@@ -14,9 +14,10 @@ import pytest
 import torch
 
 import vqfast
+from tests import mutations
 from vqfast import ops
 from vqfast.bench import cli, forward, memory, presets, providers, results, table, timing
-from vqfast.testing import mutations, oracle
+from vqfast.testing import oracle
 
 ENV_FIELDS = ("device", "device_type", "torch", "triton", "date", "commit")
 
