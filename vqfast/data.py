@@ -23,9 +23,10 @@ same batches, and resuming needs no loader state. Items are [3, size, size] floa
 ``load_crop`` is the one decoder: PIL, EXIF orientation applied; pixels are scaled by their dtype
 (8 bits / 255, 16 bits / 65535); greyscale, palette, CMYK and the like become RGB; an alpha channel is
 composited over white. A JPEG whose crop is at least twice ``size`` is decoded at 1/2, 1/4 or 1/8 scale
-(libjpeg's DCT scaling), the largest that keeps the crop at least ``size`` pixels wide; the crop box is
-then mapped per axis into the reduced image, so the result matches a full decode up to resampling
-(tests/test_data_decode.py states the measured tolerance).
+(libjpeg's DCT scaling), the largest that keeps the crop at least ``size`` pixels wide (``2 * size`` for
+colour subsampled along one axis only, ``one_way_chroma``); the crop box is then mapped per axis into
+the reduced image, so the result matches a full decode up to resampling (tests/test_data_decode.py
+states the measured tolerance).
 """
 from __future__ import annotations
 
@@ -206,6 +207,12 @@ def _swaps_axes(orientation: int) -> bool:
     return orientation >= 5
 
 
+def _reverses_axes(orientation: int) -> tuple[bool, bool]:
+    """Whether the upright picture's x and y run against the stored axes they come from (2 mirrors x,
+    3 turns both, 4 flips y; 6, turned clockwise, reads x from the stored y bottom up; 7 both; 8 y)."""
+    return orientation in (2, 3, 6, 7), orientation in (3, 4, 7, 8)
+
+
 def _to_rgb_or_grey16(img):
     """-> (image in mode "RGB" or "F" (greyscale in [0, 1]), note)."""
     from PIL import Image
@@ -268,6 +275,21 @@ def jpeg_scale(crop: int, size: int) -> int:
     return next((k for k in JPEG_SCALES if crop >= k * size), 1)
 
 
+def one_way_chroma(img) -> bool:
+    """Whether a JPEG's colour is subsampled along one axis only (4:2:2, 4:4:0, 4:1:1).
+
+    libjpeg's reduced decode keeps such colour at half the resolution the reduced size implies along
+    that axis (one chroma value per 16 x 8 pixels at 1/8, then upsampled), where 4:4:4 and 4:2:0 keep
+    one per reduced pixel. Measured on a 64 x 64 4:2:2 picture at 1/8: Cb 9 levels RMSE from the full
+    decode's, against 0.6 for 4:2:0; so these are decoded one scale step larger (``load_crop``).
+    """
+    shapes = set()
+    for _, h, v, _ in getattr(img, "layer", None) or ():
+        g = math.gcd(h, v) or 1
+        shapes.add((h // g, v // g))
+    return len(shapes) > 1
+
+
 def load_crop(path, size: int, rng: np.random.Generator | None = None, flip: bool = False,
               square: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, ImageInfo]:
     """One image file -> ([3, size, size] float32 in [-1, 1], ImageInfo).
@@ -298,30 +320,35 @@ def load_crop(path, size: int, rng: np.random.Generator | None = None, flip: boo
         else:
             x, y, s = random_square(w, h, rng)
             mirror = flip and bool(rng.integers(2))
-        # Decoded pixels per stored pixel along the stored axes: 1, or 1/k after a reduced JPEG decode.
-        kx = ky = 1.0
-        k = jpeg_scale(s, size) if img.format in ("JPEG", "MPO") else 1
+        # Where the stored picture lies in the decoded one, in decoded pixels: all of it, or after a
+        # reduced JPEG decode stored / k of the ceil(stored / k) pixels (reduced pixel i holds stored
+        # pixels [i k, (i + 1) k), the last one partly empty).
+        extent_w, extent_h = float(stored_w), float(stored_h)
+        k = 1
+        if img.format in ("JPEG", "MPO"):
+            k = jpeg_scale(s, 2 * size if one_way_chroma(img) else size)
         if k > 1:
             # A 12 MP photo cropped to 256 px decodes ~10x faster at 1/8. draft() keeps the largest
-            # scale with stored // requested >= k, so asking for stored // k gives exactly k. It answers
-            # the stored picture's extent in reduced pixels (stored / k, not the rounded-up image size):
-            # reduced pixel i holds stored pixels [i k, (i + 1) k).
+            # scale with stored // requested >= k, so asking for stored // k gives exactly k; it answers
+            # the stored picture's extent in reduced pixels.
             drafted = img.draft(None, (max(1, stored_w // k), max(1, stored_h // k)))
             if drafted is not None:
                 _, (_, _, extent_w, extent_h) = drafted
-                kx, ky = extent_w / stored_w, extent_h / stored_h
         img.load()
         method = _transpose(orientation)
-        upright = img.transpose(method) if method is not None else img
+        img_rgb, note = _to_rgb_or_grey16(img.transpose(method) if method is not None else img)
         if _swaps_axes(orientation):
-            kx, ky = ky, kx  # the upright x axis is the stored y axis
-        img_rgb, note = _to_rgb_or_grey16(upright)
-        # Per axis: the reduced image is ceil(stored / k) pixels, so its size's ratio to the stored size
-        # differs between the axes (641 x 479 at 1/8: 81 / 641 > 60 / 479) and one axis' ratio can carry
-        # the box past the other's edge. With 1/k on both the box stays inside; the clamp only absorbs
-        # rounding.
-        box = (min(x * kx, img_rgb.width), min(y * ky, img_rgb.height),
-               min((x + s) * kx, img_rgb.width), min((y + s) * ky, img_rgb.height))
+            extent_w, extent_h = extent_h, extent_w
+        # Per axis: the reduced image's size / stored size differs between the axes (641 x 479 at 1/8:
+        # 81 / 641 > 60 / 479), so one ratio for both can carry the box past an edge; the extent's
+        # ratio is exactly 1/k on both. An axis the orientation reverses starts with the partly empty
+        # pixel: the picture begins (decoded size - extent) in.
+        kx, ky = extent_w / w, extent_h / h
+        reverse_x, reverse_y = _reverses_axes(orientation)
+        ox = img_rgb.width - extent_w if reverse_x else 0.0
+        oy = img_rgb.height - extent_h if reverse_y else 0.0
+        box = (ox + x * kx, oy + y * ky, ox + (x + s) * kx, oy + (y + s) * ky)
+        box = tuple(min(max(v, 0.0), lim) for v, lim in zip(box, (img_rgb.width, img_rgb.height) * 2))
         out = img_rgb.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
         if mirror:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
