@@ -52,3 +52,43 @@ def test_metrics():
     noisy = (x + 0.02).clamp(-1, 1)
     assert (psnr(noisy, x) > psnr(mean_colour_baseline(x), x)).all()
     assert to_uint8(torch.ones(3, 2, 2)).tolist() == [[[255] * 3] * 2] * 2
+
+
+def test_scan_names_every_unreadable_file_with_its_reason(tmp_path):
+    from PIL import Image
+
+    from vqfast.data import ImageFolder, format_skipped
+
+    for i in range(2):
+        Image.fromarray(np.full((9, 9, 3), 40 * i, np.uint8)).save(tmp_path / f"ok{i}.png")
+    broken = []
+    for i in range(25):  # more than any short list would show
+        (tmp_path / f"d{i % 3}").mkdir(exist_ok=True)
+        (tmp_path / f"d{i % 3}" / f"text{i}.png").write_text("not an image")
+        broken.append(f"d{i % 3}/text{i}.png")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "anim.webp.png", format="GIF")
+    broken += ["empty.jpg", "anim.webp.png"]
+    folder = ImageFolder.scan(tmp_path)
+    reasons = dict(folder.skipped)
+    assert sorted(reasons) == sorted(broken) and sorted(folder.train + folder.heldout) == ["ok0.png", "ok1.png"]
+    assert all(r.strip() for r in reasons.values())
+    assert reasons["anim.webp.png"].endswith("GIF is not a supported format (PNG, JPEG, WebP, BMP)")
+    line = format_skipped(folder.skipped)
+    assert line.startswith("skipped 27 unreadable files: ") and "\n" not in line
+    assert all(f"{name} ({reason})" in line for name, reason in folder.skipped)
+    short = format_skipped(folder.skipped, limit=3)
+    assert short.endswith("; and 24 more")
+    assert [f"{n} (" in short for n, _ in folder.skipped] == [True] * 3 + [False] * 24
+
+
+def test_format_skipped_lines():
+    from vqfast.data import format_skipped
+
+    assert format_skipped([("a.png", "OSError: bad\nsecond line"), ("b.jpg", " ")]) == \
+        "skipped 2 unreadable files: a.png (OSError: bad); b.jpg (no reason given)"
+    assert format_skipped([("a.png", "r")]) == "skipped 1 unreadable file: a.png (r)"
+    assert format_skipped([("a.png", "r")] * 2, limit=0) == "skipped 2 unreadable files: and 2 more"
+    assert format_skipped([]) == "skipped 0 unreadable files"
+    with pytest.raises(ValueError, match="limit"):
+        format_skipped([("a.png", "r")], limit=-1)

@@ -439,11 +439,21 @@ class ImageFolder:
                 "heldout_files": len(self.heldout), "skipped_files": len(self.skipped), "digest": self.digest()}
 
 
-def format_skipped(skipped: list[tuple[str, str]], limit: int = 20) -> str:
-    """One warning line for files that could not be read: the count, then names and reasons."""
-    shown = "; ".join(f"{n} ({r})" for n, r in skipped[:limit])
-    more = f"; and {len(skipped) - limit} more" if len(skipped) > limit else ""
-    return f"skipped {len(skipped)} unreadable file{'s' if len(skipped) != 1 else ''}: {shown}{more}"
+def format_skipped(skipped: list[tuple[str, str]], limit: int | None = None) -> str:
+    """One line for files that could not be read: the count, then every file's name and reason
+    ("skipped 2 unreadable files: a.png (OSError: ...); b/c.jpg (...)"); a reason's first line only.
+    ``limit``: name only the first ``limit`` files, then say how many more."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be None or an int >= 0, got {limit!r}")
+    n = len(skipped)
+    head = f"skipped {n} unreadable file{'s' if n != 1 else ''}"
+    if not n:
+        return head
+    named = skipped if limit is None else skipped[:limit]
+    parts = [f"{name} ({(str(reason).strip() or 'no reason given').splitlines()[0]})" for name, reason in named]
+    if n > len(named):
+        parts.append(f"and {n - len(named)} more")
+    return f"{head}: " + "; ".join(parts)
 
 
 class FolderCrops(torch.utils.data.Dataset):
