@@ -14,6 +14,9 @@ list of names is kept). The held-out split is by file and deterministic: the fil
 their relative path is smallest (10 %, at least 1, at most 1000) are held out, whatever the listing
 order. Items are random square crops (area U[1/4, 1] of the largest centred square's area, uniform
 position) resized to ``size`` with antialiasing; train items are also flipped with probability 1/2.
+A file that cannot be read is named with its reason: at the scan (header only) in
+``ImageFolder.skipped``, later (a body that fails to decode) in what ``FolderCrops.load_batch``
+returns; ``format_skipped`` writes every one of them on one line.
 
 For both sources, item i of a split is a pure function of (seed, split, i): the file (a fresh
 permutation of the files every epoch) and the crop come from generators seeded with those numbers,
@@ -21,11 +24,12 @@ so the data order of a run is fixed by its seed and step, any number of loader w
 same batches, and resuming needs no loader state. Items are [3, size, size] float32 in [-1, 1].
 
 ``load_crop`` is the one decoder: PIL, EXIF orientation applied; pixels are scaled by their dtype
-(8 bits / 255, 16 bits / 65535); greyscale, palette, CMYK and the like become RGB; an alpha channel is
+(8 bits / 255, 16-bit greyscale / 65535; PIL reads 16-bit colour as its high byte, so / 255 is within
+1/255 of / 65535 there); greyscale, palette, CMYK and the like become RGB; an alpha channel is
 composited over white. A JPEG whose crop is at least twice ``size`` is decoded at 1/2, 1/4 or 1/8 scale
-(libjpeg's DCT scaling), the largest that keeps the crop at least ``size`` pixels wide (``2 * size`` for
-colour subsampled along one axis only, ``one_way_chroma``); the crop box is then mapped per axis into
-the reduced image, so the result matches a full decode up to resampling (tests/test_data_decode.py
+(libjpeg's DCT scaling), the largest that keeps the crop at least ``size`` pixels wide (2 or 4 times
+that for colour subsampled more along one axis, ``jpeg_colour_factor``); the crop box is then mapped
+per axis into the reduced image, so the result matches a full decode up to resampling (tests/test_data_decode.py
 states the measured tolerance).
 """
 from __future__ import annotations
@@ -275,19 +279,22 @@ def jpeg_scale(crop: int, size: int) -> int:
     return next((k for k in JPEG_SCALES if crop >= k * size), 1)
 
 
-def one_way_chroma(img) -> bool:
-    """Whether a JPEG's colour is subsampled along one axis only (4:2:2, 4:4:0, 4:1:1).
+def jpeg_colour_factor(img) -> int:
+    """How many times ``size`` a JPEG crop must keep per decode step for its colour to survive a
+    reduced decode: 1 for greyscale, 4:4:4 and 4:2:0; 2 for 4:2:2 and 4:4:0; 4 for 4:1:1.
 
-    libjpeg's reduced decode keeps such colour at half the resolution the reduced size implies along
-    that axis (one chroma value per 16 x 8 pixels at 1/8, then upsampled), where 4:4:4 and 4:2:0 keep
-    one per reduced pixel. Measured on a 64 x 64 4:2:2 picture at 1/8: Cb 9 levels RMSE from the full
-    decode's, against 0.6 for 4:2:0; so these are decoded one scale step larger (``load_crop``).
+    libjpeg scales colour planes up by IDCT scaling only as far as both axes allow, then upsamples:
+    colour subsampled more along one axis keeps, at 1/k, that ratio less resolution along it than the
+    reduced size (4:2:2 at 1/8: one colour value per 16 x 8 pixels), where the full decode feeds the
+    resize all of it. Measured on a 64 x 64 4:2:2 picture at 1/8: Cb 9 levels RMSE from the full
+    decode's, against 0.6 for 4:2:0.
     """
-    shapes = set()
-    for _, h, v, _ in getattr(img, "layer", None) or ():
-        g = math.gcd(h, v) or 1
-        shapes.add((h // g, v // g))
-    return len(shapes) > 1
+    layers = getattr(img, "layer", None) or ()
+    if not layers:
+        return 1
+    max_h, max_v = max(h for _, h, _, _ in layers), max(v for _, _, v, _ in layers)
+    ratio = max(max((max_h / h) / (max_v / v), (max_v / v) / (max_h / h)) for _, h, v, _ in layers)
+    return int(math.ceil(ratio - 1e-9))
 
 
 def load_crop(path, size: int, rng: np.random.Generator | None = None, flip: bool = False,
@@ -326,7 +333,7 @@ def load_crop(path, size: int, rng: np.random.Generator | None = None, flip: boo
         extent_w, extent_h = float(stored_w), float(stored_h)
         k = 1
         if img.format in ("JPEG", "MPO"):
-            k = jpeg_scale(s, 2 * size if one_way_chroma(img) else size)
+            k = jpeg_scale(s, size * jpeg_colour_factor(img))
         if k > 1:
             # A 12 MP photo cropped to 256 px decodes ~10x faster at 1/8. draft() keeps the largest
             # scale with stored // requested >= k, so asking for stored // k gives exactly k; it answers
