@@ -24,7 +24,6 @@ from vqfast.errors import InputError
 from vqfast.train.config import PRESETS, config_geometry, make_config, with_image_size
 
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report a command stopped by Ctrl-C
-SHOWN_NAMES = 20  # file names listed in a warning line; the count covers all of them
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -187,12 +186,11 @@ def resume_command(args: argparse.Namespace, out: Path, world: int = 1) -> str:
 
 
 def decode_failures_line(failures: list[str]) -> str:
-    """One warning line: how many files failed to decode, and the first SHOWN_NAMES of them."""
+    """One warning line: how many files failed to decode, and every one of them by name."""
     n = len(failures)
     what = ("1 file failed to decode and was replaced by the next file of its epoch" if n == 1 else
             f"{n} files failed to decode and were replaced by the next file of their epoch")
-    more = f"; and {n - SHOWN_NAMES} more" if n > SHOWN_NAMES else ""
-    return f"{what}: " + "; ".join(failures[:SHOWN_NAMES]) + more
+    return f"{what}: " + "; ".join(failures)
 
 
 class GracefulStop:
@@ -281,7 +279,7 @@ def main(args: argparse.Namespace) -> int:
             try:
                 folder = scan_folder(args.data, rank, world)
                 if folder is not None and folder.skipped:
-                    tell(f"warning: --data {args.data}: {format_skipped(folder.skipped, SHOWN_NAMES)}")
+                    tell(f"warning: --data {args.data}: {format_skipped(folder.skipped)}")
                 cfg = make_config(args.preset, args.steps, args.seed, args.backend, image_size=args.image_size,
                                   batch_size=args.batch_size, data=folder.describe() if folder is not None else None)
                 if args.resume and (out / "metrics.json").is_file():
