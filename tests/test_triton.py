@@ -1,5 +1,7 @@
 """The Triton backend: interpreter correctness (in a subprocess), real GPU compilation, GPU tests."""
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -70,6 +72,88 @@ VARIANTS = [
     ("*fp16", "tf32", False, True),  # fast, fp16
     ("*bf16", "tf32", False, True),  # fast, bf16
 ]
+# The tensor-core operand type each fast variant must multiply in (PTX spelling).
+OPERAND_TYPE = {"*fp32": "tf32", "*fp16": "f16", "*bf16": "bf16"}
+
+
+def ptx_opcodes(ptx: str) -> set[str]:
+    """The opcodes (with their suffixes) of the instructions in a PTX text. Comments, directives and
+    labels are left out, so a name or a comment that merely contains "wgmma" is not an instruction."""
+    ops = set()
+    for line in ptx.splitlines():
+        for statement in line.split("//", 1)[0].split(";"):
+            code = statement.strip().lstrip("{}").strip()
+            if not code or code.startswith(".") or code.endswith(":"):
+                continue
+            m = re.match(r"(?:@!?%\w+\s+)?([a-z][\w.]*)", code)
+            if m:
+                ops.add(m.group(1))
+    return ops
+
+
+def sass_opcodes(sass: str) -> set[str]:
+    """The opcodes of nvdisasm's listing ("/*0120*/  HGMMA.64x128x8.F32.TF32 ..." gives HGMMA)."""
+    return set(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass))
+
+
+def wgmma_expected(arch: int, block_n: int, num_warps: int) -> bool:
+    """Triton multiplies on sm_90 with warpgroup MMA (wgmma.mma_async, 64 rows per warpgroup of 4
+    warps) when a program's tile has 64 rows or more; smaller tiles take mma.sync."""
+    return arch >= 90 and block_n >= 64 and num_warps % 4 == 0
+
+
+def check_tensor_cores(ptx: str, family: str, operand: str, sass: str | None = None) -> None:
+    """Assert that the kernel multiplies with `family` ("wgmma", "mma" or "fma") on `operand`
+    (tf32 / f16 / bf16) operands: the PTX instruction itself, and its SASS (HGMMA / HMMA) when a
+    disassembly is given. The other tensor-core family must be absent, so an sm_80 build (mma.sync
+    only) fails the wgmma check (test_tensor_core_check_fails_without_the_instruction)."""
+    ops = ptx_opcodes(ptx)
+    wgmma = {op for op in ops if op.startswith("wgmma.mma_async.")}
+    mma = {op for op in ops if op.startswith("mma.sync.")}
+    sass_ops = sass_opcodes(sass) if sass is not None else None
+    if family == "fma":
+        assert not wgmma and not mma, f"exact mode must not use tensor cores: {sorted(wgmma | mma)}"
+        assert "fma.rn.f32" in ops, "exact mode: no fma.rn.f32 instruction"
+        if sass_ops is not None:
+            assert not sass_ops & {"HGMMA", "HMMA"}, sorted(sass_ops & {"HGMMA", "HMMA"})
+            assert "FFMA" in sass_ops, "exact mode: no FFMA in the SASS"
+        return
+    want, other, sass_want = (wgmma, mma, "HGMMA") if family == "wgmma" else (mma, wgmma, "HMMA")
+    assert want, f"no {family} instruction in the PTX (tensor-core instructions: {sorted(wgmma | mma)})"
+    assert not other, f"expected {family} only, also found {sorted(other)}"
+    assert all(f".{operand}." in op + "." for op in want), f"{family} on other operands than {operand}: {sorted(want)}"
+    if sass_ops is not None:
+        assert sass_want in sass_ops, f"no {sass_want} in the SASS"
+
+
+def _nvdisasm() -> str | None:
+    from triton.backends.nvidia import compiler
+
+    path = os.path.join(os.path.dirname(compiler.__file__), "bin", "nvdisasm")
+    return path if os.path.exists(path) else shutil.which("nvdisasm")
+
+
+def _sass(cubin: bytes, tmp_path) -> str | None:
+    tool = _nvdisasm()
+    if tool is None:
+        return None
+    path = tmp_path / "kernel.cubin"
+    path.write_bytes(cubin)
+    return subprocess.run([tool, str(path)], capture_output=True, text=True, check=True, timeout=120).stdout
+
+
+def _compile_search(arch, bn, bk, bd, warps, stages, ptr, prec, widen):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from vqfast.triton import kernels
+
+    src = ASTSource(
+        fn=kernels._search_kernel,
+        signature=_search_signature(ptr),
+        constexprs={"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd, "INPUT_PRECISION": prec, "CAST_FP32": widen},
+    )
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="needs compiled, not interpreted, kernels")
@@ -83,17 +167,12 @@ def test_every_config_compiles_for_gpu(arch):
     target = GPUTarget("cuda", arch, 32)
     for bn, bk, bd, warps, stages in LARGE_N_CONFIGS + SMALL_N_CONFIGS:
         for ptr, prec, widen, fast in VARIANTS:
-            src = ASTSource(
-                fn=kernels._search_kernel,
-                signature=_search_signature(ptr),
-                constexprs={"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd, "INPUT_PRECISION": prec, "CAST_FP32": widen},
-            )
-            ptx = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages}).asm["ptx"]
-            if fast:
-                tensor_core = "wgmma" if arch == 90 and bn >= 64 else "mma"
-                assert tensor_core in ptx or "mma.sync" in ptx, (arch, bn, bk, bd, ptr, prec)
-            else:
-                assert "fma.rn.f32" in ptx, (arch, bn, bk, bd, ptr, prec)
+            compiled = _compile_search(arch, bn, bk, bd, warps, stages, ptr, prec, widen)
+            family = ("wgmma" if wgmma_expected(arch, bn, warps) else "mma") if fast else "fma"
+            try:
+                check_tensor_cores(compiled.asm["ptx"], family, OPERAND_TYPE[ptr])
+            except AssertionError as e:
+                raise AssertionError(f"sm_{arch} config {(bn, bk, bd, warps, stages)} {ptr} {prec}: {e}") from None
     gather = ASTSource(
         fn=kernels._gather_kernel,
         signature={"z_ptr": "*fp32", "cb_ptr": "*fp32", "idx_ptr": "*i64", "cw_ptr": "*fp32", "dist_ptr": "*fp32",
@@ -102,6 +181,73 @@ def test_every_config_compiles_for_gpu(arch):
         constexprs={"BLOCK_N": GATHER_BLOCK_N, "BLOCK_D": GATHER_BLOCK_D},
     )
     assert triton.compile(gather, target=target).asm["ptx"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="needs compiled, not interpreted, kernels")
+@pytest.mark.parametrize("arch", [80, 90])
+def test_sass_of_every_fast_config_has_its_tensor_core_instruction(arch, tmp_path):
+    """The machine code behind the PTX check above: HGMMA (wgmma) or HMMA (mma.sync) in nvdisasm's
+    listing of every fast configuration's cubin (about 0.3 s a listing, hence the slow tier)."""
+    if _nvdisasm() is None:
+        pytest.skip("nvdisasm not found (Triton's NVIDIA backend ships one)")
+    from vqfast.triton import LARGE_N_CONFIGS, SMALL_N_CONFIGS
+
+    for bn, bk, bd, warps, stages in LARGE_N_CONFIGS + SMALL_N_CONFIGS:
+        for ptr, prec, widen, fast in VARIANTS:
+            if not fast:
+                continue
+            compiled = _compile_search(arch, bn, bk, bd, warps, stages, ptr, prec, widen)
+            family = "wgmma" if wgmma_expected(arch, bn, warps) else "mma"
+            try:
+                check_tensor_cores(compiled.asm["ptx"], family, OPERAND_TYPE[ptr], _sass(compiled.asm["cubin"], tmp_path))
+            except AssertionError as e:
+                raise AssertionError(f"sm_{arch} config {(bn, bk, bd, warps, stages)} {ptr} {prec}: {e}") from None
+
+
+def test_large_configs_are_meant_for_wgmma_on_sm90():
+    # Every large-N configuration takes the wgmma path on sm_90, so the check above demands it there.
+    from vqfast.triton import LARGE_N_CONFIGS, SMALL_N_CONFIGS
+
+    assert all(wgmma_expected(90, bn, w) for bn, _, _, w, _ in LARGE_N_CONFIGS)
+    assert not any(wgmma_expected(90, bn, w) for bn, _, _, w, _ in SMALL_N_CONFIGS)
+    assert not any(wgmma_expected(80, bn, w) for bn, _, _, w, _ in LARGE_N_CONFIGS)
+
+
+# A PTX text in which "wgmma" appears only in a comment and a label, beside an mma.sync: the former
+# substring test ("wgmma" in ptx or "mma.sync" in ptx) passed it.
+_PTX_WITHOUT_WGMMA = """
+// wgmma would go here on sm_90
+$L__wgmma_skip:
+\t@%p1 mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%f1, %f2, %f3, %f4}, {%r1, %r2, %r3, %r4}, {%r5, %r6}, {%f1, %f2, %f3, %f4};
+\tfma.rn.f32 %f5, %f6, %f7, %f8;
+"""
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="needs compiled, not interpreted, kernels")
+def test_tensor_core_check_fails_without_the_instruction():
+    """The wgmma check fails where the instruction is absent: on a PTX text that only names it, and on
+    the sm_80 build of the first large configuration (mma.sync, no wgmma.mma_async, no HGMMA), while
+    the sm_90 build of the same configuration passes it."""
+    from vqfast.triton import LARGE_N_CONFIGS
+
+    assert "wgmma" in _PTX_WITHOUT_WGMMA  # the old test's condition held
+    with pytest.raises(AssertionError, match="no wgmma instruction"):
+        check_tensor_cores(_PTX_WITHOUT_WGMMA, "wgmma", "tf32")
+    check_tensor_cores(_PTX_WITHOUT_WGMMA, "mma", "tf32")
+    with pytest.raises(AssertionError, match="must not use tensor cores"):
+        check_tensor_cores(_PTX_WITHOUT_WGMMA, "fma", "tf32")
+    bn, bk, bd, warps, stages = LARGE_N_CONFIGS[0]
+    sm80 = _compile_search(80, bn, bk, bd, warps, stages, "*fp32", "tf32", False)
+    with pytest.raises(AssertionError, match="no wgmma instruction"):
+        check_tensor_cores(sm80.asm["ptx"], "wgmma", "tf32")
+    sm90 = _compile_search(90, bn, bk, bd, warps, stages, "*fp32", "tf32", False)
+    check_tensor_cores(sm90.asm["ptx"], "wgmma", "tf32")
+    # The SASS half of the check: an HMMA-only listing fails it.
+    with pytest.raises(AssertionError, match="no HGMMA in the SASS"):
+        check_tensor_cores(sm90.asm["ptx"], "wgmma", "tf32", "        /*0a50*/  HMMA.1688.F32.TF32 R4, R8, R12, R4 ;")
+    with pytest.raises(AssertionError, match="on other operands than bf16"):
+        check_tensor_cores(sm90.asm["ptx"], "wgmma", "bf16")
 
 
 def test_k_bucket():
