@@ -86,6 +86,7 @@ def test_torch_chunked_spans_several_chunks(monkeypatch):
     assert torch.equal(idx, oracle.nearest(z, cb).indices)
 
 
+@pytest.mark.slow
 def test_forward_records(tiny_records):
     env, records = tiny_records
     rows = [r for r in records if r["question"] == "forward"]
@@ -119,6 +120,7 @@ def test_forward_records(tiny_records):
     assert all(r["status"] == "skipped" and "float32" in r["reason"] for r in bf16)
 
 
+@pytest.mark.slow
 def test_ratios_and_table(tiny_records):
     _, records = tiny_records
     by_case = {}
@@ -144,6 +146,7 @@ def test_ratios_and_table(tiny_records):
     assert "skipped" in text and "float32 vectors only" in text
 
 
+@pytest.mark.slow
 def test_train_step_records(tiny_records):
     _, records = tiny_records
     rows = [r for r in records if r["question"] == "train_step"]
@@ -162,6 +165,7 @@ def test_train_step_updates_parameters():
     assert not torch.equal(module.embedding.weight.detach(), before_cb)
 
 
+@pytest.mark.slow
 def test_multiscale_record(tiny_records):
     _, records = tiny_records
     rows = [r for r in records if r["question"] == "multiscale"]
@@ -228,6 +232,7 @@ def test_memory_guard_skips_with_reason(monkeypatch):
     assert recs and all(r["status"] == "skipped" and "GiB of working memory" in r["reason"] for r in recs)
 
 
+@pytest.mark.slow
 def test_memory_subprocess_measures_seeds_n_by_k():
     # The seeds' forward holds N x K fp32 temporaries: 4096 x 4096 x 4 B = 64 MiB each (three at
     # its peak); the chunked search holds one 16 MiB block and its scaled copy, so the subprocess
@@ -281,6 +286,7 @@ def _load_plot_script():
     return plot
 
 
+@pytest.mark.slow
 def test_plot_script_reads_bench_results_by_default(tiny_records, tmp_path, monkeypatch):
     _, records = tiny_records
     forward_rows = [r for r in records if r["question"] == "forward"]
@@ -290,6 +296,7 @@ def test_plot_script_reads_bench_results_by_default(tiny_records, tmp_path, monk
     assert (tmp_path / "bench-results" / "forward_speedup_cpu.png").exists()
 
 
+@pytest.mark.slow
 def test_plot_script_renders_pngs(tiny_records, tmp_path):
     plot = _load_plot_script()
     _, records = tiny_records

@@ -32,6 +32,7 @@ def test_repository_models_skip_with_the_reason_when_no_checkout_is_given(monkey
     assert all("not found under" in r["reason"] for r in records)
 
 
+@pytest.mark.slow
 def test_diffusers_original_and_accelerated_in_one_process_each(tmp_path):
     pytest.importorskip("diffusers")
     case = {**next(c for c in dropin._tiny() if c["model"] == "diffusers"), "mode": "train_step"}
@@ -53,6 +54,7 @@ def test_diffusers_original_and_accelerated_in_one_process_each(tmp_path):
     assert dropin.case_label(case) in (tmp_path / "latest_cpu.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_crashing_provider_is_an_error_not_a_skip(monkeypatch, tmp_path):
     quantize = tmp_path / "taming" / "modules" / "vqvae" / "quantize.py"
     quantize.parent.mkdir(parents=True)

@@ -65,6 +65,7 @@ def test_level_environment_sets_both_libraries():
     assert env["FAISS_SIMD_LEVEL"] == "NONE"
 
 
+@pytest.mark.slow
 @needs_faiss
 def test_cli_runs_a_forced_level_in_its_own_process(tmp_path):
     env = {**os.environ, "PYTHONPATH": REPO}
@@ -79,6 +80,7 @@ def test_cli_runs_a_forced_level_in_its_own_process(tmp_path):
     assert saved and all(r["cpu_isa"] == "generic" and r["faiss_simd"] == "NONE" for r in saved)
 
 
+@pytest.mark.slow
 @needs_faiss
 def test_cli_runs_each_thread_count_in_its_own_process(tmp_path):
     env = {**os.environ, "PYTHONPATH": REPO}

@@ -826,6 +826,7 @@ def _rank_worker(rank, init_file, out_dir, batch):
         tdist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_share_hit_counts(tmp_path):
     gen = torch.Generator().manual_seed(6)
     batch = [torch.randn(4, 3, 4, 4, generator=gen) for _ in range(3)]

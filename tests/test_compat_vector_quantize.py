@@ -365,6 +365,7 @@ def test_no_n_by_k_tensor_in_forward_or_backward(backend, options):
         assert probe.max_numel >= n * k
 
 
+@pytest.mark.slow
 def test_torch_compile():
     # aot_eager: Dynamo and AOTAutograd trace the module (fake tensors through the vqfast op) without
     # inductor's C++ build; the codebook's initted check is a graph break, as in the original.
@@ -413,6 +414,7 @@ def _dist_worker(rank, init_file, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_mixing_accelerated_and_original(tmp_path):
     mp.spawn(_dist_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]

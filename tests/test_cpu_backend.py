@@ -197,6 +197,7 @@ def test_fast_precision_on_huge_values_searches_in_float64():
     assert not torch.equal(unchecked, picks)  # what the promotion prevents
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cpu_isa", [vqfast.cpu_isa()], indirect=True)  # a subprocess: the default level
 def test_memory_is_independent_of_n_times_k(cpu_isa):
     # N = 2^20, K = 4096: an N x K fp32 matrix would be 16 GiB. The peak resident memory of the

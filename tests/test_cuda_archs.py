@@ -313,6 +313,7 @@ def test_the_target_list_reaches_the_library_as_a_string(tmp_path):
     assert 'return "sm_80:sm_90a:compute_90";' in out.read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_nvcc() is None, reason="nvcc not found (set CUDA_HOME)")
 def test_nvcc_flags_give_the_objects_these_targets(tmp_path):
     """The flags setup.py passes put exactly the listed machine code and PTX into the object, as read

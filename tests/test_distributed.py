@@ -3,6 +3,7 @@ restarts are synchronised, and the result equals one process training on the con
 import datetime
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -54,6 +55,7 @@ def _worker(rank, init_file, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_match_single_process(tmp_path, monkeypatch):
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
     restarts = []

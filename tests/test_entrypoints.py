@@ -124,6 +124,7 @@ def trained(tmp_path_factory):
     return _train(tmp_path_factory, "--preset", "tiny")
 
 
+@pytest.mark.slow
 def test_train_tiny_end_to_end(trained):
     proc, out = trained
     _ok(proc)
@@ -137,6 +138,7 @@ def test_train_tiny_end_to_end(trained):
     assert "held-out PSNR" in proc.stdout
 
 
+@pytest.mark.slow
 def test_train_demo_learns_past_the_mean_colour_baseline(tmp_path_factory):
     proc, out = _train(tmp_path_factory, "--preset", "demo", "--steps", str(LEARNING_STEPS), "--threads", "1")
     _ok(proc)
@@ -145,6 +147,7 @@ def test_train_demo_learns_past_the_mean_colour_baseline(tmp_path_factory):
     assert m["heldout_codebook_used"] >= 160 and m["perplexity"] > 40, m  # no codebook collapse
 
 
+@pytest.mark.slow
 def test_tokenize_encode_decode_roundtrip(trained, tmp_path):
     _, out = trained
     _ok(trained[0])
@@ -160,12 +163,14 @@ def test_tokenize_encode_decode_roundtrip(trained, tmp_path):
     assert plt.imread(tmp_path / "out.png").shape[:2] == (16, 16)  # the tiny model's image size
 
 
+@pytest.mark.slow
 def test_demo_runs_on_real_photographs():
     out = _ok(vqfast_command("demo", "--codes", "64", "--repeats", "1"))
     assert "vqfast backend=cpu" in out or "vqfast backend=torch" in out
     assert "PSNR" in out
 
 
+@pytest.mark.slow
 def test_bench_tiny_runs_end_to_end(bench_cli):
     proc, results_dir = bench_cli
     out = _ok(proc)

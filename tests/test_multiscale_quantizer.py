@@ -330,6 +330,7 @@ def _dist_worker(rank, init_file, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_keep_one_codebook(tmp_path):
     """Every option's statistics and draws are synchronised: both ranks end with the same state, and
     with EMA alone (order-free sums) it is one process's state on the concatenated batches."""

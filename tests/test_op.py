@@ -153,6 +153,7 @@ def test_torch_compile_fullgraph(backend):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.slow
 def test_extension_missing_fallback():
     # Simulate a checkout whose extension is not built: vqfast must import, warn once with the
     # rebuild command, offer only the torch backend, and give a clear error for backend="cpu".

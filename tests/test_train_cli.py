@@ -169,6 +169,7 @@ NAMES = [
 ] + ([] if torch.cuda.is_available() else ["train --device cuda", "bench --device cuda"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_command(results, name):
     (argv, _, status, pattern, absent), proc = results[name]

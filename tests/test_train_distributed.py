@@ -15,6 +15,8 @@ from vqfast import tokenizer
 from vqfast import train as vtrain
 from vqfast.data import RealImageCrops, psnr
 
+pytestmark = pytest.mark.slow  # torchrun: processes that each import torch and train
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, EVERY, KILL_AT = 8, 3, 7  # checkpoints at steps 3 and 6; killed while fetching the 8th batch
 
