@@ -658,6 +658,23 @@ auto pick_kernel(bool tf32, bool vec, bool resident) {
   return table[tf32][vec][resident];
 }
 
+// Resident-z launches above the default 48 KiB of dynamic shared memory need the kernel's opt-in.
+// It is a driver call, made once per kernel and device, for the largest allotment any resident launch
+// there can ask (max_resident_bytes), not at every launch. Devices past kMaxDevices opt in each time.
+template <typename T>
+cudaError_t allow_resident_smem(bool tf32, bool vec, size_t elem) {
+  static std::atomic<bool> opted[2][2][kMaxDevices];  // [tf32][vec][device], resident variants only
+  int device = -1;
+  if (cudaGetDevice(&device) != cudaSuccess) return cudaGetLastError();
+  std::atomic<bool>* done = device >= 0 && device < kMaxDevices ? &opted[tf32][vec][device] : nullptr;
+  if (done != nullptr && done->load(std::memory_order_acquire)) return cudaSuccess;
+  const cudaError_t status = cudaFuncSetAttribute(pick_kernel<T>(tf32, vec, true),
+                                                  cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                  static_cast<int>(max_resident_bytes(elem)));
+  if (status == cudaSuccess && done != nullptr) done->store(true, std::memory_order_release);
+  return status;
+}
+
 template <typename T>
 cudaError_t launch_search(const T* z, const T* codebook, const float* code_sqnorm, int64_t n, int64_t k, int64_t d,
                           Mode mode, int64_t* best_index, float* best_dist, float* second_dist, T* codewords,
@@ -683,9 +700,8 @@ cudaError_t launch_search(const T* z, const T* codebook, const float* code_sqnor
   const bool resident = z_bytes <= max_resident_bytes(elem);
   const size_t smem = resident ? z_bytes : 0;
   auto kernel = pick_kernel<T>(tf32, vec, resident);
-  if (smem > 48 * 1024) {  // beyond the default dynamic shared memory limit: opt in
-    const cudaError_t status =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (smem > 48 * 1024) {  // beyond the default dynamic shared memory limit: opt in (once)
+    const cudaError_t status = allow_resident_smem<T>(tf32, vec, elem);
     if (status != cudaSuccess) return status;
   }
   const int zs = static_cast<int>(z_stride);

@@ -307,6 +307,22 @@ int main(int argc, char** argv) {
       }
     }
   }
+#if defined(VQFAST_CUDA_EMULATION)
+  // The launcher opts a kernel in to large dynamic shared memory once per device, not per launch:
+  // the emulator records every cudaFuncSetAttribute call (D = 520 in 16-bit fast mode launches its
+  // resident kernels several times: unsplit and split).
+  const auto& limits = vqfast_emu::dynamic_limits();
+  for (size_t i = 0; i < limits.size(); ++i)
+    for (size_t j = 0; j < i; ++j)
+      if (limits[i].first == limits[j].first) {
+        std::printf("FAIL cudaFuncSetAttribute called again for a kernel already opted in (call %zu)\n", i + 1);
+        ++failures;
+      }
+  if (limits.empty()) {
+    std::printf("FAIL no kernel was opted in to large dynamic shared memory (the D = 520 cases need it)\n");
+    ++failures;
+  }
+#endif
   std::printf(failures ? "FAILED\n" : "all checks passed\n");
   return failures ? 1 : 0;
 }
