@@ -17,6 +17,7 @@ import torch
 
 import vqfast
 from tests.helpers import assert_exact, assert_fast, make_hard_case
+from tests.test_resources import resources
 from vqfast import _ext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,54 +25,12 @@ CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
 CU_FILES = sorted(glob.glob(os.path.join(CUDA_DIR, "*.cu")))
 # Kernels whose register use decides occupancy; they must not spill (a spill goes to local memory).
 MAIN_KERNELS = ("nearest_codeword_kernel",)
-# torch.utils.cpp_extension passes these to every nvcc call of the extension build: the kernels must
-# compile under them (no implicit half / bfloat16 conversions or operators).
-TORCH_NVCC_FLAGS = [
-    "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
-    "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr",
-]
 
 
-def _nvcc() -> str | None:
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-            return os.path.join(home, "bin", "nvcc")
-    return shutil.which("nvcc")
-
-
-def parse_ptxas_report(text: str) -> dict[str, dict[str, int]]:
-    """Per kernel (mangled name) from `-Xptxas -v` output: registers, spill stores and loads, stack bytes."""
-    out: dict[str, dict[str, int]] = {}
-    current = None
-    for line in text.splitlines():
-        m = re.search(r"Function properties for (\S+)", line)
-        if m:
-            current = m.group(1)
-            out.setdefault(current, {})
-            continue
-        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if m and current is not None:
-            out[current].update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
-            continue
-        m = re.search(r"Compiling entry function '(\S+)'", line)
-        if m:
-            current = m.group(1)
-            out.setdefault(current, {})
-            continue
-        m = re.search(r"Used (\d+) registers", line)
-        if m and current is not None:
-            out[current]["registers"] = int(m.group(1))
-    return out
-
-
-def test_parse_ptxas_report():
-    text = (
-        "ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_80'\n"
-        "ptxas info    : Function properties for _Z3fooPf\n"
-        "    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n"
-        "ptxas info    : Used 96 registers, used 1 barriers, 1024 bytes smem, 368 bytes cmem[0]\n"
-    )
-    assert parse_ptxas_report(text) == {"_Z3fooPf": {"stack": 8, "spill_stores": 4, "spill_loads": 12, "registers": 96}}
+# The ptxas report parser, nvcc lookup and torch's nvcc flags of scripts/resources.py (the resource table).
+TORCH_NVCC_FLAGS = resources.TORCH_NVCC_FLAGS
+parse_ptxas_report = resources.parse_ptxas_report
+_nvcc = resources._nvcc
 
 
 def test_kernel_sources_include_no_torch_headers():

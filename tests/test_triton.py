@@ -55,23 +55,6 @@ def test_interpreter_suite():
     assert " passed" in out.stdout and "skipped" not in out.stdout.splitlines()[-1]
 
 
-def _search_signature(ptr: str):
-    return {
-        "z_ptr": ptr, "cb_ptr": ptr, "cbn_ptr": "*fp32", "idx_ptr": "*i64", "best_ptr": "*fp32", "second_ptr": "*fp32",
-        "N": "i32", "K": "i32", "D": "i32", "stride_zn": "i32", "stride_zd": "i32", "stride_cn": "i32", "stride_cd": "i32",
-        "K_BUCKET": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "BLOCK_D": "constexpr",
-        "INPUT_PRECISION": "constexpr", "CAST_FP32": "constexpr",
-    }
-
-
-# (pointer type, input precision, widen to fp32, is the fast tensor-core path)
-VARIANTS = [
-    ("*fp32", "ieee", False, False),  # exact, fp32
-    ("*fp16", "ieee", True, False),  # exact, fp16 widened
-    ("*fp32", "tf32", False, True),  # fast, tf32
-    ("*fp16", "tf32", False, True),  # fast, fp16
-    ("*bf16", "tf32", False, True),  # fast, bf16
-]
 # The tensor-core operand type each fast variant must multiply in (PTX spelling).
 OPERAND_TYPE = {"*fp32": "tf32", "*fp16": "f16", "*bf16": "bf16"}
 
@@ -146,11 +129,11 @@ def _compile_search(arch, bn, bk, bd, warps, stages, ptr, prec, widen):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from vqfast.triton import kernels
+    from vqfast.triton import kernels, search_signature
 
     src = ASTSource(
         fn=kernels._search_kernel,
-        signature=_search_signature(ptr),
+        signature=search_signature(ptr),
         constexprs={"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd, "INPUT_PRECISION": prec, "CAST_FP32": widen},
     )
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
@@ -162,25 +145,24 @@ def test_every_config_compiles_for_gpu(arch):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from vqfast.triton import GATHER_BLOCK_D, GATHER_BLOCK_N, LARGE_N_CONFIGS, SMALL_N_CONFIGS, kernels
+    from vqfast.triton import (
+        GATHER_BLOCK_D, GATHER_BLOCK_N, LARGE_N_CONFIGS, SEARCH_VARIANTS, SMALL_N_CONFIGS, gather_signature, kernels,
+    )
 
     target = GPUTarget("cuda", arch, 32)
     for bn, bk, bd, warps, stages in LARGE_N_CONFIGS + SMALL_N_CONFIGS:
-        for ptr, prec, widen, fast in VARIANTS:
+        for ptr, prec, widen in SEARCH_VARIANTS:
             compiled = _compile_search(arch, bn, bk, bd, warps, stages, ptr, prec, widen)
+            fast = prec == "tf32"
             family = ("wgmma" if wgmma_expected(arch, bn, warps) else "mma") if fast else "fma"
             try:
                 check_tensor_cores(compiled.asm["ptx"], family, OPERAND_TYPE[ptr])
             except AssertionError as e:
                 raise AssertionError(f"sm_{arch} config {(bn, bk, bd, warps, stages)} {ptr} {prec}: {e}") from None
-    gather = ASTSource(
-        fn=kernels._gather_kernel,
-        signature={"z_ptr": "*fp32", "cb_ptr": "*fp32", "idx_ptr": "*i64", "cw_ptr": "*fp32", "dist_ptr": "*fp32",
-                   "N": "i32", "D": "i32", "stride_zn": "i32", "stride_zd": "i32", "stride_cn": "i32", "stride_cd": "i32",
-                   "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"},
-        constexprs={"BLOCK_N": GATHER_BLOCK_N, "BLOCK_D": GATHER_BLOCK_D},
-    )
-    assert triton.compile(gather, target=target).asm["ptx"]
+    for ptr in ("*fp32", "*fp16", "*bf16"):
+        gather = ASTSource(fn=kernels._gather_kernel, signature=gather_signature(ptr),
+                           constexprs={"BLOCK_N": GATHER_BLOCK_N, "BLOCK_D": GATHER_BLOCK_D})
+        assert "ld.global" in triton.compile(gather, target=target).asm["ptx"]
 
 
 @pytest.mark.slow
@@ -191,16 +173,17 @@ def test_sass_of_every_fast_config_has_its_tensor_core_instruction(arch, tmp_pat
     listing of every fast configuration's cubin (about 0.3 s a listing, hence the slow tier)."""
     if _nvdisasm() is None:
         pytest.skip("nvdisasm not found (Triton's NVIDIA backend ships one)")
-    from vqfast.triton import LARGE_N_CONFIGS, SMALL_N_CONFIGS
+    from vqfast.triton import LARGE_N_CONFIGS, SEARCH_VARIANTS, SMALL_N_CONFIGS
 
     for bn, bk, bd, warps, stages in LARGE_N_CONFIGS + SMALL_N_CONFIGS:
-        for ptr, prec, widen, fast in VARIANTS:
-            if not fast:
+        for ptr, prec, widen in SEARCH_VARIANTS:
+            if prec != "tf32":  # exact mode: no tensor cores
                 continue
             compiled = _compile_search(arch, bn, bk, bd, warps, stages, ptr, prec, widen)
             family = "wgmma" if wgmma_expected(arch, bn, warps) else "mma"
             try:
-                check_tensor_cores(compiled.asm["ptx"], family, OPERAND_TYPE[ptr], _sass(compiled.asm["cubin"], tmp_path))
+                sass = _sass(compiled.asm["cubin"], tmp_path)
+                check_tensor_cores(compiled.asm["ptx"], family, OPERAND_TYPE[ptr], sass)
             except AssertionError as e:
                 raise AssertionError(f"sm_{arch} config {(bn, bk, bd, warps, stages)} {ptr} {prec}: {e}") from None
 

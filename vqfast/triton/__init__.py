@@ -32,11 +32,17 @@ Tensor = torch.Tensor
 # (BLOCK_N, BLOCK_K, BLOCK_D, num_warps, num_stages). Large-N configurations tile 64-128 rows; the
 # small-N ones (N <= 64, e.g. VAR's 1 x 1 and 2 x 2 scales) use 16-row tiles so that more programs
 # stream the codebook in parallel instead of one program per 128 mostly idle rows.
+# Every configuration compiles without spills for sm_80 and sm_90 in all SEARCH_VARIANTS
+# (benchmarks/results/gpu_resources.md, checked by tests/test_resources.py). The earlier 128x128x32 /
+# 128x64x64 w4 / 64x128x32 / 64x64x64 tiles spilled 100 B to 3.3 KB a thread on both (ptxas, fp32
+# exact and fast): the BLOCK_N x BLOCK_K distance tile, its three reductions and the operand slices
+# did not fit 255 registers. With BLOCK_D = 16 they hold 73-255 registers, none spilled. Their speeds
+# are not measured: no GPU has run them yet.
 LARGE_N_CONFIGS = [
-    (128, 128, 32, 8, 3),
-    (128, 64, 64, 4, 3),
-    (64, 128, 32, 4, 3),
-    (64, 64, 64, 4, 2),
+    (128, 64, 16, 8, 2),
+    (64, 128, 16, 8, 3),
+    (64, 128, 16, 4, 2),
+    (64, 64, 16, 8, 2),
 ]
 SMALL_N_CONFIGS = [
     (16, 128, 64, 4, 2),
@@ -46,6 +52,36 @@ SMALL_N = 64
 # Under the interpreter (CPU tensors, TRITON_INTERPRET=1) one small configuration, no tuning.
 INTERPRET_CONFIG = (16, 32, 16, 1, 1)
 GATHER_BLOCK_N, GATHER_BLOCK_D = 32, 64
+# The (element pointer type, INPUT_PRECISION, CAST_FP32) variants nearest_codeword_triton launches
+# _search_kernel with: exact mode in IEEE fp32 (fp16 / bf16 widened), fast mode on tf32 / fp16 / bf16
+# tensor cores. scripts/resources.py and tests/test_triton.py compile every configuration in each.
+SEARCH_VARIANTS = [
+    ("*fp32", "ieee", False),
+    ("*fp16", "ieee", True),
+    ("*bf16", "ieee", True),
+    ("*fp32", "tf32", False),
+    ("*fp16", "tf32", False),
+    ("*bf16", "tf32", False),
+]
+
+
+def search_signature(ptr: str) -> dict[str, str]:
+    """_search_kernel's argument types for triton.compile, with z and the codebook of type `ptr`."""
+    return {
+        "z_ptr": ptr, "cb_ptr": ptr, "cbn_ptr": "*fp32", "idx_ptr": "*i64", "best_ptr": "*fp32", "second_ptr": "*fp32",
+        "N": "i32", "K": "i32", "D": "i32",
+        "stride_zn": "i32", "stride_zd": "i32", "stride_cn": "i32", "stride_cd": "i32", "K_BUCKET": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "BLOCK_D": "constexpr",
+        "INPUT_PRECISION": "constexpr", "CAST_FP32": "constexpr",
+    }
+
+
+def gather_signature(ptr: str) -> dict[str, str]:
+    """_gather_kernel's argument types for triton.compile, with z, the codebook and codewords of type `ptr`."""
+    return {
+        "z_ptr": ptr, "cb_ptr": ptr, "idx_ptr": "*i64", "cw_ptr": ptr, "dist_ptr": "*fp32", "N": "i32", "D": "i32",
+        "stride_zn": "i32", "stride_zd": "i32", "stride_cn": "i32", "stride_cd": "i32",
+        "BLOCK_N": "constexpr", "BLOCK_D": "constexpr",
+    }
 
 
 def _as_triton_configs(configs):
