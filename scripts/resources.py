@@ -222,6 +222,9 @@ def triton_compiles(arch: int):
             mode = "exact" if precision == "ieee" else "fast"
             config = f"{bn}x{bk}x{bd} w{warps} s{stages}, {mode} {ptr[1:]}"
             yield "_search_kernel", config, compiled
+    src = ASTSource(fn=vt.kernels._merge_splits_kernel, signature=vt.MERGE_SIGNATURE,
+                    constexprs={"BLOCK_N": vt.MERGE_BLOCK_N})
+    yield "_merge_splits_kernel", f"{vt.MERGE_BLOCK_N} w4", triton.compile(src, target=target)
     for ptr in ("*fp32", "*fp16", "*bf16"):
         src = ASTSource(fn=vt.kernels._gather_kernel, signature=vt.gather_signature(ptr),
                         constexprs={"BLOCK_N": vt.GATHER_BLOCK_N, "BLOCK_D": vt.GATHER_BLOCK_D})

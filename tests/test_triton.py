@@ -42,17 +42,28 @@ def _interpreter_broken_reason(env: dict) -> str | None:
     return f"triton {triton.__version__}'s interpreter fails a plain loop kernel with NumPy {numpy.__version__}: {last}"
 
 
-def test_interpreter_suite():
+def _run_interpreter_suite(*selection: str):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     reason = _interpreter_broken_reason(env)
     if reason is not None:
         pytest.skip(reason)
     out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(REPO, "tests", "test_triton_interpreter.py")],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *selection,
+         os.path.join(REPO, "tests", "test_triton_interpreter.py")],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=900,
     )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and "skipped" not in out.stdout.splitlines()[-1]
+
+
+def test_interpreter_suite():
+    _run_interpreter_suite("-m", "not slow")
+
+
+@pytest.mark.slow
+def test_interpreter_suite_slow_cases():
+    """The interpreter's slow cases: the codebook split at K = 70,001 (about 2 minutes here)."""
+    _run_interpreter_suite("--slow", "-m", "slow")
 
 
 # The tensor-core operand type each fast variant must multiply in (PTX spelling).
@@ -146,7 +157,8 @@ def test_every_config_compiles_for_gpu(arch):
     from triton.compiler import ASTSource
 
     from vqfast.triton import (
-        GATHER_BLOCK_D, GATHER_BLOCK_N, LARGE_N_CONFIGS, SEARCH_VARIANTS, SMALL_N_CONFIGS, gather_signature, kernels,
+        GATHER_BLOCK_D, GATHER_BLOCK_N, LARGE_N_CONFIGS, MERGE_BLOCK_N, MERGE_SIGNATURE, SEARCH_VARIANTS,
+        SMALL_N_CONFIGS, gather_signature, kernels,
     )
 
     target = GPUTarget("cuda", arch, 32)
@@ -159,6 +171,9 @@ def test_every_config_compiles_for_gpu(arch):
                 check_tensor_cores(compiled.asm["ptx"], family, OPERAND_TYPE[ptr])
             except AssertionError as e:
                 raise AssertionError(f"sm_{arch} config {(bn, bk, bd, warps, stages)} {ptr} {prec}: {e}") from None
+    merge = ASTSource(fn=kernels._merge_splits_kernel, signature=MERGE_SIGNATURE,
+                      constexprs={"BLOCK_N": MERGE_BLOCK_N})
+    assert "ld.global" in triton.compile(merge, target=target).asm["ptx"]
     for ptr in ("*fp32", "*fp16", "*bf16"):
         gather = ASTSource(fn=kernels._gather_kernel, signature=gather_signature(ptr),
                            constexprs={"BLOCK_N": GATHER_BLOCK_N, "BLOCK_D": GATHER_BLOCK_D})
@@ -231,6 +246,24 @@ def test_tensor_core_check_fails_without_the_instruction():
         check_tensor_cores(sm90.asm["ptx"], "wgmma", "tf32", "        /*0a50*/  HMMA.1688.F32.TF32 R4, R8, R12, R4 ;")
     with pytest.raises(AssertionError, match="on other operands than bf16"):
         check_tensor_cores(sm90.asm["ptx"], "wgmma", "bf16")
+
+
+@pytest.mark.parametrize("n,k,sms,expected", [
+    (1, 70_001, 132, (137, 512)),  # one row program: as many splits as 512-code shares allow
+    (200, 70_001, 132, (21, 3456)),  # 13 row programs of 16: 21 splits fill 2 programs per SM
+    (16, 2000, 132, (4, 512)),
+    (5000, 70_001, 132, (1, 70_001)),  # 313 row programs already fill 132 SMs twice
+    (1, 511, 132, (1, 511)),  # too few codes to split
+    (1, 1025, 4, (3, 384)),  # 8 programs wanted, ceil(1025 / 512) = 3 allowed, 384 codes (a multiple of 128) each
+])
+def test_split_codes(n, k, sms, expected):
+    from vqfast.triton import LARGE_N_CONFIGS, SMALL_N_CONFIGS, SPLIT_ALIGN, split_codes
+
+    splits, codes = split_codes(n, k, 16, sms)
+    assert (splits, codes) == expected
+    assert (splits - 1) * codes < k <= splits * codes  # no empty split, every code in one
+    assert splits == 1 or codes % SPLIT_ALIGN == 0
+    assert all(SPLIT_ALIGN % bk == 0 for _, bk, _, _, _ in LARGE_N_CONFIGS + SMALL_N_CONFIGS)
 
 
 def test_k_bucket():

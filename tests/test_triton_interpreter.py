@@ -16,6 +16,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.importorskip("triton")
     import vqfast
     from tests.helpers import assert_exact, assert_fast, check_cosine_zero_vectors, make_hard_case
+    from vqfast.triton import INTERPRET_CONFIG, INTERPRET_SMS, split_codes
 
 SHAPES = [(1, 1, 1), (1, 3, 7), (37, 17, 53), (50, 100, 33), (19, 1, 40), (3, 40, 1)]
 
@@ -90,3 +91,56 @@ def test_gradients_and_float64_rejected():
 
 def test_cosine_zero_vectors_follow_the_contract():
     check_cosine_zero_vectors(("cpu", "triton"), dtypes=(torch.float32, torch.float16))
+
+
+# The codebook split (small N): the interpreter splits as an H100's 132 SMs would (INTERPRET_SMS), so
+# K = 2000 runs as 4 splits of 512 codes at every N below, merged by _merge_splits_kernel.
+def _splits(n, k):
+    return split_codes(n, k, INTERPRET_CONFIG[0], INTERPRET_SMS)[0]
+
+
+@pytest.mark.parametrize("n", [1, 16, 64, 200])
+def test_split_codebook_matches_oracle(n):
+    assert _splits(n, 2000) == 4
+    z = torch.randn(n, 8)
+    cb = torch.randn(2000, 8)
+    assert_exact(z, cb, vqfast.nearest_codeword(z, cb, backend="triton"))
+
+
+def test_split_codebook_fast_mode_and_cosine():
+    z = torch.randn(16, 24)
+    cb = torch.randn(1500, 24)
+    assert _splits(16, 1500) == 3
+    assert_fast(z, cb, vqfast.nearest_codeword(z, cb, precision="fast", backend="triton"), ("cuda", "triton"))
+    assert_exact(z, cb, vqfast.nearest_codeword(z, cb, metric="cosine", backend="triton"), "cosine")
+
+
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_split_ties_take_the_lowest_index(precision):
+    # Duplicates in other splits (512 codes each): the merge keeps the lowest index.
+    cb = torch.randn(2000, 6)
+    cb[600] = cb[5]
+    cb[1999] = cb[5]
+    cb[1100] = cb[700]
+    z = cb[[5, 600, 1999, 700, 1100]].clone()
+    idx = vqfast.nearest_codeword(z, cb, precision=precision, backend="triton")[0]
+    assert idx.tolist() == [5, 5, 5, 700, 700]
+
+
+@pytest.mark.parametrize("kind,dtype", [("offset", torch.float32), ("duplicates", torch.bfloat16)])
+def test_split_hard_rows_match_the_oracle(kind, dtype):
+    z, cb = make_hard_case(kind, 40, 1200, 9, seed=7)
+    z, cb = z.to(dtype), cb.to(dtype)
+    assert _splits(40, 1200) > 1
+    assert_exact(z, cb, vqfast.nearest_codeword(z, cb, backend="triton"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [1, 16, 200])
+def test_split_large_codebook_matches_oracle(n):
+    """K = 70,001: 137 splits of 512 codes at N = 1 and 16, 21 of 3,456 at N = 200 (about 8, 8 and 100 s
+    here)."""
+    z = torch.randn(n, 8)
+    cb = torch.randn(70_001, 8)
+    assert _splits(n, 70_001) == {1: 137, 16: 137, 200: 21}[n]
+    assert_exact(z, cb, vqfast.nearest_codeword(z, cb, backend="triton"))

@@ -4,6 +4,10 @@ Registered with torch.library.triton_op (kernels launched through wrap_triton), 
 torch.compile(fullgraph=True) traces into it; it shares the fake shapes and the backward of the
 other backends (vqfast._opdef.register_nearest_codeword_op).
 
+Few rows (VAR's first scales, single queries): when the row programs cannot fill the GPU's SMs, the
+codebook is split over a second grid axis (split_codes) and a merge kernel folds each row's per-split
+top-2 on the device, as the CUDA kernel does; every distance is computed as in the unsplit search.
+
 Precision:
   exact  the search kernel computes IEEE fp32 dot products (fp16/bf16 inputs are widened to fp32),
          so the rigorous bound of vqfast/reference.py (reference.ranking_tolerance) holds for every
@@ -36,12 +40,12 @@ Tensor = torch.Tensor
 # (benchmarks/results/gpu_resources.md, checked by tests/test_resources.py). The earlier 128x128x32 /
 # 128x64x64 w4 / 64x128x32 / 64x64x64 tiles spilled 100 B to 3.3 KB a thread on both (ptxas, fp32
 # exact and fast): the BLOCK_N x BLOCK_K distance tile, its three reductions and the operand slices
-# did not fit 255 registers. With BLOCK_D = 16 they hold 73-255 registers, none spilled. Their speeds
-# are not measured: no GPU has run them yet.
+# did not fit 255 registers; 64-row tiles on 4 warps still spill 8-48 B in exact fp32. With 8 warps
+# and 16-32-wide feature slices none spills. Their speeds are not measured: no GPU has run them yet.
 LARGE_N_CONFIGS = [
     (128, 64, 16, 8, 2),
     (64, 128, 16, 8, 3),
-    (64, 128, 16, 4, 2),
+    (64, 64, 32, 8, 3),
     (64, 64, 16, 8, 2),
 ]
 SMALL_N_CONFIGS = [
@@ -52,6 +56,17 @@ SMALL_N = 64
 # Under the interpreter (CPU tensors, TRITON_INTERPRET=1) one small configuration, no tuning.
 INTERPRET_CONFIG = (16, 32, 16, 1, 1)
 GATHER_BLOCK_N, GATHER_BLOCK_D = 32, 64
+MERGE_BLOCK_N = 128
+
+# Small N: when the row programs cannot fill the GPU, the codebook is split over program_id(1) (as the
+# CUDA kernel splits it over blockIdx.y), up to SPLIT_PROGRAMS_PER_SM programs per SM in all and at most
+# ceil(K / SPLIT_MIN_CODES) splits; _merge_splits_kernel then folds the per-split top-2.
+# A split's width is a multiple of SPLIT_ALIGN, which every configuration's BLOCK_K divides.
+SPLIT_PROGRAMS_PER_SM = 2
+SPLIT_MIN_CODES = 512
+SPLIT_ALIGN = 128
+# The interpreter has no SMs: it splits as an H100 (132 SMs) would, so the split path runs on CPUs.
+INTERPRET_SMS = 132
 # The (element pointer type, INPUT_PRECISION, CAST_FP32) variants nearest_codeword_triton launches
 # _search_kernel with: exact mode in IEEE fp32 (fp16 / bf16 widened), fast mode on tf32 / fp16 / bf16
 # tensor cores. scripts/resources.py and tests/test_triton.py compile every configuration in each.
@@ -70,9 +85,16 @@ def search_signature(ptr: str) -> dict[str, str]:
     return {
         "z_ptr": ptr, "cb_ptr": ptr, "cbn_ptr": "*fp32", "idx_ptr": "*i64", "best_ptr": "*fp32", "second_ptr": "*fp32",
         "N": "i32", "K": "i32", "D": "i32",
-        "stride_zn": "i32", "stride_zd": "i32", "stride_cn": "i32", "stride_cd": "i32", "K_BUCKET": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "BLOCK_D": "constexpr",
+        "stride_zn": "i32", "stride_zd": "i32", "stride_cn": "i32", "stride_cd": "i32", "K_BUCKET": "i32",
+        "SPLIT_CODES": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "BLOCK_D": "constexpr",
         "INPUT_PRECISION": "constexpr", "CAST_FP32": "constexpr",
     }
+
+
+MERGE_SIGNATURE = {
+    "ws_idx_ptr": "*i64", "ws_best_ptr": "*fp32", "ws_second_ptr": "*fp32", "idx_ptr": "*i64", "best_ptr": "*fp32",
+    "second_ptr": "*fp32", "N": "i32", "SPLITS": "i32", "BLOCK_N": "constexpr",
+}
 
 
 def gather_signature(ptr: str) -> dict[str, str]:
@@ -117,6 +139,24 @@ def _wrap(kernel):
         except RuntimeError:
             return kernel
     return wrap_triton(kernel)
+
+
+def split_codes(n: int, k: int, block_n: int, sms: int) -> tuple[int, int]:
+    """(splits, codes per split) of a K-codeword search over n rows in programs of block_n rows on a GPU
+    with `sms` SMs: one split (the whole codebook) when the row programs fill the GPU."""
+    row_programs = -(-n // block_n)
+    wanted = -(-SPLIT_PROGRAMS_PER_SM * sms // row_programs) if n > 0 else 1
+    splits = max(1, min(wanted, -(-k // SPLIT_MIN_CODES)))
+    if splits == 1:
+        return 1, max(k, 1)
+    codes = -(-(-(-k // splits)) // SPLIT_ALIGN) * SPLIT_ALIGN
+    return -(-k // codes), codes
+
+
+def _sm_count(device: torch.device) -> int:
+    if _interpret():
+        return INTERPRET_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def k_bucket(k: int) -> int:
@@ -170,17 +210,33 @@ def nearest_codeword_triton(
     indices = torch.empty(n, dtype=torch.int64, device=z.device)
     best = torch.empty(n, dtype=torch.float32, device=z.device)
     second = torch.empty(n, dtype=torch.float32, device=z.device)
-    args = (zs, cbs, cbn, indices, best, second, n, k, d, zs.stride(0), zs.stride(1), cbs.stride(0), cbs.stride(1))
+    # The split is chosen for the configurations' smallest row tile (the autotuner may pick a larger one,
+    # leaving fewer programs, never a wrong answer).
+    configs = [INTERPRET_CONFIG] if _interpret() else SMALL_N_CONFIGS if n <= SMALL_N else LARGE_N_CONFIGS
+    splits, codes = split_codes(n, k, min(c[0] for c in configs), _sm_count(z.device))
+    if splits > 1:  # per-split top-2 [splits, N], merged below
+        out = (torch.empty(splits * n, dtype=torch.int64, device=z.device),
+               torch.empty(splits * n, dtype=torch.float32, device=z.device),
+               torch.empty(splits * n, dtype=torch.float32, device=z.device))
+    else:
+        out = (indices, best, second)
+    args = (zs, cbs, cbn, *out, n, k, d, zs.stride(0), zs.stride(1), cbs.stride(0), cbs.stride(1))
     if _interpret():
         bn, bk, bd, _, _ = INTERPRET_CONFIG
-        grid = (triton.cdiv(n, bn),)
+        grid = (triton.cdiv(n, bn), splits)
         _wrap(kernels._search_kernel)[grid](
-            *args, k_bucket(k), BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd, INPUT_PRECISION=input_precision, CAST_FP32=cast_fp32
+            *args, k_bucket(k), codes, BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd, INPUT_PRECISION=input_precision,
+            CAST_FP32=cast_fp32,
         )
     else:
         kernel = _search_small if n <= SMALL_N else _search_large
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        _wrap(kernel)[grid](*args, K_BUCKET=k_bucket(k), INPUT_PRECISION=input_precision, CAST_FP32=cast_fp32)
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
+        _wrap(kernel)[grid](*args, K_BUCKET=k_bucket(k), SPLIT_CODES=codes, INPUT_PRECISION=input_precision,
+                            CAST_FP32=cast_fp32)
+    if splits > 1:
+        _wrap(kernels._merge_splits_kernel)[(triton.cdiv(n, MERGE_BLOCK_N),)](
+            *out, indices, best, second, n, splits, BLOCK_N=MERGE_BLOCK_N,
+        )
     if exact:
         indices = torch.ops.vqfast.rerank_rows(zs, cbs, indices, best, second)
     if metric == "cosine":  # zero rows: reference.cosine_zero_rows
