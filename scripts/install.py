@@ -13,7 +13,7 @@ build requirements, which `--no-build-isolation` needs present. So this installs
 
 torch: an installed torch (CPU or CUDA build) is kept as it is; when none is installed, the CPU build
 torch==2.13.0 is installed. No requirement names torch, so pip never replaces it. GPU users
-install the CUDA build of torch first, and the nvcc of its CUDA version (the README's GPU section).
+install the CUDA build of torch first, and the nvcc of its CUDA version (docs/gpu.md).
 The extension vqfast._C is compiled against that torch (pip install --no-build-isolation -e .); the
 last lines say which backends resulted and, for CUDA, which GPU architectures or why none.
 """

@@ -287,12 +287,12 @@ def _load_plot_script():
 
 
 @pytest.mark.slow
-def test_plot_script_reads_bench_results_by_default(tiny_records, tmp_path, monkeypatch):
+def test_plot_script_draws_a_users_results_dir(tiny_records, tmp_path, monkeypatch):
     _, records = tiny_records
     forward_rows = [r for r in records if r["question"] == "forward"]
     results.append_jsonl(forward_rows, tmp_path / "bench-results" / "forward_cpu.jsonl")
     monkeypatch.chdir(tmp_path)
-    assert _load_plot_script().main([]) == 0
+    assert _load_plot_script().main(["--results-dir", "bench-results"]) == 0
     assert (tmp_path / "bench-results" / "forward_speedup_cpu.png").exists()
 
 

@@ -264,7 +264,7 @@ def is_validated(backend: str, arch: str) -> bool:
 
 
 def validation_summary() -> str:
-    """One line per kernel: where it is validated and what "auto" does with it (install report, README)."""
+    """One line per kernel: where it is validated and what "auto" does with it (install report, docs)."""
     record = validation_record()
     here = None
     if torch.cuda.is_available():

@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"a checkout of taming-transformers, for dropin (default: ${dropin.REPO_ENV['taming']})")
     parser.add_argument("--results-dir", default=DEFAULT_RESULTS_DIR,
                         help="where <question>_<device>.jsonl files are appended to (default: ./bench-results; "
-                             "the README's tables come from benchmarks/results)")
+                             "the docs' tables come from benchmarks/results)")
     parser.add_argument("--no-save", action="store_true", help="print the tables only, append nothing")
     parser.add_argument("--quiet", action="store_true", help="print the tables only, not per-provider progress")
     parser.add_argument("--isa", default="auto", choices=("auto", "all") + tuple(FAISS_LEVELS),

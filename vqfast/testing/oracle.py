@@ -6,7 +6,7 @@ order, with no expansion ||z||^2 + ||c||^2 - 2 z.c, no candidate bound and no re
 are those the caller gave (float32, float16 and bfloat16 convert to float64 exactly); for
 metric="cosine" both sides are first divided by max(||x||, 1e-12), also in float64.
 
-The contract it checks (README, "How the kernels stay exact"):
+The contract it checks (docs/exactness.md, "How the kernels stay exact"):
 
   exact  the chosen codeword's float64 distance equals the float64 minimum of its row, and among
          codewords at exactly that distance the lowest index wins. No float32 slack. Two roundings
@@ -223,7 +223,7 @@ def effective_search_dtype(z: torch.Tensor, codebook: torch.Tensor) -> torch.dty
 
 def fast_rounding(backend: str, device_type: str, z_dtype: torch.dtype, codebook_dtype: torch.dtype,
                   metric: str = "l2") -> tuple[float, float]:
-    """(u_op, u_acc) of fast mode for a backend, from what each one documents (README, "Backends")."""
+    """(u_op, u_acc) of fast mode for a backend, from what each one documents (docs/exactness.md, "Backends")."""
     if torch.float64 in (z_dtype, codebook_dtype):
         return 0.0, _FP64_U  # float64 has no reduced-precision path anywhere
     if backend == "cpu" or device_type == "cpu":
