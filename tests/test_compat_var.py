@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import vqfast
+from tests.helpers import end_gloo_worker
 from vqfast.compat.var import VectorQuantizer2
 from vqfast.multiscale import VARQuantizer
 
@@ -824,6 +825,7 @@ def _rank_worker(rank, init_file, out_dir, batch):
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         tdist.destroy_process_group()
+    end_gloo_worker()
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ import torch.nn as nn
 from vector_quantize_pytorch import ResidualVQ, VectorQuantize
 
 import vqfast
-from tests.helpers import MaxNumel
+from tests.helpers import MaxNumel, end_gloo_worker
 from vqfast.compat import vector_quantize as compat
 from vqfast.reference import CHUNK_ELEMENTS
 
@@ -412,6 +412,7 @@ def _dist_worker(rank, init_file, out_dir):
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    end_gloo_worker()
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.helpers import end_gloo_worker
 from vqfast import ResidualVectorQuantizer, VectorQuantizer
 
 WORLD = 2
@@ -53,6 +54,7 @@ def _worker(rank, init_file, out_dir):
         torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    end_gloo_worker()
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.helpers import end_gloo_worker
 from vqfast.compat.var import VectorQuantizer2
 from vqfast.models import MultiScaleQuantizer
 from vqfast.multiscale import VARQuantizer
@@ -328,6 +329,7 @@ def _dist_worker(rank, init_file, out_dir):
         torch.save(_dist_train(_dist_models(), rank), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    end_gloo_worker()
 
 
 @pytest.mark.slow
