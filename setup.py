@@ -221,6 +221,8 @@ setup(
     long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["vqfast", "vqfast.*"]),
+    # The GPU validation record: without it an installed vqfast would treat every GPU as unvalidated.
+    package_data={"vqfast": ["gpu_validated.json"]},
     python_requires=">=3.10",
     license="MIT",
     license_files=["LICENSE"],

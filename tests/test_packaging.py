@@ -346,6 +346,7 @@ def wheel(tmp_path_factory):
 def test_wheel_holds_the_extension_and_no_build_junk(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert "vqfast/_C.so" in names and "vqfast/_cuda_archs.py" in names
+    assert "vqfast/gpu_validated.json" in names  # the record backend="auto" reads on GPUs
     dist_info = [n for n in names if ".dist-info/" in n]
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in dist_info), dist_info
     metadata = zipfile.ZipFile(wheel).read(next(n for n in dist_info if n.endswith("/METADATA"))).decode()
