@@ -308,7 +308,7 @@ def record_validation(arch: str, backends: list[str], device: str, commit: str, 
 _unvalidated_checked = False
 
 
-def _warn_unvalidated(skipped: list[str], index: int | None) -> None:
+def _warn_unvalidated(skipped: list[str], arch: str) -> None:
     """Once per process: which GPU kernels "auto" passed over on this GPU, and how to opt in."""
     global _unvalidated_checked
     if _unvalidated_checked or torch.compiler.is_compiling():  # said in eager mode, not while tracing
@@ -317,7 +317,6 @@ def _warn_unvalidated(skipped: list[str], index: int | None) -> None:
     runnable = [n for n in skipped if REGISTRY[n].unavailable_reason() is None]
     if not runnable:
         return
-    arch = gpu_arch(index)
     kernels = " and ".join(runnable)
     opt = " or ".join(f"backend={n!r}" for n in runnable)
     warnings.warn(
@@ -377,20 +376,21 @@ def resolve_backend(backend: str, device_type: str, inputs: tuple[torch.Tensor, 
         if env and env != "auto":
             backend, source = env, f"the environment variable {ENV_VAR}"
         else:
-            unvalidated = []
+            unvalidated, arch = [], None
             for name in AUTO_ORDER.get(device_type, (FALLBACK,)):
                 b = REGISTRY[name]
                 if b.fallback:
                     break
-                if (b.needs_gpu_validation and device_type == "cuda" and torch.cuda.is_available()
-                        and not is_validated(name, gpu_arch(_cuda_index(inputs)))):
-                    unvalidated.append(name)
-                    continue
+                if b.needs_gpu_validation and device_type == "cuda" and torch.cuda.is_available():
+                    arch = arch or gpu_arch(_cuda_index(inputs))  # once per call, for every GPU kernel
+                    if not is_validated(name, arch):
+                        unvalidated.append(name)
+                        continue
                 if (b.unavailable_reason() is None and b.device_reason(device_type) is None
                         and _inputs_reason(b, inputs) is None):
                     return name
             if unvalidated:
-                _warn_unvalidated(unvalidated, _cuda_index(inputs))
+                _warn_unvalidated(unvalidated, arch)
             return FALLBACK
     if backend not in REGISTRY:
         raise ValueError(f"{source}={backend!r} is not a vqfast backend; choose one of {('auto',) + BACKEND_NAMES}")
