@@ -149,8 +149,8 @@ def split_codes(n: int, k: int, block_n: int, sms: int) -> tuple[int, int]:
     splits = max(1, min(wanted, -(-k // SPLIT_MIN_CODES)))
     if splits == 1:
         return 1, max(k, 1)
-    codes = -(-(-(-k // splits)) // SPLIT_ALIGN) * SPLIT_ALIGN
-    return -(-k // codes), codes
+    codes = triton.cdiv(triton.cdiv(k, splits), SPLIT_ALIGN) * SPLIT_ALIGN  # the widths rounded up to SPLIT_ALIGN
+    return triton.cdiv(k, codes), codes
 
 
 def _sm_count(device: torch.device) -> int:
