@@ -5,6 +5,12 @@
     vqfast::nearest_codeword_torch    pure PyTorch (vqfast/reference.py), every device (defined here)
     vqfast::nearest_codeword_triton   Triton kernel (vqfast/triton), which registers itself through
                                       register_nearest_codeword_op below
+    vqfast::nearest_codeword_flagged, vqfast::nearest_codeword_triton_flagged
+                                      the GPU kernels with check_finite's value test fused into their
+                                      passes over the inputs: a fourth output, ``extremes`` float64 [2],
+                                      holds max |z| and max |codebook| (NaN where a NaN was read, +inf
+                                      where an Inf was), left on the device; read back once by the caller
+                                      (register_nearest_codeword_flagged_op below)
 
 All of them share one signature, one fake implementation and one backward
 (reference.nearest_codeword_backward), so torch.compile(fullgraph=True) traces any of them.
@@ -46,6 +52,21 @@ def _backward(ctx, grad_indices, grad_codewords, grad_distances):
     )
 
 
+def _fake_flagged(z: Tensor, codebook: Tensor, metric: str = "l2", precision: str = "exact"):
+    return (*_fake_nearest_codeword(z, codebook, metric, precision), z.new_empty((2,), dtype=torch.float64))
+
+
+def _backward_flagged(ctx, grad_indices, grad_codewords, grad_distances, grad_extremes):
+    return _backward(ctx, grad_indices, grad_codewords, grad_distances)
+
+
+def register_nearest_codeword_flagged_op(qualname: str) -> None:
+    """Attach the fake implementation and backward of an op with the flagged schema:
+    (z, codebook, metric, precision) -> (indices, codewords, distances, extremes float64 [2])."""
+    torch.library.register_fake(qualname)(_fake_flagged)
+    torch.library.register_autograd(qualname, _backward_flagged, setup_context=_setup_context)
+
+
 def register_nearest_codeword_op(qualname: str) -> None:
     """Attach the shared fake implementation and backward to an op with the nearest_codeword schema."""
     torch.library.register_fake(qualname)(_fake_nearest_codeword)
@@ -63,3 +84,5 @@ register_nearest_codeword_op("vqfast::nearest_codeword_torch")
 if _ext.has_ext():
     register_nearest_codeword_op("vqfast::nearest_codeword")
     register_nearest_codeword_op("vqfast::nearest_codeword_checked")
+    if hasattr(torch.ops.vqfast, "nearest_codeword_flagged"):  # defined by builds since the flagged op
+        register_nearest_codeword_flagged_op("vqfast::nearest_codeword_flagged")
