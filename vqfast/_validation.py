@@ -5,6 +5,7 @@ Three layers, cheapest first:
     check_nearest_codeword_inputs   types, ranks, shapes, devices, option strings (no data read)
     scan_values                     one min/max pass over z and the codebook: NaN/Inf, and whether
                                     squared distances could overflow the compute dtype
+    value_rules                     the same verdict from the two maxima a flagged GPU op reports
     int32_offsets_reason            for backends whose kernels index with 32-bit offsets
 """
 from __future__ import annotations
@@ -83,9 +84,8 @@ def scan_values(z: torch.Tensor, codebook: torch.Tensor) -> bool:
     run in float64 because float32 squared distances could overflow.
 
     Raises ValueError naming the argument when it holds NaN/Inf, or when even float64 distances
-    could overflow (float64 inputs beyond magnitude_limit(D, float64)).
+    could overflow (float64 inputs beyond magnitude_limit(D, float64)): the rules of value_rules.
     """
-    dim = z.shape[1]
     extremes = []
     for t in (z, codebook):
         if t.numel() == 0:
@@ -94,16 +94,34 @@ def scan_values(z: torch.Tensor, codebook: torch.Tensor) -> bool:
         lo, hi = torch.aminmax(t)  # min/max propagate NaN, so one pass also finds NaN and Inf
         extremes.append(torch.maximum(lo.abs(), hi.abs()).double())
     z_max, cb_max = torch.stack(extremes).tolist()
+    return value_rules(z, codebook, z_max, cb_max)
+
+
+def value_rules(z: torch.Tensor, codebook: torch.Tensor, z_max: float, cb_max: float) -> bool:
+    """check_finite's verdict from max |z| and max |codebook| (NaN when a NaN was read, +inf when an
+    Inf was), however they were found: scan_values' min/max pass, or a GPU kernel that reports them
+    from its own pass over the inputs (the flagged ops, vqfast/_opdef.py). Reads no values of z or
+    codebook unless it raises.
+
+    Returns True when the search must run in float64 because float32 squared distances could
+    overflow. Raises ValueError naming the argument when it holds NaN/Inf, and when even float64
+    distances could overflow (inputs searched in float64 beyond magnitude_limit(D, float64)).
+    """
     for name, t, m in (("z", z, z_max), ("codebook", codebook, cb_max)):
         if not math.isfinite(m):
             raise ValueError(_non_finite_message(name, t))
-    m = max(z_max, cb_max)
-    dtype = search_dtype(z, codebook)
+    name = "z" if z_max >= cb_max else "codebook"
+    return needs_float64(max(z_max, cb_max), z.shape[1], search_dtype(z, codebook), name)
+
+
+def needs_float64(m: float, dim: int, dtype: torch.dtype, name: str = "z") -> bool:
+    """For finite inputs whose largest |value| is ``m``, searched over ``dim`` features in ``dtype``:
+    True when float32 squared distances could overflow (search again in float64); raises ValueError
+    naming ``name`` when the search is already float64 and its distances could overflow."""
     if m <= magnitude_limit(dim, dtype):
         return False
     if dtype == torch.float32:
         return True  # every float32 value squares to far below float64's limit (3.4e38^2 ~ 1e77)
-    name = "z" if z_max >= cb_max else "codebook"
     raise ValueError(
         f"{name} holds values up to {m:.3g}: squared distances over D={dim} features would overflow float64 "
         f"(limit {magnitude_limit(dim, dtype):.3g}). Rescale z and codebook by one common factor, e.g. "

@@ -57,6 +57,10 @@ class Backend:
     inputs_reason: Callable[[Tensor, Tensor], str | None] = lambda z, codebook: None
     # The op that also runs check_finite's value tests inside the search, where the backend has one.
     load_checked_op: Callable[[], Op] | None = None
+    # GPU kernels: the op with check_finite's value test fused into the search, which returns a fourth
+    # output, ``extremes`` (max |z|, max |codebook|, float64 [2], on the device) for the caller to read
+    # back once (vqfast/_opdef.py); it returns None where this build or install has no such op.
+    load_flagged_op: Callable[[], Op | None] | None = None
     # The device types it serves natively, in the registry's order of preference for "auto" (and the
     # (device, backend) pairs the tests cover).
     devices: tuple[str, ...] = ()
@@ -184,6 +188,21 @@ def _triton_op() -> Op:
     return torch.ops.vqfast.nearest_codeword_triton.default
 
 
+def _defined_op(name: str) -> Op | None:
+    """torch.ops.vqfast.<name>.default, or None where it is not defined (a build from before it existed)."""
+    return getattr(torch.ops.vqfast, name).default if hasattr(torch.ops.vqfast, name) else None
+
+
+def _cuda_flagged_op() -> Op | None:
+    return _defined_op("nearest_codeword_flagged")  # vqfast._C's CUDA kernel with the fused value test
+
+
+def _triton_flagged_op() -> Op | None:
+    import vqfast.triton  # noqa: F401  (defines the op, where this version of vqfast.triton has it)
+
+    return _defined_op("nearest_codeword_triton_flagged")
+
+
 # In the order of "auto"'s preference on each device (the fallback comes last whatever its place).
 # The CUDA and Triton kernels address memory with 64-bit offsets and keep indices in int32.
 REGISTRY: dict[str, Backend] = {
@@ -191,10 +210,10 @@ REGISTRY: dict[str, Backend] = {
     for b in (
         Backend("torch", lambda: None, lambda device_type: None, _torch_op, devices=("cpu", "cuda"), fallback=True),
         Backend("cpu", _cpu_reason, _only("cpu"), _cpp_op, load_checked_op=_cpp_checked_op, devices=("cpu",)),
-        Backend("cuda", _cuda_reason, _only("cuda"), _cpp_op, _cuda_inputs_reason, devices=("cuda",),
-                needs_gpu_validation=True),
-        Backend("triton", _triton_reason, _triton_device_reason, _triton_op, _triton_inputs_reason,
+        Backend("cuda", _cuda_reason, _only("cuda"), _cpp_op, _cuda_inputs_reason, load_flagged_op=_cuda_flagged_op,
                 devices=("cuda",), needs_gpu_validation=True),
+        Backend("triton", _triton_reason, _triton_device_reason, _triton_op, _triton_inputs_reason,
+                load_flagged_op=_triton_flagged_op, devices=("cuda",), needs_gpu_validation=True),
     )
 }
 
@@ -215,6 +234,14 @@ def load_op(name: str, checked: bool = False) -> Op:
     if b.load_checked_op is None:
         raise ValueError(f"backend {name!r} has no op with fused value checks")
     return b.load_checked_op()
+
+
+def load_flagged_op(name: str) -> Op | None:
+    """The op of backend ``name`` with check_finite's value test fused into its kernels (the GPU
+    backends: (z, codebook, metric, precision) -> (indices, codewords, distances, extremes)), or None
+    where the backend or this build has none."""
+    load = REGISTRY[name].load_flagged_op
+    return None if load is None else load()
 
 
 # ---------------------------------------------------------------- the GPU validation record

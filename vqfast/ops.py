@@ -9,7 +9,7 @@ import torch
 
 from vqfast import backends, reference
 from vqfast._opdef import nearest_codeword_torch, register_nearest_codeword_op  # noqa: F401  (public names kept)
-from vqfast._validation import check_nearest_codeword_inputs, scan_values
+from vqfast._validation import check_nearest_codeword_inputs, scan_values, value_rules
 from vqfast.backends import resolve_backend
 
 Tensor = torch.Tensor
@@ -33,6 +33,29 @@ def _cpu_checked(z: Tensor, codebook: Tensor, metric: str, precision: str) -> tu
         error = exc
     scan_values(z, codebook)  # raises the ValueError that names the argument and the fix
     raise error
+
+
+def _flagged(op, backend: str, z: Tensor, codebook: Tensor, metric: str, precision: str
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """A GPU backend with check_finite: its flagged op searches and, in the same passes over the inputs,
+    finds max |z| and max |codebook| (``extremes``, left on the device). Reading them back is the call's
+    one host sync; value_rules then raises on NaN/Inf, or sends float32 values beyond
+    magnitude_limit(D, float32) to a float64 search (the first outputs are dropped).
+    """
+    indices, codewords, distances, extremes = op(z, codebook, metric, precision)
+    z_max, cb_max = extremes.tolist()  # the one sync
+    if not value_rules(z, codebook, z_max, cb_max):
+        return indices, codewords, distances
+    return _float64_search(backend, z, codebook, metric, precision)
+
+
+def _float64_search(backend: str, z: Tensor, codebook: Tensor, metric: str, precision: str
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """The search in float64 (values too large for float32 distances), codewords back in z's dtype."""
+    run_z, run_cb = z.double(), codebook.double()
+    name = resolve_backend(backend, z.device.type, (run_z, run_cb))  # float64 rules out some backends
+    indices, codewords, distances = _op_for(name)(run_z, run_cb, metric, precision)
+    return indices, codewords.to(z.dtype), distances
 
 
 def _empty_result(z: Tensor, codebook: Tensor, metric: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -73,11 +96,12 @@ def nearest_codeword(
             squared distance to overflow (|x| > 6.5e18 / sqrt(D)) are searched in float64 instead, on
             the same backend; float64 inputs beyond 4.7e153 / sqrt(D) raise. The cpu backend tests
             the values inside the search's own pass, as its kernel loads them (no extra pass over z);
-            the other backends scan both inputs first (one min/max pass, one device sync). False
-            skips the test for speed: NaN/Inf inputs then give unspecified (but in-range) indices,
-            and huge float32 inputs may pick a wrong codeword. The test is also skipped while
-            torch.compile traces (torch.compiler.is_compiling()), so that fullgraph=True works, and
-            on meta tensors, which hold no values.
+            so do the cuda and triton kernels, whose two maxima the call reads back once (one device
+            sync per call; none with check_finite=False); torch scans both inputs first (one min/max
+            pass, one device sync). False skips the test for speed: NaN/Inf inputs then give
+            unspecified (but in-range) indices, and huge float32 inputs may pick a wrong codeword.
+            The test is also skipped while torch.compile traces (torch.compiler.is_compiling()), so
+            that fullgraph=True works, and on meta tensors, which hold no values.
 
     Returns:
         indices [N] int64 (lowest index on ties), codewords [N, D] (= codebook[indices], z's dtype),
@@ -89,15 +113,17 @@ def nearest_codeword(
         raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
     check = check_finite and z.device.type != "meta" and not torch.compiler.is_compiling()
     name = resolve_backend(backend, z.device.type, (z, codebook))
-    if check and name == "cpu" and z.shape[0] > 0:
-        return _cpu_checked(z, codebook, metric, precision)
-    run_z, run_cb = z, codebook
+    if check and z.shape[0] > 0:
+        if name == "cpu":
+            return _cpu_checked(z, codebook, metric, precision)
+        flagged = backends.load_flagged_op(name)
+        if flagged is not None:
+            return _flagged(flagged, backend, z, codebook, metric, precision)
+    # The other backends (and GPU builds without a flagged op): one min/max pass first, one sync.
     if check and scan_values(z, codebook):
-        run_z, run_cb = z.double(), codebook.double()
-        name = resolve_backend(backend, z.device.type, (run_z, run_cb))  # float64 rules out some backends
+        if z.shape[0] == 0:
+            return _empty_result(z, codebook, metric)
+        return _float64_search(backend, z, codebook, metric, precision)
     if z.shape[0] == 0:
         return _empty_result(z, codebook, metric)
-    indices, codewords, distances = _op_for(name)(run_z, run_cb, metric, precision)
-    if run_z is not z:
-        codewords = codewords.to(z.dtype)
-    return indices, codewords, distances
+    return _op_for(name)(z, codebook, metric, precision)
