@@ -23,6 +23,9 @@ permutation of the files every epoch) and the crop come from generators seeded w
 so the data order of a run is fixed by its seed and step, any number of loader workers gives the
 same batches, and resuming needs no loader state. Items are [3, size, size] float32 in [-1, 1].
 
+Tokens (``TokenDataset``, defined in vqfast.shards): the rows of a token set written by
+``vqfast tokenize ... encode DIR OUT_DIR``, memory-mapped, as (tokens per scale, label).
+
 ``load_crop`` is the one decoder: PIL, EXIF orientation applied; pixels are scaled by their dtype
 (8 bits / 255, 16-bit greyscale / 65535; PIL reads 16-bit colour as its high byte, so / 255 is within
 1/255 of / 65535 there); greyscale, palette, CMYK and the like become RGB; an alpha channel is
@@ -44,6 +47,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from vqfast.shards import TokenDataset  # noqa: F401  (re-exported: vqfast.data.TokenDataset)
 
 # skimage photographs that load offline (shipped inside the wheel); the larger ones ("retina",
 # "hubble_deep_field") are fetched on demand by some versions, so they are left out.

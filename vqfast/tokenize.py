@@ -1,11 +1,16 @@
-"""``vqfast tokenize``: images -> multi-scale index maps in one file, and back.
+"""``vqfast tokenize``: images -> multi-scale index maps in one file or a sharded token set, and back.
 
     vqfast tokenize --checkpoint runs/demo/checkpoint.pt encode photo.png tokens.pt
     vqfast tokenize --checkpoint runs/demo/checkpoint.pt encode photos/ tokens.pt   # a folder, recursive
+    torchrun --nproc-per-node 8 -m vqfast tokenize --checkpoint vae.pth encode imagenet/train tokens/
     vqfast tokenize --checkpoint vae_ch160v4096z32.pth decode tokens.pt recon/     # one PNG per image
 
 The checkpoint is a ``vqfast train`` checkpoint or a bare state_dict of VAR's VQVAE (its configuration
 read from the tensors' names and shapes by ``vqfast.models.vqvae_config_from_state_dict``).
+
+A folder input with an output that is a folder or has no extension writes a sharded token set
+(vqfast.tokenset: many processes under torchrun, resumable; format in vqfast.shards, read back by
+vqfast.data.TokenDataset); the rest of this docstring is the one-file form, for small jobs.
 
 encode takes the centred square of each image (the shorter side) and resizes it to the model's image
 size, saying so; pixels are scaled by their dtype (8 bits / 255, 16 bits / 65535) and greyscale,
@@ -24,6 +29,7 @@ extension in the name (x.jpg, x.png -> x_jpg.png, x_png.png), so no two images s
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -37,6 +43,7 @@ from vqfast.data import IMAGE_SUFFIXES, format_skipped, list_images, load_crop, 
 from vqfast.models import VQVAE, vqvae_config_from_state_dict
 from vqfast.tokenizer import (CHECKPOINT_FORMAT, amp_context, build_model, check_backend, decode_tokens,
                               encode_images, model_geometry)
+from vqfast.tokenset import AUGMENTS, DEFAULT_SHARD_SIZE, LABEL_MODES
 
 TOKENS_FORMAT = "vqfast-tokens-1"
 
@@ -46,7 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint.pt written by vqfast train, or a VAR VQVAE state_dict (.pth)")
     parser.add_argument("mode", choices=("encode", "decode"))
     parser.add_argument("input", help="encode: an image file or a folder of images; decode: a token file")
-    parser.add_argument("output", help="encode: the token file to write; decode: an image file (one image) "
+    parser.add_argument("output", help="encode: the token file to write (.pt), or for a folder input a folder "
+                                       "(existing, or a name without extension) to write a sharded token set; "
+                                       "decode: an image file (one image) "
                                        "or a folder, where each image is written at its input's relative path "
                                        "with .png for its extension (x.jpg and x.png in one folder: x_jpg.png "
                                        "and x_png.png)")
@@ -58,6 +67,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="auto",
                         help="nearest-codeword backend: auto, torch, cpu, cuda or triton (default: auto)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    group = parser.add_argument_group("token sets (encode DIR OUT_DIR)")
+    group.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+                       help=f"images per shard (default {DEFAULT_SHARD_SIZE})")
+    group.add_argument("--augment", default="none", choices=tuple(AUGMENTS),
+                       help="views per image: none (1), flip (2: the image and its mirror), ten-crop (10: corners "
+                            "and centre of the image resized to 1.1 x, and their mirrors); default none")
+    group.add_argument("--labels", default="auto", choices=LABEL_MODES,
+                       help="folders: DIR/<class>/<image>, class index in sorted name order; none; auto (default): "
+                            "folders when every image lies in a class folder")
 
 
 # ---- the model -----------------------------------------------------------------------------------
@@ -287,8 +305,15 @@ def decode(model: nn.Module, tokens: dict, output, batch_size: int = 32, device=
 
 # ---- the command ---------------------------------------------------------------------------------
 
+def writes_token_set(args: argparse.Namespace) -> bool:
+    """encode DIR OUT_DIR: a folder in, and out a folder or a name without extension."""
+    output = Path(args.output)
+    return (args.mode == "encode" and Path(args.input).is_dir()
+            and (output.is_dir() or (not output.exists() and output.suffix == "")))
+
+
 def _check_args(args: argparse.Namespace) -> tuple[torch.device, str]:
-    for name in ("batch_size",):
+    for name in ("batch_size", "shard_size"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be a positive int, got {getattr(args, name)}")
     if args.workers < 0:
@@ -297,6 +322,8 @@ def _check_args(args: argparse.Namespace) -> tuple[torch.device, str]:
     if name == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device cuda: no CUDA device is available to this torch ({torch.__version__}); "
                          f"use --device cpu")
+    if name == "cuda" and os.environ.get("LOCAL_RANK") is not None:
+        name = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # torchrun: one GPU per process
     if not Path(args.checkpoint).is_file():
         raise InputError(f"--checkpoint {args.checkpoint}: no such file")
     source, output = Path(args.input), Path(args.output)
@@ -304,7 +331,14 @@ def _check_args(args: argparse.Namespace) -> tuple[torch.device, str]:
         raise InputError(f"input {source}: no such {'file' if args.mode == 'decode' else 'file or folder'}")
     if args.mode == "decode" and not source.is_file():
         raise InputError(f"input {source} is a folder; decode reads one token file")
-    if args.mode == "encode":
+    token_set = writes_token_set(args)
+    if not token_set and (args.augment != "none" or args.labels != "auto"):
+        raise InputError(f"--augment and --labels apply to a token set (encode DIR OUT_DIR), not to "
+                         f"{'decode' if args.mode == 'decode' else 'a one-file encode'}")
+    if token_set:
+        if not any(source.iterdir()):
+            raise InputError(f"input {source} is an empty folder")
+    elif args.mode == "encode":
         _inputs(source)
         if output.is_dir():
             raise InputError(f"output {output} is a folder; name the token file to write")
@@ -318,8 +352,36 @@ def _check_args(args: argparse.Namespace) -> tuple[torch.device, str]:
     return device, args.dtype or ("bf16" if device.type == "cuda" else "fp32")
 
 
+def _encode_token_set(args: argparse.Namespace, device: torch.device, dtype: str) -> int:
+    """encode DIR OUT_DIR, on this process or as one of torchrun's (WORLD_SIZE > 1)."""
+    import torch.distributed as dist
+
+    from vqfast import tokenset
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        model = load_model(args.checkpoint, backend=args.backend)
+        done = tokenset.encode_folder(model, args.input, args.output, checkpoint=args.checkpoint, augment=args.augment,
+                                      labels=args.labels, shard_size=args.shard_size, batch_size=args.batch_size,
+                                      workers=args.workers, device=device, dtype=dtype, progress=not args.no_progress)
+        if done["manifest"] is not None:
+            for line in tokenset.report(done, args.input, args.output):
+                print(line)
+            tokenset.warn_skipped(done["manifest"])
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     device, dtype = _check_args(args)
+    if writes_token_set(args):
+        return _encode_token_set(args, device, dtype)
     model = load_model(args.checkpoint, backend=args.backend)
     geo = model_geometry(model)
     if args.mode == "encode":
