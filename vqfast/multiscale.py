@@ -83,8 +83,8 @@ import torch.distributed as tdist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vqfast._validation import check_nearest_codeword_inputs, magnitude_limit
-from vqfast.backends import check_search_options, resolve_backend
+from vqfast._validation import check_nearest_codeword_inputs, needs_float64
+from vqfast.backends import check_search_options, load_flagged_op, resolve_backend
 from vqfast.ops import _op_for, nearest_codeword
 
 __all__ = ["VARQuantizer", "ScaleSearches", "Phi", "PhiShared", "PhiPartiallyShared", "PhiNonShared",
@@ -212,9 +212,11 @@ class ScaleSearches:
     and resolves the backend on every call: 0.36 ms above the op's 0.67 ms at N = 16, K = 4096, D = 32
     (VAR's first scale at batch 16; 1 thread of the 2-core test machine, shared), paid at each of the
     ten scales. Here the codebook is checked and the backend resolved once per pass, each scale
-    launches the op alone, and the values are scanned on the device (one aminmax per scale) and read
-    back once, in ``finish``, after every scale has been queued: 0.16 ms above the op per scale, and
-    one sync per pass instead of ten (benchmarks/var_scale_searches.py).
+    launches the op alone, and the values are tested on the device and read back once, in ``finish``,
+    after every scale has been queued: 0.16 ms above the op per scale, and one sync per pass instead
+    of ten (benchmarks/var_scale_searches.py). The test is the flagged op's own (max |z| and
+    max |codebook| from the kernel's passes over the inputs) on a GPU backend that has one, else one
+    aminmax per scale.
     """
 
     def __init__(self, codebook: torch.Tensor, metric: str, precision: str, backend: str, max_rows: int):
@@ -223,24 +225,38 @@ class ScaleSearches:
         # inputs_reason read shapes and dtypes, never values.
         z_like = codebook.new_empty((), dtype=torch.float32).expand(max_rows, codebook.shape[1])
         check_nearest_codeword_inputs(z_like, codebook, metric, precision)
-        self.op = _op_for(resolve_backend(backend, codebook.device.type, (z_like, codebook)))
+        name = resolve_backend(backend, codebook.device.type, (z_like, codebook))
+        self.op = _op_for(name)
         self.scan = codebook.device.type != "meta" and not torch.compiler.is_compiling()
-        self.extremes: List[torch.Tensor] = [torch.stack(torch.aminmax(codebook)).double()] if self.scan else []
+        self.flagged = load_flagged_op(name) if self.scan else None
+        # [max |codebook|, max |z| of scale 0, of scale 1, ...] as 0-d float64 device tensors.
+        self.extremes: List[torch.Tensor] = []
+        self.codebook_max: List[torch.Tensor] = []
+        if self.scan and self.flagged is None:
+            self.codebook_max.append(torch.stack(torch.aminmax(codebook)).abs().amax().double())
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         """z [N, D] fp32 -> indices [N] int64."""
         if z.shape[0] == 0:
             return torch.empty((0,), dtype=torch.int64, device=z.device)
+        if self.flagged is not None:
+            indices, _, _, extremes = self.flagged(z, self.codebook, self.metric, self.precision)
+            self.extremes.append(extremes[0])
+            if not self.codebook_max:  # every launch reads the same codebook: its first report will do
+                self.codebook_max.append(extremes[1])
+            return indices
         if self.scan:
-            self.extremes.append(torch.stack(torch.aminmax(z)).double())
+            self.extremes.append(torch.stack(torch.aminmax(z)).abs().amax().double())
         return self.op(z, self.codebook, self.metric, self.precision)[0]
 
     def finish(self) -> bool:
-        """Read the scan back (one sync). Raises on NaN/Inf; True when the values are so large that
+        """Read the test back (one sync). Raises on NaN/Inf; True when the values are so large that
         fp32 squared distances could overflow and the pass must run again with a float64 search."""
         if not self.scan:
             return False
-        extremes = torch.stack(self.extremes).abs().amax(1).tolist()  # [codebook, scale 0, scale 1, ...]
+        if not self.codebook_max:  # a flagged op that never ran (no rows at any scale)
+            self.codebook_max.append(torch.stack(torch.aminmax(self.codebook)).abs().amax().double())
+        extremes = torch.stack(self.codebook_max + self.extremes).tolist()  # [codebook, scale 0, scale 1, ...]
         for i, m in enumerate(extremes):
             if not math.isfinite(m):
                 what = "embedding.weight (the codebook)" if i == 0 else (
@@ -249,7 +265,9 @@ class ScaleSearches:
                 raise ValueError(f"{what} holds NaN or Inf: the nearest codeword is undefined there. "
                                  f"Check the encoder output and the quantizer's parameters for non-finite values")
         dtype = torch.float64 if self.codebook.dtype == torch.float64 else torch.float32
-        return max(extremes) > magnitude_limit(self.codebook.shape[1], dtype)
+        largest = max(range(len(extremes)), key=extremes.__getitem__)
+        name = "embedding.weight (the codebook)" if largest == 0 else f"the residual searched at scale {largest - 1}"
+        return needs_float64(extremes[largest], self.codebook.shape[1], dtype, name)
 
 
 def _compiler_disabled(fn):
@@ -439,7 +457,10 @@ class VARQuantizer(nn.Module):
         """VAR's per-scale code-hit bookkeeping of a training forward (ema_vocab_hit_SV, record_hit)."""
         if not self.updates_vocab_hits():
             return
-        hits = [idx.bincount(minlength=self.vocab_size).float() for idx in idx_list]
+        # VAR's idx.bincount(minlength=vocab_size).float(), as a scatter: bincount sizes its output from
+        # idx.max(), a host sync on a GPU; the counts are integers, exact in float32 in any order.
+        hits = [self.ema_vocab_hit_SV.new_zeros(self.vocab_size, dtype=torch.float32).index_add_(
+            0, idx, idx.new_ones(idx.shape, dtype=torch.float32)) for idx in idx_list]
         if tdist.is_available() and tdist.is_initialized():  # one all_reduce per scale, VAR's collectives
             for work in [tdist.all_reduce(hit_V, async_op=True) for hit_V in hits]:
                 work.wait()
