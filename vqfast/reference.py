@@ -64,7 +64,8 @@ def cosine_zero_rows(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Ten
     Every backend applies it to its result; no host sync."""
     zero_codes = (codebook == 0).all(1)
     index = zero_codes.int().argmax()  # the first True; 0 when there is none
-    return (z == 0).all(1), index, (~zero_codes[index]).float()
+    # index_select, not zero_codes[index]: indexing with a 0-d CPU tensor reads it back as an int.
+    return (z == 0).all(1), index, (~zero_codes.index_select(0, index.reshape(1))).float().reshape(())
 
 
 def _expansion_error_bound(dim: int, dtype: torch.dtype) -> float:

@@ -1,0 +1,310 @@
+"""Host synchronisations on the GPU code paths, counted without a GPU (issue 24, item 2).
+
+Promised: with backend "cuda" or "triton", nearest_codeword makes no host sync with
+check_finite=False (exact and fast mode) and one with check_finite=True (its value test read back);
+one pass of VAR's multi-scale quantizer (vqfast.compat.var.VectorQuantizer2, vqfast.models) makes one.
+
+How it is counted. ``SyncCounter`` is a TorchDispatchMode that sees every aten op the Python code
+runs and counts those that wait for the device on a GPU: reading a value (``_local_scalar_dense``:
+``.item()``, ``int()``, ``float()``, ``bool()``, ``if t``), ops whose output size depends on the values
+(``nonzero``, boolean indexing, ``masked_select``, ``unique``, ``bincount``, ``repeat_interleave``
+without ``output_size``), ``equal`` / ``allclose``, and copies to the CPU from another device. It also
+counts the calls that leave the dispatcher before any op is seen (``Tensor.tolist`` / ``numpy`` /
+``cpu``, counted on every tensor: a CPU run cannot tell them apart from device-to-host copies) and
+``torch.cuda.synchronize`` / ``Stream.synchronize`` / ``Event.synchronize``. vqfast's ops defined in
+Python (``torch.library.custom_op`` / ``triton_op``) are opened up, so their launchers are counted too.
+
+The kernels. Triton's run under its interpreter (TRITON_INTERPRET=1, CPU tensors, in a subprocess:
+the variable must be set before the kernels are defined); what the interpreter does inside a launch
+(copies of the arguments to and from its host buffers) is device work, so the counter pauses inside
+``GridExecutor.__call__``. The CUDA binding cannot run here: ``REGISTRY["cuda"]`` is replaced by a
+stand-in with the flagged op's contract built from device-side torch ops, so everything above the
+kernel (vqfast/ops.py, vqfast/multiscale.py, vqfast.compat.var, vqfast.models) is counted; that the
+binding itself (csrc/cuda/binding.cpp) holds no sync is checked by its source in
+tests/test_cuda_kernels.py. With a GPU the same tests run on CUDA tensors.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import subprocess
+import sys
+import traceback
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import vqfast
+from vqfast import backends, reference
+from vqfast.testing import oracle
+
+aten = torch.ops.aten
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Ops that wait for the device on a GPU, whatever their arguments.
+SYNCING_OPS = {
+    aten._local_scalar_dense, aten.is_nonzero, aten.equal, aten.allclose,
+    aten.nonzero, aten.nonzero_numpy, aten.argwhere, aten.masked_select, aten.bincount,
+    aten.unique_dim, aten.unique_consecutive, aten.unique_dim_consecutive, aten._unique, aten._unique2,
+}
+
+
+def _is_bool_index(indices) -> bool:
+    return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices or ())
+
+
+def _syncs(func, args, kwargs) -> bool:
+    """Whether aten op ``func`` called with ``args`` waits for the device on a GPU."""
+    packet = func.overloadpacket
+    if packet in SYNCING_OPS:
+        return True
+    if packet in (aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_):
+        return _is_bool_index(args[1])  # a boolean mask is turned into indices with nonzero
+    if packet is aten.repeat_interleave:
+        return func is aten.repeat_interleave.Tensor and kwargs.get("output_size") is None
+    if packet in (aten._to_copy, aten.copy_):
+        source = args[1] if packet is aten.copy_ else args[0]
+        target = args[0].device if packet is aten.copy_ else kwargs.get("device") or source.device
+        return torch.device(target).type == "cpu" and source.device.type not in ("cpu", "meta")
+    return False
+
+
+_HARNESS = {"_caller", "record", "call", "__torch_dispatch__", "_syncs"}
+
+
+def _caller() -> str:
+    """Where a sync was reached, for the failure message: the innermost frame in vqfast, else in the test."""
+    frames = [f for f in traceback.extract_stack() if f.name not in _HARNESS]
+    inside = [f for f in frames if f"{os.sep}vqfast{os.sep}" in f.filename] or [
+        f for f in frames if f.filename.endswith("test_host_syncs.py")]
+    if not inside:
+        return "?"
+    f = inside[-1]
+    return f"{os.path.relpath(f.filename, REPO)}:{f.lineno} ({f.name}) {f.line}"
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts the host syncs reached while active (see the module docstring); ``events`` says where."""
+
+    def __init__(self):
+        super().__init__()
+        self.events: list[str] = []
+        self.paused = 0
+
+    @property
+    def count(self) -> int:
+        return len(self.events)
+
+    def record(self, what: str) -> None:
+        if not self.paused:
+            self.events.append(f"{what} at {_caller()}")
+
+    @contextlib.contextmanager
+    def pause(self):
+        self.paused += 1
+        try:
+            yield
+        finally:
+            self.paused -= 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.paused:
+            return func(*args, **kwargs)
+        opdef = _python_opdef(func)
+        if opdef is not None:  # a vqfast op written in Python: count what its launcher does
+            with self:
+                return opdef._init_fn(*args, **kwargs)
+        if _syncs(func, args, kwargs):
+            self.record(str(func))
+        return func(*args, **kwargs)
+
+
+def _python_opdef(func):
+    from torch._library.custom_ops import OPDEFS
+
+    name = func._schema.name
+    return OPDEFS.get(name) if name.startswith("vqfast::") else None
+
+
+@contextlib.contextmanager
+def count_syncs():
+    """A SyncCounter, active, with the Python-level sync calls patched to count into it."""
+    counter = SyncCounter()
+    patches: list[tuple[object, str, object]] = []
+
+    def patch(owner, name, make):
+        original = getattr(owner, name)
+        patches.append((owner, name, original))
+        setattr(owner, name, make(original))
+
+    def counted(what):
+        def make(original):
+            def call(*args, **kwargs):
+                counter.record(what)
+                with counter.pause():  # one sync, not also the ops it runs
+                    return original(*args, **kwargs)
+            return call
+        return make
+
+    def device_sync(what):
+        def make(original):
+            def call(*args, **kwargs):
+                counter.record(what)
+                if torch.cuda.is_available():
+                    return original(*args, **kwargs)
+            return call
+        return make
+
+    for name in ("tolist", "numpy", "cpu"):
+        patch(torch.Tensor, name, counted(f"Tensor.{name}()"))
+    patch(torch.cuda, "synchronize", device_sync("torch.cuda.synchronize()"))
+    patch(torch.cuda.Stream, "synchronize", device_sync("Stream.synchronize()"))
+    patch(torch.cuda.Event, "synchronize", device_sync("Event.synchronize()"))
+    if INTERPRETED:
+        from triton.runtime import interpreter
+
+        def paused_launch(original):
+            def call(*args, **kwargs):
+                with counter.pause():  # the interpreter's own copies stand for device work
+                    return original(*args, **kwargs)
+            return call
+
+        patch(interpreter.GridExecutor, "__call__", paused_launch)
+    try:
+        with counter:
+            yield counter
+    finally:
+        for owner, name, original in reversed(patches):
+            setattr(owner, name, original)
+
+
+def assert_syncs(counter: SyncCounter, expected: int, what: str) -> None:
+    assert counter.count == expected, (f"{what}: {counter.count} host sync(s), expected {expected}:\n  "
+                                       + "\n  ".join(counter.events))
+
+
+# ---------------------------------------------------------------- the CUDA kernel's stand-in
+
+
+def _cuda_standin(z, codebook, metric="l2", precision="exact"):
+    """vqfast::nearest_codeword's contract from device-side ops, no host sync: a float64 brute force
+    (NaN ranks last, lowest index on ties), cosine's zero rows as every backend applies them."""
+    zs = reference.normalize_for_metric(z.double(), metric)
+    cs = reference.normalize_for_metric(codebook.double(), metric)
+    d = ((zs[:, None, :] - cs[None, :, :]) ** 2).sum(-1).nan_to_num(nan=float("inf"))
+    indices = d.argmin(1)
+    if metric == "cosine":
+        rows, index, _ = reference.cosine_zero_rows(z, codebook)
+        indices = torch.where(rows, index, indices)
+    picked = codebook.index_select(0, indices)
+    return indices, picked.to(z.dtype), reference.codeword_distances(z, picked, metric).float()
+
+
+def _cuda_flagged_standin(z, codebook, metric="l2", precision="exact"):
+    """vqfast::nearest_codeword_flagged's contract: the search plus extremes = (max |z|, max |codebook|)
+    float64 [2] on the device (amax propagates NaN; an Inf gives +inf)."""
+    extremes = torch.stack([z.abs().amax(), codebook.abs().amax()]).double()
+    return (*_cuda_standin(z, codebook, metric, precision), extremes)
+
+
+def _use_cuda_standin(monkeypatch, **changes) -> None:
+    """backend="cuda" on this machine's tensors, running the stand-in kernels (flagged op included)."""
+    record = dataclasses.replace(
+        backends.REGISTRY["cuda"], unavailable_reason=lambda: None, device_reason=lambda device_type: None,
+        inputs_reason=lambda z, codebook: None, load_op=lambda: _cuda_standin,
+        load_flagged_op=lambda: _cuda_flagged_standin)
+    monkeypatch.setitem(backends.REGISTRY, "cuda", dataclasses.replace(record, **changes))
+
+
+@pytest.fixture
+def standin_cuda(monkeypatch):
+    _use_cuda_standin(monkeypatch)
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _data(n=37, k=53, d=17, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, d, generator=g).to(dtype).to(_device()),
+            torch.randn(k, d, generator=g).to(dtype).to(_device()))
+
+
+# ---------------------------------------------------------------- the counter can fail
+
+
+def test_the_counter_counts_every_kind_of_sync():
+    t = torch.randn(8)
+    mask = t > 0
+    cases = {
+        "item": lambda: t[0].item(), "int": lambda: int(t[0]), "float": lambda: float(t[0]),
+        "bool": lambda: bool(mask.any()), "if": lambda: 1 if mask.any() else 0, "tolist": lambda: t.tolist(),
+        "numpy": lambda: t.numpy(), "cpu": lambda: t.cpu(), "nonzero": lambda: t.nonzero(),
+        "nonzero(as_tuple)": lambda: t.nonzero(as_tuple=True), "argwhere": lambda: torch.argwhere(t),
+        "where(cond)": lambda: torch.where(mask), "mask index": lambda: t[mask],
+        "mask assign": lambda: t.clone().__setitem__(mask, 0.0), "masked_select": lambda: t.masked_select(mask),
+        "unique": lambda: torch.unique(t), "bincount": lambda: mask.long().bincount(),
+        "equal": lambda: torch.equal(t, t), "repeat_interleave": lambda: torch.arange(3).repeat_interleave(torch.ones(3, dtype=torch.long)),
+        "cuda.synchronize": lambda: torch.cuda.synchronize(),
+    }
+    for name, fn in cases.items():
+        with count_syncs() as counter:
+            fn()
+        assert_syncs(counter, 1, name)
+    with count_syncs() as counter:  # device-side work alone: none
+        (t * 2).argmin(), torch.where(mask, t, 0.0), t.index_select(0, torch.tensor([1, 2])), t.amax()
+        torch.arange(3).repeat_interleave(torch.ones(3, dtype=torch.long), output_size=3)
+    assert_syncs(counter, 0, "device-side ops")
+
+
+def test_the_counter_sees_inside_the_op_path(monkeypatch):
+    z, cb = _data()
+    # A kernel stand-in that reads one value back is caught through nearest_codeword ...
+    _use_cuda_standin(monkeypatch, load_op=lambda: lambda *a: (_cuda_standin(*a), a[0].sum().item())[0])
+    with count_syncs() as counter:
+        vqfast.nearest_codeword(z, cb, backend="cuda", check_finite=False)
+    assert_syncs(counter, 1, "a stand-in kernel with .item()")
+    # ... and so is a sync inside a vqfast op written in Python (opened up by the counter).
+    with count_syncs() as counter:
+        torch.ops.vqfast.nearest_codeword_torch(z, cb, "l2", "exact")
+    assert counter.count >= 1, "the torch backend's exact re-rank (nonzero) must be seen inside its custom op"
+
+
+# ---------------------------------------------------------------- nearest_codeword on the cuda path
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+@pytest.mark.parametrize("check_finite, expected", [(False, 0), (True, 1)])
+def test_cuda_path_syncs_per_call(standin_cuda, metric, precision, check_finite, expected):
+    z, cb = _data()
+    with count_syncs() as counter:
+        out = vqfast.nearest_codeword(z, cb, metric=metric, precision=precision, backend="cuda",
+                                      check_finite=check_finite)
+    assert_syncs(counter, expected, f"cuda {metric} {precision} check_finite={check_finite}")
+    assert torch.equal(out[0].cpu(), oracle.nearest(z.cpu(), cb.cpu(), metric).indices)
+
+
+def test_cuda_path_float64_retry_costs_no_further_sync(standin_cuda):
+    # float32 values beyond magnitude_limit(D, float32): the flagged op's maxima send the search to
+    # float64 on the same backend, which the one read-back already decided.
+    z, cb = _data(n=20, k=9, d=5)
+    z, cb = z * 1e30, cb * 1e30
+    with count_syncs() as counter:
+        out = vqfast.nearest_codeword(z, cb, backend="cuda")
+    assert_syncs(counter, 1, "cuda float64 retry")
+    assert out[1].dtype == torch.float32
+    assert torch.equal(out[0].cpu(), oracle.nearest(z.cpu(), cb.cpu()).indices)
+
+
+def test_cuda_build_without_a_flagged_op_scans_first(monkeypatch):
+    _use_cuda_standin(monkeypatch, load_flagged_op=lambda: None)
+    z, cb = _data()
+    with count_syncs() as counter:
+        vqfast.nearest_codeword(z, cb, backend="cuda")
+    assert_syncs(counter, 1, "cuda without a flagged op (scan_values + the plain op)")
