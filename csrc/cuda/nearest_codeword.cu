@@ -37,7 +37,11 @@
 #include <atomic>
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
+
+#include "../tolerance.h"
 
 namespace vqfast {
 namespace cuda {
@@ -54,6 +58,11 @@ static_assert((kBlockRows * kBlockFeatures) % kThreads == 0, "tile loads split e
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T>
+__device__ __forceinline__ double to_double(T x) {
+  return static_cast<double>(to_float(x));  // float32 and 16-bit values convert exactly
+}
+__device__ __forceinline__ double to_double(double x) { return x; }
 
 // The two 16-bit elements of a 32-bit word (the lower address in the low half), as fp32.
 template <typename T>
@@ -729,22 +738,250 @@ cudaError_t launch_search(const T* z, const T* codebook, const float* code_sqnor
 // Rows per block of the row kernels below: one warp per row.
 constexpr int kRowWarps = 8;
 
+// |v| as the bits of a float64: in unsigned order NaN > +inf > every finite magnitude (fabs clears
+// the sign, NaN's included), so an integer atomicMax over them is a float max that keeps NaN and Inf.
+__device__ __forceinline__ unsigned long long magnitude_bits(double v) {
+  return static_cast<unsigned long long>(__double_as_longlong(fabs(v)));
+}
+
+__device__ __forceinline__ unsigned long long warp_max(unsigned long long v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const unsigned long long o = __shfl_xor_sync(0xffffffffu, v, off);
+    v = o > v ? o : v;
+  }
+  return v;
+}
+
+// Raise *target (float64 bits) to the block's largest v; every thread of the block calls it. One
+// atomic a block at most, and none once the target already holds as much (read first): a pass over
+// N rows does not queue N atomics on one address.
+template <int kWarps>
+__device__ __forceinline__ void block_max_into(unsigned long long v, double* target) {
+  __shared__ unsigned long long part[kWarps];
+  v = warp_max(v);
+  if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < kWarps; ++w) v = part[w] > v ? part[w] : v;
+    unsigned long long* bits = reinterpret_cast<unsigned long long*>(target);
+    if (v > *static_cast<volatile unsigned long long*>(bits)) atomicMax(bits, v);
+  }
+}
+
 // out[i] = sum_j x[i, j]^2 in fp32. Any summation order keeps the error within the gamma_{D+3}
-// budget of the ranking bound.
+// budget of the ranking bound. The same pass raises *max_abs to the largest |x| (the flagged op's
+// value test) and *max_out to the largest norm (cmax of the exact mode's tolerance) when given.
 template <typename T>
 __global__ void __launch_bounds__(kRowWarps * 32) row_sqnorms_kernel(const T* __restrict__ x, int64_t rows, int64_t d,
-                                                                     float* __restrict__ out) {
+                                                                     float* __restrict__ out, double* max_abs,
+                                                                     double* max_out) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / 32;
-  if (row >= rows) return;  // whole warps leave together
   const int lane = threadIdx.x % 32;
-  const T* xr = x + row * d;
   float acc = 0.f;
-  for (int64_t j = lane; j < d; j += 32) {
-    const float v = to_float(xr[j]);
-    acc = fmaf(v, v, acc);
+  unsigned long long top = 0;
+  if (row < rows) {  // no early return: the block-wide maxima below need every thread
+    const T* xr = x + row * d;
+    for (int64_t j = lane; j < d; j += 32) {
+      const float v = to_float(xr[j]);
+      acc = fmaf(v, v, acc);
+      if (max_abs != nullptr) {
+        const unsigned long long b = magnitude_bits(v);
+        top = b > top ? b : top;
+      }
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) out[row] = acc;
   }
-  acc = warp_sum(acc);
-  if (lane == 0) out[row] = acc;
+  if (max_abs != nullptr) block_max_into<kRowWarps>(top, max_abs);  // uniform over the block
+  if (max_out != nullptr) {
+    __syncthreads();  // the shared partials are reused
+    block_max_into<kRowWarps>(row < rows && lane == 0 ? magnitude_bits(acc) : 0ull, max_out);
+  }
+}
+
+// *max_abs raised to max |x| over count values, for the operands the search does not read as given.
+constexpr int kMaxAbsThreads = 256;
+template <typename T>
+__global__ void __launch_bounds__(kMaxAbsThreads) max_abs_kernel(const T* __restrict__ x, int64_t count,
+                                                                 double* max_abs) {
+  unsigned long long top = 0;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kMaxAbsThreads + threadIdx.x; i < count;
+       i += static_cast<int64_t>(gridDim.x) * kMaxAbsThreads) {
+    const unsigned long long b = magnitude_bits(to_double(x[i]));
+    top = b > top ? b : top;
+  }
+  block_max_into<kMaxAbsThreads / 32>(top, max_abs);
+}
+
+// Exact mode's proof, on the device: rows whose top-2 gap is not beyond the ranking tolerance (the
+// float64 arithmetic of vqfast/reference.py's rerank_unproven, operation by operation, no fma) go to
+// the list; NaN and infinite values fail the comparison.
+constexpr int kMarkThreads = 256;
+__global__ void __launch_bounds__(kMarkThreads) mark_ambiguous_kernel(
+    const float* __restrict__ best_dist, const float* __restrict__ second_dist, const float* __restrict__ z_sqnorm,
+    const double* __restrict__ code_sqnorm_max, int64_t n, double coef, double floor_term, int64_t* __restrict__ list,
+    unsigned long long* count) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kMarkThreads + threadIdx.x;
+  if (row >= n) return;
+  // cmax = sqrt of the largest float32 norm, in float32 (reference.py: codebook.float().norm(dim=1).max()).
+  const double cmax = static_cast<double>(sqrtf(static_cast<float>(*code_sqnorm_max)));
+  const double znorm = sqrt(static_cast<double>(z_sqnorm[row]));
+  const double tol = __dadd_rn(__dmul_rn(__dmul_rn(coef, cmax), __dadd_rn(__dmul_rn(2.0, znorm), cmax)), floor_term);
+  const bool proven = static_cast<double>(second_dist[row]) > __dadd_rn(static_cast<double>(best_dist[row]), tol);
+  if (!proven) {
+    const unsigned long long slot = atomicAdd(count, 1ull);
+    if (slot < static_cast<unsigned long long>(n)) list[slot] = row;  // each row once: never past n
+  }
+}
+
+// ---- the exact re-rank -------------------------------------------------------------------------
+
+// One warp, one row: the lowest index at the minimum over all K codewords of sum_j (z_j - c_j)^2 in
+// float64, features in order, each product and sum rounded on its own (no fma: the oracle's sums
+// bit for bit). Lanes take codewords lane, lane + 32, ... in ascending order; a NaN distance is never
+// below the running best, so it ranks as +inf, and a row with nothing below +inf takes codeword 0.
+template <typename T>
+__device__ int64_t scan_float64(const T* __restrict__ zr, const T* __restrict__ codebook, int64_t k, int64_t d,
+                                int lane) {
+  double best = __longlong_as_double(0x7ff0000000000000ll);  // +inf
+  int64_t index = 0;
+  for (int64_t c = lane; c < k; c += 32) {
+    const T* cr = codebook + c * d;
+    double acc = 0.0;
+    for (int64_t j = 0; j < d; ++j) {
+      const double t = to_double(zr[j]) - to_double(cr[j]);
+      acc = __dadd_rn(acc, __dmul_rn(t, t));
+    }
+    if (acc < best) best = acc, index = c;
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const double ob = __shfl_xor_sync(0xffffffffu, best, off);
+    const int64_t oi = __shfl_xor_sync(0xffffffffu, index, off);
+    if (ob < best || (ob == best && oi < index)) best = ob, index = oi;
+  }
+  return index;
+}
+
+// Double-float arithmetic: a value hi + lo with |lo| <= ulp(hi) / 2. The _rn intrinsics keep nvcc
+// from contracting a product and a sum into one fma, which would break the error-free transforms.
+struct DoubleFloat {
+  float hi, lo;
+};
+
+// a + b = s + e exactly (Knuth's TwoSum; exact under underflow too).
+__device__ __forceinline__ DoubleFloat two_sum(float a, float b) {
+  const float s = __fadd_rn(a, b);
+  const float bb = __fsub_rn(s, a);
+  return {s, __fadd_rn(__fsub_rn(a, __fsub_rn(s, bb)), __fsub_rn(b, bb))};
+}
+
+// a + b = s + e exactly when |a| >= |b| (Dekker's FastTwoSum).
+__device__ __forceinline__ DoubleFloat fast_two_sum(float a, float b) {
+  const float s = __fadd_rn(a, b);
+  return {s, __fsub_rn(b, __fsub_rn(s, a))};
+}
+
+// (x - y)^2 as a double-float, x and y float32: x - y = s + e exactly (TwoSum), s^2 = p + q exactly
+// (fma), then p + fl(2 s e + q); the error, with e^2 left out, is at most 4 u^2 (x - y)^2, u = 2^-24.
+__device__ __forceinline__ DoubleFloat square_difference(float x, float y) {
+  const DoubleFloat diff = two_sum(x, -y);
+  const float p = __fmul_rn(diff.hi, diff.hi);
+  const float q = fmaf(diff.hi, diff.hi, -p);
+  return fast_two_sum(p, fmaf(2.f * diff.hi, diff.lo, q));
+}
+
+// a + b with relative error at most 3 u^2 (Joldes, Muller, Popescu 2017, AccurateDWPlusDW).
+__device__ __forceinline__ DoubleFloat add(DoubleFloat a, DoubleFloat b) {
+  const DoubleFloat s = two_sum(a.hi, b.hi);
+  const DoubleFloat t = two_sum(a.lo, b.lo);
+  const DoubleFloat v = fast_two_sum(s.hi, __fadd_rn(s.lo, t.hi));
+  return fast_two_sum(v.hi, __fadd_rn(t.lo, v.lo));
+}
+
+__device__ __forceinline__ bool less(DoubleFloat a, DoubleFloat b) {
+  return a.hi < b.hi || (a.hi == b.hi && a.lo < b.lo);
+}
+
+// One warp, one row, float32 / 16-bit operands: the best and second-best codewords by the
+// double-float distance. Each distance v of true value t is within E(t) = (3D + 8) u^2 t + (D + 1) 2^-140
+// (each term 4 u^2, each of the D additions 3 u^2, underflowed products a few 2^-150 each), so when
+// second - best > E(second) + E(best) (slack 1.01 for the bound taken at computed values and this test's
+// own float64 rounding) the best is the unique true minimum and *index is written. Otherwise (exact
+// ties, copies, NaN, Inf or a float32 overflow anywhere) it returns false and the caller scans in float64.
+template <typename T>
+__device__ bool scan_compensated(const T* __restrict__ zr, const T* __restrict__ codebook, int64_t k, int64_t d,
+                                 int lane, int64_t* index) {
+  const float inf = __int_as_float(0x7f800000);
+  DoubleFloat best{inf, 0.f}, second{inf, 0.f};
+  int64_t at = 0;
+  int bad = 0;
+  for (int64_t c = lane; c < k; c += 32) {
+    const T* cr = codebook + c * d;
+    DoubleFloat acc{0.f, 0.f};
+    for (int64_t j = 0; j < d; ++j) acc = add(acc, square_difference(to_float(zr[j]), to_float(cr[j])));
+    if (!(fabsf(acc.hi) <= 3.402823466e38f)) bad = 1;
+    if (less(acc, best)) {
+      second = best;
+      best = acc;
+      at = c;
+    } else if (less(acc, second)) {
+      second = acc;
+    }
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const DoubleFloat ob{__shfl_xor_sync(0xffffffffu, best.hi, off), __shfl_xor_sync(0xffffffffu, best.lo, off)};
+    const DoubleFloat os{__shfl_xor_sync(0xffffffffu, second.hi, off), __shfl_xor_sync(0xffffffffu, second.lo, off)};
+    const int64_t oat = __shfl_xor_sync(0xffffffffu, at, off);
+    bad |= __shfl_xor_sync(0xffffffffu, bad, off);
+    if (less(ob, best) || (!less(best, ob) && oat < at)) {
+      second = less(best, os) ? best : os;
+      best = ob;
+      at = oat;
+    } else if (less(ob, second)) {
+      second = ob;
+    }
+  }
+  const double dims = static_cast<double>(d);
+  const double rel = 1.01 * (3.0 * dims + 8.0) * 0x1p-48;
+  const double abs_room = 1.01 * (dims + 1.0) * 0x1p-140;
+  const double b = static_cast<double>(best.hi) + static_cast<double>(best.lo);
+  const double s = static_cast<double>(second.hi) + static_cast<double>(second.lo);
+  // second = +inf only when no second codeword exists (K = 1): computed infinities set `bad`.
+  const bool decided = !bad && (second.hi == inf || (s - b) > rel * (s + b) + 2.0 * abs_room + 0x1p-50 * (s + b));
+  if (decided) *index = at;
+  return decided;  // uniform over the warp: every lane holds the merged values
+}
+
+// The re-rank: a grid fixed at launch, each warp looping over the entries the device counter holds.
+constexpr int kRerankBlocksPerSm = 8;
+template <typename T, bool kCompensated>
+__global__ void __launch_bounds__(kRowWarps * 32) rerank_kernel(
+    const T* __restrict__ z, const T* __restrict__ codebook, int64_t n, int64_t k, int64_t d,
+    const int64_t* __restrict__ list, const unsigned long long* __restrict__ count, int64_t* __restrict__ best_index,
+    T* __restrict__ codewords, float* __restrict__ distances) {
+  const int lane = threadIdx.x % 32;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / 32;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kRowWarps;
+  const int64_t entries = list == nullptr ? n : static_cast<int64_t>(min(*count, static_cast<unsigned long long>(n)));
+  for (int64_t e = first; e < entries; e += stride) {
+    const int64_t row = list == nullptr ? e : list[e];
+    const T* zr = z + row * d;
+    int64_t index = 0;
+    bool decided = false;
+    if constexpr (kCompensated) decided = scan_compensated(zr, codebook, k, d, lane, &index);
+    if (!decided) index = scan_float64(zr, codebook, k, d, lane);
+    if (lane == 0) best_index[row] = index;
+    if constexpr (!std::is_same_v<T, double>) {
+      if (codewords != nullptr) {
+        const float dist = copy_and_distance(codebook + index * d, codewords + row * d, d, lane,
+                                             [&](int64_t j) { return to_float(zr[j]); });
+        if (lane == 0) distances[row] = dist;
+      }
+    }
+  }
 }
 
 // codewords[i, :] = codebook[indices[i], :] (when codewords != nullptr) and
@@ -799,15 +1036,90 @@ cudaError_t launch_nearest_codeword(const void* z, const void* codebook, DType d
   return launch_gather_distance(z, codebook, dtype, best_index, n, d, codewords, distances, stream);
 }
 
-cudaError_t launch_row_sqnorms(const void* x, DType dtype, int64_t rows, int64_t d, float* out, cudaStream_t stream) {
+cudaError_t launch_row_sqnorms(const void* x, DType dtype, int64_t rows, int64_t d, float* out, double* max_abs,
+                               double* max_out, cudaStream_t stream) {
   if (rows <= 0) return cudaSuccess;
   if (d <= 0 || ceil_div(rows, kRowWarps) > INT_MAX) return cudaErrorInvalidValue;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     VQFAST_LAUNCH(row_sqnorms_kernel<T>, row_blocks(rows), kRowWarps * 32, 0, stream)(static_cast<const T*>(x), rows, d,
-                                                                                  out);
+                                                                                  out, max_abs, max_out);
     return cudaGetLastError();
   });
+}
+
+cudaError_t launch_max_abs(const void* x, DType dtype, int64_t count, double* max_abs, cudaStream_t stream) {
+  if (count <= 0) return cudaSuccess;
+  // Each thread folds 8 values or more: a few thousand blocks at most, one atomic each at most.
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(count, kMaxAbsThreads * 8), 4096));
+  const auto run = [&](auto tag) {
+    using T = decltype(tag);
+    VQFAST_LAUNCH(max_abs_kernel<T>, blocks, kMaxAbsThreads, 0, stream)(static_cast<const T*>(x), count, max_abs);
+    return cudaGetLastError();
+  };
+  if (dtype == DType::kFloat64) return run(double{});
+  return dispatch_dtype(dtype, run);
+}
+
+cudaError_t launch_mark_ambiguous(const float* best_dist, const float* second_dist, const float* z_sqnorm,
+                                  const double* code_sqnorm_max, int64_t n, int64_t d, int64_t* list,
+                                  unsigned long long* count, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  if (d <= 0 || ceil_div(n, kMarkThreads) > INT_MAX) return cudaErrorInvalidValue;
+  VQFAST_LAUNCH(mark_ambiguous_kernel, static_cast<unsigned>(ceil_div(n, kMarkThreads)), kMarkThreads, 0, stream)(
+      best_dist, second_dist, z_sqnorm, code_sqnorm_max, n, ranking_tolerance_coef<float>(d),
+      ranking_tolerance_floor<float>(d), list, count);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_rerank(const void* z, const void* codebook, DType dtype, int64_t n, int64_t k, int64_t d,
+                          const int64_t* list, const unsigned long long* count, Rerank kind, int64_t* best_index,
+                          void* codewords, float* distances, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  if (k <= 0 || d <= 0 || (list == nullptr) != (count == nullptr) || ((codewords == nullptr) != (distances == nullptr)))
+    return cudaErrorInvalidValue;
+  // A fixed grid: enough warps to fill the GPU (or one per row when fewer), whatever the count turns
+  // out to be on the device; the warps loop over the entries.
+  const int sms = current_device_shape().sms;
+  const int64_t cap = sms > 0 ? int64_t{kRerankBlocksPerSm} * sms : 65535;
+  const unsigned blocks = static_cast<unsigned>(std::min(ceil_div(n, kRowWarps), cap));
+  const bool compensated = kind == Rerank::kCompensated;
+  const auto run = [&](auto tag, auto comp) {
+    using T = decltype(tag);
+    const auto kernel = rerank_kernel<T, decltype(comp)::value>;
+    VQFAST_LAUNCH(kernel, blocks, kRowWarps * 32, 0, stream)(
+        static_cast<const T*>(z), static_cast<const T*>(codebook), n, k, d, list, count, best_index,
+        static_cast<T*>(codewords), distances);
+    return cudaGetLastError();
+  };
+  if (dtype == DType::kFloat64) {  // float64 operands: the float64 scan (nothing to compensate)
+    if (codewords != nullptr) return cudaErrorInvalidValue;
+    return run(double{}, std::false_type{});
+  }
+  return dispatch_dtype(dtype, [&](auto tag) {
+    return compensated ? run(tag, std::true_type{}) : run(tag, std::false_type{});
+  });
+}
+
+Rerank choose_rerank() {
+  const char* forced = std::getenv("VQFAST_CUDA_RERANK");
+  if (forced != nullptr && std::strcmp(forced, "float64") == 0) return Rerank::kFloat64;
+  if (forced != nullptr && std::strcmp(forced, "compensated") == 0) return Rerank::kCompensated;
+  static std::atomic<int> cached[kMaxDevices];  // ratio + 1; 0: not read yet
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();
+    return Rerank::kFloat64;
+  }
+  int ratio = device >= 0 && device < kMaxDevices ? cached[device].load(std::memory_order_relaxed) - 1 : -1;
+  if (ratio < 0) {
+    if (cudaDeviceGetAttribute(&ratio, cudaDevAttrSingleToDoublePrecisionPerfRatio, device) != cudaSuccess) {
+      cudaGetLastError();  // unknown: float64, which is right on every GPU, only slower on some
+      return Rerank::kFloat64;
+    }
+    if (device >= 0 && device < kMaxDevices) cached[device].store(ratio + 1, std::memory_order_relaxed);
+  }
+  return ratio >= kCompensatedRatio ? Rerank::kCompensated : Rerank::kFloat64;
 }
 
 cudaError_t launch_gather_distance(const void* z, const void* codebook, DType dtype, const int64_t* indices,

@@ -1,7 +1,8 @@
 // Launcher API of the CUDA nearest-codeword kernels (csrc/cuda/nearest_codeword.cu).
 //
 // Plain C++: no torch headers, so the .cu file compiles with nvcc alone and binding.cpp does the
-// torch side (checks, allocation, mixed-dtype staging and cosine normalisation, exact re-ranking).
+// torch side (checks, allocation, mixed-dtype staging and cosine normalisation). Every launcher only
+// enqueues work on `stream`: none of them waits for the device or copies anything to the host.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -39,8 +40,19 @@ enum class Mode : int {
 
 // Element type of z and the codebook (both the same). Every kernel accumulates in fp32; fp16 / bf16
 // elements are converted exactly as they are loaded, except in fast mode, where the tensor cores
-// take them as they are.
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+// take them as they are. kFloat64 only reaches launch_rerank and launch_max_abs.
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+
+// How launch_rerank computes its direct distances sum_j (z_j - c_j)^2.
+enum class Rerank : int {
+  // In float64, features in order (as vqfast/testing/oracle.py sums them).
+  kFloat64 = 0,
+  // In compensated float32 (double-float: TwoSum / TwoProd with fma, an accurate double-float sum),
+  // within (3D + 8) 2^-48 of each distance; a row whose best two codewords that bound cannot order
+  // (ties, duplicates, non-finite values, distances beyond float32) is scanned again in float64. For
+  // GPUs whose float64 rate is 1/32 of float32 or less (consumer and L40-class cards: 1/64).
+  kCompensated = 1,
+};
 
 // For every row i of z [N, D] against codebook [K, D] (dtype `dtype`, row-major, contiguous):
 //   r(i, k)       = code_sqnorm[k] - 2 * <z_i, c_k>   (computed, fp32; the distance less ||z_i||^2)
@@ -62,8 +74,42 @@ cudaError_t launch_nearest_codeword(const void* z, const void* codebook, DType d
                                     float* best_dist, float* second_dist, void* codewords, float* distances,
                                     int splits, void* workspace, cudaStream_t stream);
 
-// out[i] = sum_j x[i, j]^2 in fp32 for x [rows, d] (contiguous).
-cudaError_t launch_row_sqnorms(const void* x, DType dtype, int64_t rows, int64_t d, float* out, cudaStream_t stream);
+// out[i] = sum_j x[i, j]^2 in fp32 for x [rows, d] (contiguous). In the same pass, when not nullptr
+// (each a float64 the caller set to +0 before):
+//   max_abs: raised to max_ij |x[i, j]| (NaN when a NaN was read, else +inf when an Inf was);
+//   max_out: raised to max_i out[i] (NaN when one is NaN).
+cudaError_t launch_row_sqnorms(const void* x, DType dtype, int64_t rows, int64_t d, float* out, double* max_abs,
+                               double* max_out, cudaStream_t stream);
+
+// *max_abs raised to max |x| over `count` values (rules of launch_row_sqnorms' max_abs), any DType:
+// for operands the search does not read as given (cosine, float64).
+cudaError_t launch_max_abs(const void* x, DType dtype, int64_t count, double* max_abs, cudaStream_t stream);
+
+// Exact mode without the host: appends to list (capacity n; *count set to 0 before) every row i whose
+// search result the ranking bound cannot prove (vqfast/reference.py, rerank_unproven):
+//   !(second_dist[i] > best_dist[i] + tol_i) in float64,  tol_i = coef cmax (2 ||z_i|| + cmax) + floor,
+// coef and floor from csrc/tolerance.h for float32 and D = d, cmax = sqrt(*code_sqnorm_max) rounded to
+// float32 (launch_row_sqnorms' max_out over the codebook), ||z_i|| = sqrt(z_sqnorm[i]) in float64. NaN
+// and infinite values fail the comparison and are listed. Order of the entries: unspecified.
+cudaError_t launch_mark_ambiguous(const float* best_dist, const float* second_dist, const float* z_sqnorm,
+                                  const double* code_sqnorm_max, int64_t n, int64_t d, int64_t* list,
+                                  unsigned long long* count, cudaStream_t stream);
+
+// The exact re-rank of the rows list[0 .. min(*count, n)) (every row 0 .. n when list is nullptr), on a
+// grid fixed at launch whose warps loop over the entries the device counter holds (no host read):
+// best_index[row] = the lowest index at the minimum over all K codewords of the direct distance
+// sum_j (z_j - c_j)^2, a NaN distance counting as +inf (vqfast/reference.py), so a row with NaN takes
+// codeword 0. With codewords and distances (both or neither; dtype float32 / 16-bit only) the row's
+// codeword and fp32 distance are written again as launch_gather_distance writes them.
+cudaError_t launch_rerank(const void* z, const void* codebook, DType dtype, int64_t n, int64_t k, int64_t d,
+                          const int64_t* list, const unsigned long long* count, Rerank kind, int64_t* best_index,
+                          void* codewords, float* distances, cudaStream_t stream);
+
+// The re-rank variant for the current device: kCompensated when its float32 : float64 throughput ratio
+// (cudaDevAttrSingleToDoublePrecisionPerfRatio) is kCompensatedRatio or more, else kFloat64; read once
+// per device. VQFAST_CUDA_RERANK=float64 / compensated forces one (GPU validation of both).
+constexpr int kCompensatedRatio = 32;
+Rerank choose_rerank();
 
 // A gather after the search, one pass over z: codewords[i, :] = codebook[indices[i], :] (skipped
 // when codewords is nullptr) and distances[i] = sum_j (z[i, j] - codebook[indices[i], j])^2 in fp32,

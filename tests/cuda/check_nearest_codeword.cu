@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "nearest_codeword.h"
+#include "../tolerance.h"
 
 #define CHECK_CUDA(expr)                                                                          \
   do {                                                                                            \
@@ -122,8 +123,8 @@ Result search(const Shape& s, Mode mode, const std::vector<float>& zf, const std
   CHECK_CUDA(cudaMemset(didx, 0xff, s.n * sizeof(int64_t)));  // stale outputs must not pass
 
   const DType dt = dtype_of<T>();
-  CHECK_CUDA(vqfast::cuda::launch_row_sqnorms(dz, dt, s.n, s.d, dzn, 0));
-  CHECK_CUDA(vqfast::cuda::launch_row_sqnorms(dcb, dt, s.k, s.d, dcn, 0));
+  CHECK_CUDA(vqfast::cuda::launch_row_sqnorms(dz, dt, s.n, s.d, dzn, nullptr, nullptr, 0));
+  CHECK_CUDA(vqfast::cuda::launch_row_sqnorms(dcb, dt, s.k, s.d, dcn, nullptr, nullptr, 0));
   CHECK_CUDA(vqfast::cuda::launch_nearest_codeword(dz, dcb, dt, dcn, s.n, s.k, s.d, mode, didx, dbest, dsecond,
                                                    fused ? dcw_fused : nullptr, fused ? ddist_fused : nullptr,
                                                    splits, dworkspace, 0));
@@ -267,6 +268,290 @@ int run_case(const Shape& s, Mode mode, std::mt19937& rng) {
   return failures;
 }
 
+
+// ---- exact mode with no host sync: maxima, marking, re-rank -------------------------------------
+//
+// The whole exact pipeline as binding.cpp runs it (row norms with their fused maxima, search, marking
+// on the device, re-rank over the device list), on inputs built to need the re-rank: near ties,
+// copies, NaN / Inf rows and codewords, float32 overflow, underflow, and every row ambiguous (more
+// rows than the re-rank grid has warps). Checked against a float64 brute force (the oracle's sums:
+// features in order, a NaN distance ranking as +inf, lowest index on equal values):
+//   maxima:  max |z|, max |codebook| (NaN / Inf rules) and the largest codeword norm, exactly;
+//   marking: the listed rows are exactly those whose gap is not beyond the tolerance of tolerance.h;
+//   answer:  every row's index equals the brute force, for both re-rank variants;
+//   outputs: re-ranked rows' codewords and distances are what the gather writes, bit for bit.
+
+using vqfast::cuda::Rerank;
+
+struct Inputs {
+  const char* what;
+  int64_t n, k, d;
+  std::vector<float> z, cb;  // values representable in the element type
+};
+
+double magnitude_max(const std::vector<float>& v) {
+  double m = 0.0;
+  for (float x : v) {
+    if (std::isnan(x)) return NAN;
+    m = std::fmax(m, std::fabs(static_cast<double>(x)));
+  }
+  return m;
+}
+
+bool same_double(double a, double b) { return (std::isnan(a) && std::isnan(b)) || a == b; }
+
+// The lowest index at the float64 minimum of sum_j (z_j - c_j)^2, NaN as +inf (codeword 0 when none is finite).
+std::vector<int64_t> brute_force(const Inputs& in) {
+  std::vector<int64_t> out(in.n);
+  for (int64_t i = 0; i < in.n; ++i) {
+    double best = INFINITY;
+    int64_t at = 0;
+    for (int64_t c = 0; c < in.k; ++c) {
+      double acc = 0.0;
+      for (int64_t j = 0; j < in.d; ++j) {
+        const double t = static_cast<double>(in.z[i * in.d + j]) - static_cast<double>(in.cb[c * in.d + j]);
+        acc += t * t;
+      }
+      if (acc < best) best = acc, at = c;
+    }
+    out[i] = at;
+  }
+  return out;
+}
+
+template <typename T>
+int run_exact_pipeline(const Inputs& in, Rerank kind) {
+  const int64_t n = in.n, k = in.k, d = in.d;
+  std::vector<T> zt(in.z.size()), ct(in.cb.size());
+  for (size_t i = 0; i < in.z.size(); ++i) zt[i] = from_float<T>(in.z[i]);
+  for (size_t i = 0; i < in.cb.size(); ++i) ct[i] = from_float<T>(in.cb[i]);
+  T* dz = to_device(zt);
+  T* dcb = to_device(ct);
+  float *dzn, *dcn, *dbest, *dsecond, *ddist, *ddist2;
+  int64_t *didx, *dlist;
+  T *dcw, *dcw2;
+  double* dmax;  // [max |z|, max |codebook|, max ||c||^2]
+  unsigned long long* dcount;
+  CHECK_CUDA(cudaMalloc(&dzn, n * sizeof(float)));
+  CHECK_CUDA(cudaMalloc(&dcn, k * sizeof(float)));
+  CHECK_CUDA(cudaMalloc(&dbest, n * sizeof(float)));
+  CHECK_CUDA(cudaMalloc(&dsecond, n * sizeof(float)));
+  CHECK_CUDA(cudaMalloc(&ddist, n * sizeof(float)));
+  CHECK_CUDA(cudaMalloc(&ddist2, n * sizeof(float)));
+  CHECK_CUDA(cudaMalloc(&didx, n * sizeof(int64_t)));
+  CHECK_CUDA(cudaMalloc(&dlist, n * sizeof(int64_t)));
+  CHECK_CUDA(cudaMalloc(&dcw, n * d * sizeof(T)));
+  CHECK_CUDA(cudaMalloc(&dcw2, n * d * sizeof(T)));
+  CHECK_CUDA(cudaMalloc(&dmax, 3 * sizeof(double)));
+  CHECK_CUDA(cudaMalloc(&dcount, sizeof(unsigned long long)));
+  CHECK_CUDA(cudaMemset(dmax, 0, 3 * sizeof(double)));
+  CHECK_CUDA(cudaMemset(dcount, 0, sizeof(unsigned long long)));
+  CHECK_CUDA(cudaMemset(dlist, 0xff, n * sizeof(int64_t)));
+  const int splits = vqfast::cuda::choose_code_splits(n, k);
+  void* dworkspace = nullptr;
+  if (splits > 1) CHECK_CUDA(cudaMalloc(&dworkspace, vqfast::cuda::split_workspace_bytes(n, splits)));
+
+  const DType dt = dtype_of<T>();
+  CHECK_CUDA(vqfast::cuda::launch_row_sqnorms(dcb, dt, k, d, dcn, dmax + 1, dmax + 2, 0));
+  CHECK_CUDA(vqfast::cuda::launch_row_sqnorms(dz, dt, n, d, dzn, dmax, nullptr, 0));
+  CHECK_CUDA(vqfast::cuda::launch_nearest_codeword(dz, dcb, dt, dcn, n, k, d, Mode::kExactFma, didx, dbest, dsecond, dcw,
+                                                   ddist, splits, dworkspace, 0));
+  CHECK_CUDA(vqfast::cuda::launch_mark_ambiguous(dbest, dsecond, dzn, dmax + 2, n, d, dlist, dcount, 0));
+  CHECK_CUDA(vqfast::cuda::launch_rerank(dz, dcb, dt, n, k, d, dlist, dcount, kind, didx, dcw, ddist, 0));
+  CHECK_CUDA(vqfast::cuda::launch_gather_distance(dz, dcb, dt, didx, n, d, dcw2, ddist2, 0));
+  CHECK_CUDA(cudaDeviceSynchronize());
+
+  const std::vector<int64_t> index = to_host(didx, n), list = to_host(dlist, n);
+  const std::vector<float> best = to_host(dbest, n), second = to_host(dsecond, n), zn = to_host(dzn, n),
+                           cn = to_host(dcn, k), dist = to_host(ddist, n), dist2 = to_host(ddist2, n);
+  const std::vector<double> maxima = to_host(dmax, 3);
+  const unsigned long long count = to_host(dcount, 1)[0];
+  const std::vector<T> cw = to_host(dcw, n * d), cw2 = to_host(dcw2, n * d);
+  int failures = 0;
+  const auto fail = [&](const char* fmt, auto... args) {
+    if (failures++ < 5) {
+      std::fprintf(stderr, "  %s %s: ", in.what, name_of<T>());
+      std::fprintf(stderr, fmt, args...);
+      std::fprintf(stderr, "\n");
+    }
+  };
+
+  // Maxima fused into the norm passes.
+  double cn_max = 0.0;
+  for (float v : cn) cn_max = std::isnan(v) || std::isnan(cn_max) ? NAN : std::fmax(cn_max, v);
+  if (!same_double(maxima[0], magnitude_max(in.z))) fail("max |z| %.9g, expected %.9g", maxima[0], magnitude_max(in.z));
+  if (!same_double(maxima[1], magnitude_max(in.cb)))
+    fail("max |codebook| %.9g, expected %.9g", maxima[1], magnitude_max(in.cb));
+  if (!same_double(maxima[2], cn_max)) fail("max ||c||^2 %.9g, expected %.9g", maxima[2], cn_max);
+
+  // The list: exactly the rows the tolerance cannot prove, each once.
+  const double coef = vqfast::ranking_tolerance_coef<float>(d), floor_term = vqfast::ranking_tolerance_floor<float>(d);
+  const double cmax = static_cast<double>(std::sqrt(static_cast<float>(maxima[2])));
+  std::vector<int> listed(n, 0);
+  int64_t expected = 0;
+  if (count > static_cast<unsigned long long>(n)) fail("count %llu above n", count);
+  for (unsigned long long e = 0; e < count && e < static_cast<unsigned long long>(n); ++e) {
+    if (list[e] < 0 || list[e] >= n || listed[list[e]]++) fail("list entry %llu is %lld", e, static_cast<long long>(list[e]));
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const double tol = coef * cmax * (2.0 * std::sqrt(static_cast<double>(zn[i])) + cmax) + floor_term;
+    const bool proven = static_cast<double>(second[i]) > static_cast<double>(best[i]) + tol;
+    expected += !proven;
+    if (proven == (listed[i] != 0)) fail("row %lld %s listed (gap %.9g)", static_cast<long long>(i), proven ? "" : "not",
+                                         static_cast<double>(second[i]) - best[i]);
+  }
+
+  // The answer and the rewritten outputs.
+  const std::vector<int64_t> truth = brute_force(in);
+  for (int64_t i = 0; i < n; ++i) {
+    if (index[i] != truth[i]) fail("row %lld: %lld, brute force %lld", static_cast<long long>(i),
+                                   static_cast<long long>(index[i]), static_cast<long long>(truth[i]));
+    if (!same_bits(dist[i], dist2[i]) || std::memcmp(&cw[i * d], &cw2[i * d], d * sizeof(T)) != 0)
+      fail("row %lld: codeword / distance differ from the gather", static_cast<long long>(i));
+  }
+  // The float64 path: the re-rank over every row of float64 operands holding the same values.
+  std::vector<double> z64(in.z.begin(), in.z.end()), cb64(in.cb.begin(), in.cb.end());
+  for (size_t i = 0; i < z64.size(); ++i) z64[i] = as_float(zt[i]);
+  for (size_t i = 0; i < cb64.size(); ++i) cb64[i] = as_float(ct[i]);
+  double* dz64 = to_device(z64);
+  double* dcb64 = to_device(cb64);
+  double* dmax64;
+  CHECK_CUDA(cudaMalloc(&dmax64, 2 * sizeof(double)));
+  CHECK_CUDA(cudaMemset(dmax64, 0, 2 * sizeof(double)));
+  CHECK_CUDA(cudaMemset(didx, 0xff, n * sizeof(int64_t)));
+  CHECK_CUDA(vqfast::cuda::launch_rerank(dz64, dcb64, DType::kFloat64, n, k, d, nullptr, nullptr, Rerank::kFloat64, didx,
+                                         nullptr, nullptr, 0));
+  CHECK_CUDA(vqfast::cuda::launch_max_abs(dz64, DType::kFloat64, n * d, dmax64, 0));
+  CHECK_CUDA(vqfast::cuda::launch_max_abs(dcb, dt, k * d, dmax64 + 1, 0));
+  CHECK_CUDA(cudaDeviceSynchronize());
+  const std::vector<int64_t> index64 = to_host(didx, n);
+  const std::vector<double> max64 = to_host(dmax64, 2);
+  for (int64_t i = 0; i < n; ++i)
+    if (index64[i] != truth[i]) fail("float64 operands, row %lld: %lld, brute force %lld", static_cast<long long>(i),
+                                     static_cast<long long>(index64[i]), static_cast<long long>(truth[i]));
+  if (!same_double(max64[0], magnitude_max(in.z)) || !same_double(max64[1], magnitude_max(in.cb)))
+    fail("launch_max_abs %.9g / %.9g", max64[0], max64[1]);
+
+  for (void* p : {static_cast<void*>(dz), static_cast<void*>(dcb), static_cast<void*>(dzn), static_cast<void*>(dcn),
+                  static_cast<void*>(dbest), static_cast<void*>(dsecond), static_cast<void*>(ddist),
+                  static_cast<void*>(ddist2), static_cast<void*>(didx), static_cast<void*>(dlist),
+                  static_cast<void*>(dcw), static_cast<void*>(dcw2), static_cast<void*>(dmax),
+                  static_cast<void*>(dcount), static_cast<void*>(dz64), static_cast<void*>(dcb64),
+                  static_cast<void*>(dmax64), dworkspace})
+    CHECK_CUDA(cudaFree(p));
+  std::printf("rerank %-12s %s %-11s N=%-4lld K=%-4lld D=%-3lld %s (%lld rows re-ranked)\n", in.what, name_of<T>(),
+              kind == Rerank::kFloat64 ? "float64" : "compensated", static_cast<long long>(n),
+              static_cast<long long>(k), static_cast<long long>(d), failures ? "FAIL" : "pass",
+              static_cast<long long>(expected));
+  return failures;
+}
+
+// Inputs for the re-rank checks, rounded to T (16-bit grids are coarser: the near ties scale with them).
+template <typename T>
+std::vector<Inputs> rerank_inputs(std::mt19937& rng) {
+  const auto round = [](std::vector<float>& v) {
+    for (auto& x : v) x = as_float(from_float<T>(x));
+  };
+  std::normal_distribution<float> normal;
+  std::uniform_int_distribution<int> pick(0, 1 << 20);
+  const bool fp32 = std::is_same_v<T, float>;
+  std::vector<Inputs> out;
+  {  // near ties: a common offset far above the gaps (the float32 expansion cannot order them)
+    Inputs in{"near-ties", 150, 70, 24, {}, {}};
+    const float base = fp32 ? 1000.f : 8.f, step = fp32 ? 0x1p-6f : (std::is_same_v<T, __half> ? 0x1p-6f : 0x1p-4f);
+    in.cb.assign(in.k * in.d, base);
+    in.z.assign(in.n * in.d, base);
+    for (int64_t c = 0; c < in.k; ++c) in.cb[c * in.d + c % in.d] += step * static_cast<float>(1 + pick(rng) % 3);
+    for (int64_t i = 0; i < in.n; ++i) in.z[i * in.d + pick(rng) % in.d] += step * static_cast<float>(pick(rng) % 4);
+    round(in.cb);
+    round(in.z);
+    out.push_back(std::move(in));
+  }
+  {  // copies: codewords repeated across code tiles, rows on them and between them
+    Inputs in{"copies", 100, 130, 9, {}, {}};
+    in.cb.resize(in.k * in.d);
+    for (int64_t c = 0; c < in.k; ++c)
+      for (int64_t j = 0; j < in.d; ++j) in.cb[c * in.d + j] = c < 10 ? normal(rng) : in.cb[(c % 10) * in.d + j];
+    round(in.cb);
+    in.z.resize(in.n * in.d);
+    for (int64_t i = 0; i < in.n; ++i)
+      for (int64_t j = 0; j < in.d; ++j)
+        in.z[i * in.d + j] = i % 2 ? in.cb[((i * 7) % in.k) * in.d + j]
+                                   : 0.5f * (in.cb[(i % 10) * in.d + j] + in.cb[((i + 1) % 10) * in.d + j]);
+    round(in.z);
+    out.push_back(std::move(in));
+  }
+  {  // every row ambiguous, more rows than the re-rank grid has warps: z = 0 between +-e_0
+    Inputs in{"all-tied", 300, 5, 4, std::vector<float>(300 * 4, 0.f), std::vector<float>(5 * 4, 0.f)};
+    in.cb[0] = 1.f, in.cb[4] = -1.f, in.cb[8] = 1.f, in.cb[13] = 2.f, in.cb[16] = 1.f;
+    out.push_back(std::move(in));
+  }
+  {  // NaN / Inf: a NaN row, an Inf row, a NaN codeword (never chosen), an Inf codeword
+    Inputs in{"non-finite", 20, 70, 6, {}, {}};
+    in.z.resize(in.n * in.d);
+    in.cb.resize(in.k * in.d);
+    for (auto& v : in.z) v = normal(rng);
+    for (auto& v : in.cb) v = normal(rng);
+    round(in.z);
+    round(in.cb);
+    in.z[3 * in.d + 2] = NAN;
+    in.z[5 * in.d + 1] = INFINITY;
+    in.cb[0 * in.d + 4] = NAN;
+    in.cb[9 * in.d + 0] = -INFINITY;
+    for (int64_t j = 0; j < in.d; ++j) in.z[7 * in.d + j] = in.cb[j];  // the NaN codeword's own values
+    out.push_back(std::move(in));
+  }
+  {  // magnitudes: distances beyond float32 (the compensated scan hands them to float64) and below
+     // its smallest normal (underflowing squares)
+    Inputs in{"magnitudes", 40, 65, 5, {}, {}};
+    const float big = fp32 ? 1e19f : (std::is_same_v<T, __half> ? 6e4f : 1e37f);
+    in.z.resize(in.n * in.d);
+    in.cb.resize(in.k * in.d);
+    for (int64_t i = 0; i < in.n; ++i)
+      for (int64_t j = 0; j < in.d; ++j) in.z[i * in.d + j] = normal(rng) * (i < 20 ? big : 1e-25f);
+    for (int64_t c = 0; c < in.k; ++c)
+      for (int64_t j = 0; j < in.d; ++j) in.cb[c * in.d + j] = normal(rng) * (c % 2 ? big : 1e-25f);
+    round(in.z);
+    round(in.cb);
+    out.push_back(std::move(in));
+  }
+  {  // random rows, a third of them halfway between two codewords: proven rows keep the search's pick
+    Inputs in{"mixed", 90, 200, 12, {}, {}};
+    in.z.resize(in.n * in.d);
+    in.cb.resize(in.k * in.d);
+    for (auto& v : in.cb) v = normal(rng);
+    round(in.cb);
+    for (int64_t i = 0; i < in.n; ++i)
+      for (int64_t j = 0; j < in.d; ++j)
+        in.z[i * in.d + j] = i % 3 ? normal(rng) : 0.5f * (in.cb[(i % 50) * in.d + j] + in.cb[(i % 50 + 70) * in.d + j]);
+    round(in.z);
+    out.push_back(std::move(in));
+  }
+  {  // one codeword
+    Inputs in{"one-code", 9, 1, 3, {}, {}};
+    in.z.resize(in.n * in.d);
+    in.cb.resize(in.d);
+    for (auto& v : in.z) v = normal(rng);
+    for (auto& v : in.cb) v = normal(rng);
+    round(in.z);
+    round(in.cb);
+    out.push_back(std::move(in));
+  }
+  return out;
+}
+
+template <typename T>
+int run_rerank_checks(std::mt19937& rng, bool fail_fast) {
+  int failures = 0;
+  for (const Inputs& in : rerank_inputs<T>(rng)) {
+    for (Rerank kind : {Rerank::kFloat64, Rerank::kCompensated}) {
+      failures += run_exact_pipeline<T>(in, kind);
+      if (fail_fast && failures) return failures;
+    }
+  }
+  return failures;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -305,6 +590,13 @@ int main(int argc, char** argv) {
         std::printf("FAILED\n");
         return 1;
       }
+    }
+  }
+  for (auto run : {run_rerank_checks<float>, run_rerank_checks<__half>, run_rerank_checks<__nv_bfloat16>}) {
+    failures += run(rng, fail_fast);
+    if (fail_fast && failures) {
+      std::printf("FAILED\n");
+      return 1;
     }
   }
 #if defined(VQFAST_CUDA_EMULATION)

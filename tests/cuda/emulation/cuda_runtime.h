@@ -80,21 +80,43 @@ inline unsigned __float_as_uint(float f) {
   std::memcpy(&u, &f, 4);
   return u;
 }
+inline long long __double_as_longlong(double f) {
+  long long u;
+  std::memcpy(&u, &f, 8);
+  return u;
+}
+inline double __longlong_as_double(long long u) {
+  double f;
+  std::memcpy(&f, &u, 8);
+  return f;
+}
+// Round-to-nearest operations that nvcc never contracts into an fma; the host computes them as they
+// are (x86-64 SSE arithmetic, no contraction without -mfma).
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
 
 // ---- runtime API (the subset the kernels' launchers and tests/cuda use) -----------------------
 
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9 };
 enum cudaMemcpyKind { cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice };
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81 };
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81,
+  cudaDevAttrSingleToDoublePrecisionPerfRatio = 87,
+};
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 using cudaStream_t = struct CUstream_st*;
 
 namespace vqfast_emu {
 
 // Four SMs: small shapes already take the codebook-split path of the search. Shared memory per SM
-// as on an H100 (228 KiB).
+// and the float32 : float64 throughput ratio as on an H100 (228 KiB, 2).
 constexpr int kEmulatedSms = 4;
 constexpr int kSharedPerSm = 228 * 1024;
+constexpr int kSingleToDoubleRatio = 2;
 constexpr int kDefaultDynamicShared = 48 * 1024;
 inline cudaError_t& last_error() {
   static cudaError_t e = cudaSuccess;
@@ -125,6 +147,7 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int d
   switch (attr) {
     case cudaDevAttrMultiProcessorCount: *value = vqfast_emu::kEmulatedSms; return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = vqfast_emu::kSharedPerSm; return cudaSuccess;
+    case cudaDevAttrSingleToDoublePrecisionPerfRatio: *value = vqfast_emu::kSingleToDoubleRatio; return cudaSuccess;
   }
   return cudaErrorInvalidValue;
 }
@@ -175,7 +198,7 @@ struct Barrier {
 
 struct Warp {
   Barrier barrier;
-  uint32_t slot[32];
+  uint64_t slot[32];
   unsigned a[32][4], b[32][2];
   float c[32][4];
 };
@@ -360,12 +383,12 @@ struct Launch {
 
 template <typename T>
 T shfl_xor(unsigned mask, T value, int offset) {
-  static_assert(sizeof(T) == 4, "32-bit shuffles only");
+  static_assert(sizeof(T) == 4 || sizeof(T) == 8, "32- and 64-bit shuffles only");
   Warp& w = warp();
-  std::memcpy(&w.slot[lane()], &value, 4);
+  std::memcpy(&w.slot[lane()], &value, sizeof(T));
   warp_sync(mask);
   T out;
-  std::memcpy(&out, &w.slot[(lane() ^ offset) & 31], 4);
+  std::memcpy(&out, &w.slot[(lane() ^ offset) & 31], sizeof(T));
   warp_sync(mask);
   return out;
 }
@@ -487,6 +510,19 @@ inline void __syncthreads() {
 template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T value, int offset) {
   return vqfast_emu::shfl_xor(mask, value, offset);
+}
+
+// Atomics: the threads of a block only switch at barriers, collectives and cp.async waits, and blocks
+// run one after another, so a plain read-modify-write is atomic here.
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+  const unsigned long long old = *p;
+  *p = old + v;
+  return old;
+}
+inline unsigned long long atomicMax(unsigned long long* p, unsigned long long v) {
+  const unsigned long long old = *p;
+  if (v > old) *p = v;
+  return old;
 }
 
 template <typename F>
