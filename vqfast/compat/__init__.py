@@ -120,14 +120,18 @@ def source_fingerprint(source: str) -> str:
 def _resolve_part(cls: type, part: str) -> object:
     """The function ``part`` names for ``cls``: "forward" (a method, through the MRO), "Codebook.forward"
     (a method of another class of cls's module) or "compute_entropy_loss()" (a function of cls's module).
-    None when there is none."""
+    None when there is none; OSError when cls's module is not loaded."""
     owner: object = cls
     name = part
-    if part.endswith("()"):
-        owner, name = sys.modules.get(cls.__module__), part[:-2]
-    elif "." in part:
-        other, name = part.split(".", 1)
-        owner = getattr(sys.modules.get(cls.__module__), other, None)
+    if part.endswith("()") or "." in part:
+        module = sys.modules.get(cls.__module__)
+        if module is None:  # a class made by exec or type(): its module cannot be read
+            raise OSError(f"no module {cls.__module__!r}")
+        if part.endswith("()"):
+            owner, name = module, part[:-2]
+        else:
+            other, name = part.split(".", 1)
+            owner = getattr(module, other, None)
     if owner is None:
         return None
     try:
@@ -144,10 +148,10 @@ def _resolve_part(cls: type, part: str) -> object:
 def part_fingerprint(cls: type, part: str) -> str | None:
     """The fingerprint of what ``part`` names for ``cls``; "" when it has none; None when its source
     cannot be read (a class made by exec, some notebooks)."""
-    fn = _resolve_part(cls, part)
-    if fn is None:
-        return ""
     try:
+        fn = _resolve_part(cls, part)
+        if fn is None:
+            return ""
         source = inspect.getsource(fn)
     except (OSError, TypeError):
         return None
@@ -365,12 +369,14 @@ def identify(cls: type, trust: Mapping[type, str] | None = None) -> Recognition 
                 return Recognition(e, "installed", version=version)
     # A copy of one of them that was edited, or a class of one's own that shares a name: a copy has the
     # library's module path or at least one replaced method in common with a release.
-    if all(not checks[e.key][0] and checks[e.key][1] for e in candidates) and not any(e.matches(cls) for e in candidates):
-        return None
-    if all(not checks[e.key][0] and not checks[e.key][1] for e in candidates):
-        return Recognition(None, "unreadable", candidates)
-    best = max(candidates, key=lambda e: (e.matches(cls), len(checks[e.key][0])))
-    return Recognition(best, "modified", (best,), checks[best.key][1])
+    copies = [e for e in candidates if e.matches(cls) or checks[e.key][0]]
+    if copies:
+        best = max(copies, key=lambda e: (e.matches(cls), len(checks[e.key][0])))
+        return Recognition(best, "modified", (best,), checks[best.key][1])
+    unreadable = tuple(e for e in candidates if not checks[e.key][0] and not checks[e.key][1])
+    if unreadable:
+        return Recognition(None, "unreadable", unreadable)
+    return None
 
 
 def _original_class(module: nn.Module) -> type:
