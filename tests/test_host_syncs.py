@@ -308,3 +308,90 @@ def test_cuda_build_without_a_flagged_op_scans_first(monkeypatch):
     with count_syncs() as counter:
         vqfast.nearest_codeword(z, cb, backend="cuda")
     assert_syncs(counter, 1, "cuda without a flagged op (scan_values + the plain op)")
+
+
+# ---------------------------------------------------------------- one pass of VAR's quantizer
+
+PATCH_NUMS = (1, 2, 3, 4)
+
+
+def _multiscale(kind: str, using_znorm: bool, backend: str) -> torch.nn.Module:
+    from vqfast.compat.var import VectorQuantizer2
+    from vqfast.models import MultiScaleQuantizer
+
+    torch.manual_seed(0)
+    cls = VectorQuantizer2 if kind == "compat.var" else MultiScaleQuantizer
+    return cls(64, 8, using_znorm, v_patch_nums=PATCH_NUMS, backend=backend).to(_device())
+
+
+def _check_multiscale_pass(kind: str, using_znorm: bool, backend: str, expected: int) -> None:
+    """forward (eval; training with its backward) and f_to_idxBl_or_fhat: ``expected`` syncs per pass."""
+    q = _multiscale(kind, using_znorm, backend)
+    f = torch.randn(2, 8, PATCH_NUMS[-1], PATCH_NUMS[-1], device=_device())
+    for training in (False, True):
+        q.train(training)
+        q(f)  # the first training forward imports torch._dynamo for the hit bookkeeping: not counted
+        leaf = f.clone().requires_grad_(training)
+        with count_syncs() as counter:
+            f_hat, _, loss = q(leaf)
+            if training:
+                (f_hat.square().mean() + loss).backward()
+        assert_syncs(counter, expected, f"{kind} {'training' if training else 'eval'} forward"
+                     f"{' + backward' if training else ''}, {backend}")
+    q.eval()
+    for to_fhat in (False, True):
+        with count_syncs() as counter:
+            q.f_to_idxBl_or_fhat(f, to_fhat=to_fhat)
+        assert_syncs(counter, expected, f"{kind} f_to_idxBl_or_fhat(to_fhat={to_fhat}), {backend}")
+
+
+@pytest.mark.parametrize("kind", ["compat.var", "models"])
+@pytest.mark.parametrize("using_znorm", [False, True])
+def test_cuda_path_multiscale_pass_syncs_once(standin_cuda, kind, using_znorm):
+    _check_multiscale_pass(kind, using_znorm, "cuda", 1)
+
+
+def test_cuda_path_multiscale_pass_without_a_flagged_op_syncs_once(monkeypatch):
+    _use_cuda_standin(monkeypatch, load_flagged_op=lambda: None)  # one aminmax per scale, read back in finish
+    _check_multiscale_pass("compat.var", False, "cuda", 1)
+
+
+def test_cuda_path_multiscale_pass_reports_non_finite_values_by_scale(standin_cuda):
+    q = _multiscale("compat.var", False, "cuda").eval()
+    f = torch.randn(2, 8, 4, 4, device=_device())
+    f[1, 3, 2, 2] = float("nan")  # reaches every scale's residual through the downsampling
+    with pytest.raises(ValueError, match=r"the residual searched at scale 0 .*NaN or Inf"):
+        q(f)
+    with torch.no_grad():
+        q.embedding.weight[5, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"embedding.weight \(the codebook\) holds NaN or Inf"):
+        q(torch.randn(2, 8, 4, 4, device=_device()))
+
+
+def test_img_to_idxBl_syncs_once(standin_cuda):
+    from vqfast.models import VQVAE
+
+    torch.manual_seed(0)
+    model = VQVAE(vocab_size=64, z_channels=8, ch=16, v_patch_nums=PATCH_NUMS, ch_mult=(1, 2), num_res_blocks=1,
+                  norm_groups=8, backend="cuda").to(_device())
+    img = torch.rand(2, 3, 8, 8, device=_device()) * 2 - 1
+    model.img_to_idxBl(img)
+    with count_syncs() as counter:
+        tokens = model.img_to_idxBl(img)
+    assert_syncs(counter, 1, "VQVAE.img_to_idxBl, cuda")
+    assert [tuple(t.shape) for t in tokens] == [(2, p * p) for p in PATCH_NUMS]
+
+
+@pytest.mark.parametrize("which", ["z", "codebook"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_cuda_path_value_test_raises_as_the_scan_does(standin_cuda, which, value):
+    # The flagged op's maxima go through the same rules (value_rules) as scan_values: the same message.
+    z, cb = _data()
+    (z if which == "z" else cb)[4, 2] = value
+    kind = "NaN" if value != value else "Inf"
+    with pytest.raises(ValueError, match=rf"^{which} contains 1 non-finite value\(s\) \({kind}\), the first in row 4"):
+        vqfast.nearest_codeword(z, cb, backend="cuda")
+    z64, cb64 = _data(dtype=torch.float64)
+    (z64 if which == "z" else cb64)[2, 3] = 1e160
+    with pytest.raises(ValueError, match=rf"^{which} holds values up to 1e\+160.*overflow float64"):
+        vqfast.nearest_codeword(z64, cb64, backend="cuda")
