@@ -362,7 +362,12 @@ def _encode_token_set(args: argparse.Namespace, device: torch.device, dtype: str
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # torchrun's store outlives a restart (--max-restarts): the keys of each attempt get their own
+        # prefix, else the restarted processes read the dead ones' addresses and cannot connect.
+        store, rank, size = next(dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=size,
+                                store=dist.PrefixStore(f"vqfast-tokenize-attempt-{attempt}", store))
     try:
         model = load_model(args.checkpoint, backend=args.backend)
         done = tokenset.encode_folder(model, args.input, args.output, checkpoint=args.checkpoint, augment=args.augment,
