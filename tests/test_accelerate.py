@@ -23,7 +23,7 @@ def test_bad_arguments_name_the_argument():
 
 
 def test_a_model_without_quantizers_is_returned_unchanged_and_no_library_is_imported():
-    # Recognition reads class names and module paths only: accelerating a plain model imports none of
+    # Recognition reads classes and their source files only: accelerating a plain model imports none of
     # the libraries in the table (each is checked in a fresh interpreter).
     script = textwrap.dedent("""
         import sys, torch, vqfast
@@ -53,7 +53,7 @@ def test_the_table_names_importable_compat_classes():
     for entry in RECOGNISED:
         cls = entry.compat_class()
         assert callable(getattr(cls, "unsupported_reason")) and callable(getattr(cls, "_vqfast_adopt"))
-    # A class with a recognised name under another module path is not recognised.
+    # A class that shares a recognised name and nothing else (no method of a release) is not recognised.
     lookalike = type("VectorQuantizer2", (torch.nn.Module,), {"__module__": "mypackage.quant"})
     assert recognise(lookalike()) is None
 
@@ -160,3 +160,33 @@ def test_vqfasts_own_quantizers_are_named_as_such(capsys):
     vqfast.accelerate(model, verbose=True)
     assert _lines(capsys) == ["vqfast.accelerate: 0: vqfast.modules.ResidualVectorQuantizer is vqfast's own "
                               "quantizer (it searches with vqfast already): left as built"]
+
+
+def _overridden(compat: type, original: type) -> set[str]:
+    """The methods of ``original`` (defined in its own class body or its library's bases) that ``compat``'s
+    classes define: what a conversion replaces."""
+    ours = {n for k in compat.__mro__ if k.__module__.startswith("vqfast.") for n, v in vars(k).items()
+            if callable(v) and not n.startswith("__")}
+    theirs = {n for k in original.__mro__ if not k.__module__.startswith(("torch", "builtins"))
+              for n, v in vars(k).items() if callable(v) and not n.startswith("__")
+              and getattr(v, "__name__", n) == n}  # an alias (update_ema_indices = update_indices) is its target's
+    return ours & theirs
+
+
+@pytest.mark.parametrize("key,module,name", [
+    ("diffusers", "diffusers.models.autoencoders.vae", "VectorQuantizer"),
+    ("vector-quantize", "vector_quantize_pytorch.vector_quantize_pytorch", "VectorQuantize"),
+    ("taming-v1", "taming.modules.vqvae.quantize", "VectorQuantizer"),
+])
+def test_each_entry_fingerprints_every_method_its_compat_class_replaces(key, module, name):
+    from vqfast.compat import RECOGNISED_BY_KEY
+
+    entry = RECOGNISED_BY_KEY[key]
+    library = pytest.importorskip(module)
+    methods = {p for p in entry.replaces if "." not in p and not p.endswith("()")}
+    assert _overridden(entry.compat_class(), getattr(library, name)) == methods
+    if key == "vector-quantize":  # its codebook's class is swapped too
+        from vqfast.compat.vector_quantize import Codebook
+
+        codebook = {p.split(".", 1)[1] for p in entry.replaces if p.startswith("Codebook.")}
+        assert _overridden(Codebook, library.Codebook) == codebook

@@ -398,6 +398,9 @@ _UPSTREAM = [  # (library, entry key, file, class)
     ("LlamaGen", "llamagen", "tokenizer/tokenizer_image/vq_model.py", "VectorQuantizer"),
 ]
 
+_UPSTREAM_ARGS = {"var": (16, 4, False, 0.25, 0, (1, 2)), "taming": (16, 4, 0.25),
+                  "llamagen": (16, 4, 0.25, 0.0, True, True)}
+
 
 @pytest.mark.parametrize("library,key,file,name", _UPSTREAM, ids=[k for _, k, _, _ in _UPSTREAM])
 def test_upstream_class_vendored_is_recognised_and_edited_is_left(library, key, file, name, tmp_path, monkeypatch):
@@ -424,6 +427,10 @@ def test_upstream_class_vendored_is_recognised_and_edited_is_left(library, key, 
     vendored = getattr(_load(tmp_path, monkeypatch, f"vendored_{key}.quant", vendored_source), name)
     found = identify(vendored)
     assert (found.entry.key, found.status) == (key, "known")
+    torch.manual_seed(0)
+    module = vendored(*_UPSTREAM_ARGS[key])
+    vqfast.accelerate(module)
+    assert isinstance(module, RECOGNISED_BY_KEY[key].compat_class()) and isinstance(module, vendored)
     edited = _edit_a_constant(vendored_source, name)
     forked = getattr(_load(tmp_path, monkeypatch, f"forked_{key}", edited), name)
     found = identify(forked)
