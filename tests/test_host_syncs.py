@@ -249,7 +249,8 @@ def test_the_counter_counts_every_kind_of_sync():
         "where(cond)": lambda: torch.where(mask), "mask index": lambda: t[mask],
         "mask assign": lambda: t.clone().__setitem__(mask, 0.0), "masked_select": lambda: t.masked_select(mask),
         "unique": lambda: torch.unique(t), "bincount": lambda: mask.long().bincount(),
-        "equal": lambda: torch.equal(t, t), "repeat_interleave": lambda: torch.arange(3).repeat_interleave(torch.ones(3, dtype=torch.long)),
+        "equal": lambda: torch.equal(t, t),
+        "repeat_interleave": lambda: torch.arange(3).repeat_interleave(torch.ones(3, dtype=torch.long)),
         "cuda.synchronize": lambda: torch.cuda.synchronize(),
     }
     for name, fn in cases.items():
@@ -395,3 +396,42 @@ def test_cuda_path_value_test_raises_as_the_scan_does(standin_cuda, which, value
     (z64 if which == "z" else cb64)[2, 3] = 1e160
     with pytest.raises(ValueError, match=rf"^{which} holds values up to 1e\+160.*overflow float64"):
         vqfast.nearest_codeword(z64, cb64, backend="cuda")
+
+
+# ---------------------------------------------------------------- the triton path, under the interpreter
+
+needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="run under TRITON_INTERPRET=1 by "
+                                       "test_triton_paths_under_the_interpreter")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+@pytest.mark.parametrize("check_finite, expected", [(False, 0), (True, 1)])
+def test_triton_path_syncs_per_call(metric, precision, check_finite, expected):
+    z, cb = _data(n=40, k=300, d=16)  # K = 300: more than one code tile and, at N = 40, a split codebook
+    with count_syncs() as counter:
+        out = vqfast.nearest_codeword(z, cb, metric=metric, precision=precision, backend="triton",
+                                      check_finite=check_finite)
+    assert_syncs(counter, expected, f"triton {metric} {precision} check_finite={check_finite}")
+    if precision == "exact":
+        assert torch.equal(out[0], oracle.nearest(z, cb, metric).indices)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("kind, using_znorm", [("compat.var", False), ("models", True)])
+def test_triton_path_multiscale_pass_syncs_once(kind, using_znorm):
+    _check_multiscale_pass(kind, using_znorm, "triton", 1)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETED, reason="this is the runner")
+def test_triton_paths_under_the_interpreter():
+    """The triton cases above, in a process with TRITON_INTERPRET=1 (about 15 s here)."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          "-k", "triton_path_syncs or triton_path_multiscale"],
+                         capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout.splitlines()[-1], run.stdout[-2000:]
