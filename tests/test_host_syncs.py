@@ -15,13 +15,20 @@ counts the calls that leave the dispatcher before any op is seen (``Tensor.tolis
 Python (``torch.library.custom_op`` / ``triton_op``) are opened up, so their launchers are counted too.
 
 The kernels. Triton's run under its interpreter (TRITON_INTERPRET=1, CPU tensors, in a subprocess:
-the variable must be set before the kernels are defined); what the interpreter does inside a launch
-(copies of the arguments to and from its host buffers) is device work, so the counter pauses inside
-``GridExecutor.__call__``. The CUDA binding cannot run here: ``REGISTRY["cuda"]`` is replaced by a
-stand-in with the flagged op's contract built from device-side torch ops, so everything above the
-kernel (vqfast/ops.py, vqfast/multiscale.py, vqfast.compat.var, vqfast.models) is counted; that the
-binding itself (csrc/cuda/binding.cpp) holds no sync is checked by its source in
-tests/test_cuda_kernels.py. With a GPU the same tests run on CUDA tensors.
+the variable must be set before the kernels are defined). A launch there copies its tensor arguments
+to host buffers and back, which stands for device memory: the counter pauses in
+``GridExecutor._init_args_hst`` / ``_restore_args_dev`` and counts the rest (the grid function, the
+kernel's body). The CUDA binding cannot run here: ``REGISTRY["cuda"]`` is replaced by a stand-in with
+the flagged op's contract built from device-side torch ops, so everything above the kernel
+(vqfast/ops.py, vqfast/multiscale.py, vqfast.compat.var, vqfast.models) is counted; that the binding
+itself (csrc/cuda/binding.cpp) holds no sync is checked by its source in tests/test_cuda_kernels.py.
+With a GPU the stand-in tests run on CUDA tensors, and the real kernels are checked the way a GPU
+checks it: a search with check_finite=False is captured in a CUDA graph, which fails on any sync
+(below), and with check_finite=True the counter sees one read-back.
+
+The counter can fail: test_the_counter_counts_every_kind_of_sync counts each primitive once, and
+on the Triton code before its device-side re-rank the triton cases counted one ``nonzero`` per exact
+call (reference.rerank_unproven) and five syncs per four-scale pass.
 """
 from __future__ import annotations
 
@@ -167,13 +174,16 @@ def count_syncs():
     if INTERPRETED:
         from triton.runtime import interpreter
 
-        def paused_launch(original):
+        def paused(original):
             def call(*args, **kwargs):
-                with counter.pause():  # the interpreter's own copies stand for device work
+                with counter.pause():
                     return original(*args, **kwargs)
             return call
 
-        patch(interpreter.GridExecutor, "__call__", paused_launch)
+        # A launch copies its tensor arguments to host buffers and back: device memory on a GPU.
+        # The rest of the launch (the grid function, the kernel's body) is counted.
+        patch(interpreter.GridExecutor, "_init_args_hst", paused)
+        patch(interpreter.GridExecutor, "_restore_args_dev", paused)
     try:
         with counter:
             yield counter
@@ -435,3 +445,43 @@ def test_triton_paths_under_the_interpreter():
                          capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and "skipped" not in run.stdout.splitlines()[-1], run.stdout[-2000:]
+
+
+# ---------------------------------------------------------------- on a GPU: the real kernels
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+def _gpu_backend(backend: str) -> None:
+    if backend not in vqfast.available_backends("cuda"):
+        pytest.skip(f"backend {backend!r} is not available here")
+
+
+@needs_gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_gpu_search_is_captured_in_a_cuda_graph(backend, precision, metric):
+    _gpu_backend(backend)
+    z, cb = _data(n=1000, k=4096, d=32)
+    kwargs = dict(metric=metric, precision=precision, backend=backend, check_finite=False)
+    want = vqfast.nearest_codeword(z, cb, **kwargs)  # first: autotuning and one-time kernel setup
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # a host sync during capture fails it
+        got = vqfast.nearest_codeword(z, cb, **kwargs)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@needs_gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_check_finite_reads_back_once(backend):
+    _gpu_backend(backend)
+    z, cb = _data(n=1000, k=4096, d=32)
+    vqfast.nearest_codeword(z, cb, backend=backend)
+    with count_syncs() as counter:
+        vqfast.nearest_codeword(z, cb, backend=backend)
+    assert_syncs(counter, 1, f"{backend} on the GPU, check_finite=True")
