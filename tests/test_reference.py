@@ -152,9 +152,13 @@ def test_the_kernels_take_their_tolerance_from_the_shared_header():
             assert call in code, f"{rel} no longer calls {call}"
         found = restated.findall(code)
         assert not found, f"{rel} restates part of the tolerance: {found}"
-    # Triton re-ranks with the reference's function, not a copy.
+    # Triton's marking kernel takes the terms from the reference's function, and no file restates them.
     triton_code = (ROOT / "vqfast" / "triton" / "__init__.py").read_text(encoding="utf-8")
-    assert "reference.rerank_unproven(" in triton_code and "finfo" not in triton_code
+    assert "reference.ranking_tolerance_terms(d, torch.float32)" in triton_code
+    for rel in ("vqfast/triton/__init__.py", "vqfast/triton/kernels.py"):
+        code = (ROOT / rel).read_text(encoding="utf-8")
+        found = re.findall(r"finfo|2\.0\s*\*\*\s*-(?:24|53)|\b[dD]\s*\+\s*3\b", code)
+        assert not found, f"{rel} restates part of the tolerance: {found}"
 
 
 def test_ranking_tolerance_is_built_from_its_terms():
