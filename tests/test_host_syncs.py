@@ -321,6 +321,21 @@ def test_cuda_build_without_a_flagged_op_scans_first(monkeypatch):
     assert_syncs(counter, 1, "cuda without a flagged op (scan_values + the plain op)")
 
 
+@pytest.mark.parametrize("precision, per_chunk", [("exact", 1), ("fast", 0)])
+@pytest.mark.parametrize("check_finite", [False, True])
+def test_torch_backend_syncs_as_documented(precision, per_chunk, check_finite):
+    # Not a GPU kernel, but what backend="auto" runs on a GPU without a validated kernel: its exact
+    # re-rank finds its rows with nonzero, once per chunk of rows (docs/gpu.md says so).
+    z, cb = _data(n=100, k=300, d=16)
+    chunks = 3
+    with count_syncs() as counter:
+        vqfast.nearest_codeword(z, cb, precision=precision, backend="torch", check_finite=check_finite)
+    assert_syncs(counter, per_chunk + check_finite, f"torch {precision} check_finite={check_finite}")
+    with count_syncs() as counter:
+        reference.search(z, cb, "l2", precision, chunk_elements=300 * 40)  # chunks of 40 rows: 40, 40, 20
+    assert_syncs(counter, per_chunk * chunks, f"torch {precision}, {chunks} chunks")
+
+
 # ---------------------------------------------------------------- one pass of VAR's quantizer
 
 PATCH_NUMS = (1, 2, 3, 4)
@@ -360,6 +375,18 @@ def _check_multiscale_pass(kind: str, using_znorm: bool, backend: str, expected:
 @pytest.mark.parametrize("using_znorm", [False, True])
 def test_cuda_path_multiscale_pass_syncs_once(standin_cuda, kind, using_znorm):
     _check_multiscale_pass(kind, using_znorm, "cuda", 1)
+
+
+@pytest.mark.parametrize("precision, expected", [("exact", 1 + len(PATCH_NUMS)), ("fast", 1)])
+def test_torch_backend_multiscale_pass_syncs_as_documented(precision, expected):
+    # backend="torch" (auto's choice on a GPU without a validated kernel): one sync per pass for the
+    # value test, plus in exact mode the re-rank's nonzero at every scale (docs/gpu.md).
+    q = _multiscale("compat.var", False, "torch").eval()
+    q.set_search_options("torch", precision)
+    f = torch.randn(2, 8, 4, 4, device=_device())
+    with count_syncs() as counter:
+        q(f)
+    assert_syncs(counter, expected, f"compat.var eval forward, torch {precision}")
 
 
 def test_cuda_path_multiscale_pass_without_a_flagged_op_syncs_once(monkeypatch):
