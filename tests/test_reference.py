@@ -192,3 +192,17 @@ def test_no_gradient_through_a_zero_vector_under_cosine():
     dist.sum().backward()
     assert torch.isfinite(z.grad).all() and torch.isfinite(cb.grad).all()
     assert z.grad[2].abs().max() == 0 and cb.grad[0].abs().max() == 0
+
+
+@pytest.mark.parametrize("kind", ["offset", "lattice", "duplicates", "tiny_codebook"])
+def test_rerank_unproven_states_the_device_rule_exactly(kind):
+    # The rule the GPU kernels apply on the device, from a float32 top-2 as a kernel reports it: the
+    # rows it leaves alone are provably right, the rows it re-ranks come out exact.
+    from tests.helpers import make_hard_case
+
+    z, cb = (t.float() for t in make_hard_case(kind, 37, 70, 9, seed=5))
+    values = (cb * cb).sum(1) - 2.0 * z @ cb.T
+    top2 = values.topk(2, dim=1, largest=False)
+    indices = reference.rerank_unproven(z, cb, top2.indices[:, 0], top2.values[:, 0], top2.values[:, 1])
+    picked = cb.index_select(0, indices)
+    assert_exact(z, cb, (indices, picked, reference.codeword_distances(z, picked).float()))

@@ -1,7 +1,6 @@
 """Pure-PyTorch twins of vqfast's ops: the fallback backend ("torch").
 
-Not the test oracle: the torch backend, the Triton re-rank and nearest_codeword_reference all run
-``search`` below, so the tests and the benchmark judge every backend, this one included, by
+Not the test oracle: the torch backend and nearest_codeword_reference run ``search`` below, so the tests and the benchmark judge every backend, this one included, by
 vqfast.testing.oracle, a float64 brute force that shares no code with any of them.
 
 Contract of ``nearest_codeword`` (every backend honours it):
@@ -102,6 +101,9 @@ def rerank_unproven(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tens
     """The exact mode's re-rank for a kernel that reports each row's best and second-best computed
     float32 value of ||c||^2 - 2 z.c: rows whose gap is not beyond ranking_tolerance (near ties, exact
     duplicates, NaN / inf) are searched again by ``search`` in float64; the others are provably right.
+
+    The rule the GPU kernels apply on the device (vqfast/triton/kernels.py, csrc/cuda), written in
+    PyTorch: it finds its rows with nonzero, a host sync, so no GPU backend runs it.
 
     z [N, D], codebook [K, D] as searched (normalised for cosine), indices/best/second [N] -> indices [N].
     """
