@@ -334,6 +334,10 @@ def test_the_installed_version_stands_in_for_unreadable_source_of_the_installed_
     # A copy elsewhere (not the distribution's own module) gets no such stand-in.
     elsewhere = type("VectorQuantizer", (original,), {"__module__": "mine.vae"})
     assert identify(elsewhere).status == "unreadable"
+    # Nor does an installed release the table does not list.
+    monkeypatch.setitem(table.RELEASES, "diffusers", {})
+    found = identify(original)
+    assert found.status == "unreadable" and RECOGNISED_BY_KEY["diffusers"] in found.candidates
 
 
 def test_a_class_of_ones_own_that_shares_a_name_is_not_recognised(capsys):

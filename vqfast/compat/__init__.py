@@ -369,11 +369,12 @@ def identify(cls: type, trust: Mapping[type, str] | None = None) -> Recognition 
                 return Recognition(e, "installed", version=version)
     # A copy of one of them that was edited, or a class of one's own that shares a name: a copy has the
     # library's module path or at least one replaced method in common with a release.
-    copies = [e for e in candidates if e.matches(cls) or checks[e.key][0]]
+    copies = [e for e in candidates if checks[e.key][1] and (e.matches(cls) or checks[e.key][0])]
     if copies:
         best = max(copies, key=lambda e: (e.matches(cls), len(checks[e.key][0])))
         return Recognition(best, "modified", (best,), checks[best.key][1])
-    unreadable = tuple(e for e in candidates if not checks[e.key][0] and not checks[e.key][1])
+    # Nothing differs, yet not everything matched: some source could not be read.
+    unreadable = tuple(e for e in candidates if not checks[e.key][1])
     if unreadable:
         return Recognition(None, "unreadable", unreadable)
     return None
