@@ -31,6 +31,14 @@ TORCH_LIBRARY(vqfast, m) {
   m.def(
       "nearest_codeword_checked(Tensor z, Tensor codebook, str metric=\"l2\", str precision=\"exact\") "
       "-> (Tensor indices, Tensor codewords, Tensor distances)");
+  // nearest_codeword plus extremes float64 [2] = (max |z|, max |codebook|), NaN where a NaN was read,
+  // +inf where an Inf was, computed in the kernels' own passes over the inputs and left on the device,
+  // for check_finite's value test at one host read per call (vqfast/ops.py). GPU kernels only
+  // (csrc/cuda/binding.cpp); defined in every build so that vqfast/_opdef.py's fake implementation
+  // finds the schema.
+  m.def(
+      "nearest_codeword_flagged(Tensor z, Tensor codebook, str metric=\"l2\", str precision=\"exact\") "
+      "-> (Tensor indices, Tensor codewords, Tensor distances, Tensor extremes)");
   // True when the CUDA kernels were compiled into this library.
   m.def("cuda_built() -> bool", []() -> bool {
 #ifdef VQFAST_WITH_CUDA

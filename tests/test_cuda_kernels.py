@@ -104,7 +104,7 @@ def test_standalone_check_runs_on_a_gpu(standalone_check):
 BINDING = os.path.join(CUDA_DIR, "binding.cpp")
 BINDING_STANDINS = os.path.join(ROOT, "tests", "cuda", "binding_standins")
 # A type error planted in a scratch copy: the compile must fail on it (a Tensor is not a double).
-BINDING_TYPE_ERROR = ("const at::Tensor picked = search_fp64(", "const double picked = search_fp64(")
+BINDING_TYPE_ERROR = ("const at::Tensor list = at::empty(", "const double list = at::empty(")
 
 
 def _cuda_include_dir() -> str | None:
@@ -154,6 +154,82 @@ def test_binding_compiles_against_torch_headers(binding_compiles):
 def test_binding_compile_catches_a_planted_type_error(binding_compiles):
     rc, _, err = binding_compiles[1]
     assert rc != 0 and "cannot convert" in err and "double" in err, err[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# No host sync: the binding and the kernels' launch code must not wait for the device or read a
+# device value back (the search stays capturable in a CUDA graph; vqfast/ops.py then reads the flagged
+# op's extremes once per call). The C++ text, comments and string literals removed, is scanned for
+# every primitive that synchronises with the host.
+
+HOST_SYNC_PRIMITIVES = {
+    "nonzero (its output size is read back)": r"\bnonzero\s*\(",
+    "is_nonzero": r"\bis_nonzero\b",
+    "masked_select / unique (output sizes read back)": r"\b(?:masked_select|unique\w*|unique_consecutive)\s*\(",
+    ".item()": r"\.\s*item\s*(?:<[^>]*>)?\s*\(",
+    "_local_scalar_dense": r"\b_local_scalar_dense\b",
+    "a Scalar read from a tensor": r"\b(?:c10|at)::Scalar\b|\.\s*to\s*<\s*(?:double|float|int|int64_t|long|bool)\s*>\s*\(",
+    ".cpu()": r"\.\s*cpu\s*\(",
+    "a copy to the CPU": r"\bkCPU\b|DeviceType::CPU\b|Device\s*\(\s*\"cpu",
+    ".tolist": r"\btolist\b",
+    "equal()": r"(?:\bat::|\.\s*)equal\s*\(",
+    "cudaDeviceSynchronize / cudaStreamSynchronize / cudaEventSynchronize": r"\bcuda\w*Synchronize\b",
+    "a synchronize() call": r"\bsynchronize\s*\(|\bdevice_synchronize\b|memcpy_and_sync",
+    "cudaMemcpy (synchronous, or to host memory)": r"\bcudaMemcpy\w*\b",
+    "cudaMemset (synchronous)": r"\bcudaMemset\b",
+}
+HOST_SYNC_SOURCES = [BINDING, *CU_FILES]
+
+
+def _code_only(text: str) -> str:
+    """C++ text with comments and string / character literals blanked (line breaks kept)."""
+    pattern = re.compile(r'//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'', re.S)
+    return pattern.sub(lambda m: "\n" * m.group(0).count("\n") + ('""' if m.group(0)[0] == '"' else " "), text)
+
+
+def host_syncs(text: str) -> list[str]:
+    """'line: what' for every host-sync primitive in C++ source text."""
+    code = _code_only(text)
+    found = []
+    for what, pattern in HOST_SYNC_PRIMITIVES.items():
+        for m in re.finditer(pattern, code):
+            found.append(f"{code.count(chr(10), 0, m.start()) + 1}: {what}")
+    return found
+
+
+@pytest.mark.parametrize("source", HOST_SYNC_SOURCES, ids=os.path.basename)
+def test_no_host_sync_in_the_binding_or_the_launchers(source):
+    found = host_syncs(open(source, encoding="utf-8").read())
+    assert not found, f"{os.path.relpath(source, ROOT)} synchronises with the host:\n" + "\n".join(found)
+
+
+# Lines planted into a copy of binding.cpp (after the marking launch): each one syncs with the host.
+PLANTED_SYNCS = [
+    "const at::Tensor rows = best_dist.le(second_dist).logical_not().nonzero().squeeze(1);",
+    "const double worst = second_dist.max().item<double>();",
+    "const int64_t many = (best_dist > 0).sum().item().toLong();",
+    "cudaStreamSynchronize(stream);",
+    "const at::Tensor host = indices.cpu();",
+    "const at::Tensor host = indices.to(at::kCPU);",
+    "TORCH_CHECK(at::equal(indices, indices));",
+    "cudaMemcpy(&n_host, count, 8, cudaMemcpyDeviceToHost);",
+]
+PLANT_AFTER = '"marking");\n'
+
+
+@pytest.mark.parametrize("line", PLANTED_SYNCS)
+def test_host_sync_scan_catches_a_planted_sync(line):
+    text = open(BINDING, encoding="utf-8").read()
+    assert text.count(PLANT_AFTER) == 1, f"binding.cpp no longer contains {PLANT_AFTER!r}: update PLANT_AFTER"
+    assert host_syncs(text) == []
+    found = host_syncs(text.replace(PLANT_AFTER, PLANT_AFTER + "    " + line + "\n"))
+    assert found, f"the scan missed {line!r}"
+
+
+def test_host_sync_scan_ignores_comments_and_strings():
+    text = '// a nonzero() here is prose\nTORCH_CHECK(ok, "call .item() and .cpu() elsewhere");\n/* cudaDeviceSynchronize() */\n'
+    assert host_syncs(text) == []
+    assert host_syncs(text + "auto n = t.nonzero();\n") == ["4: nonzero (its output size is read back)"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,7 +532,8 @@ CHECK_SOURCE = os.path.join(ROOT, "tests", "cuda", "check_nearest_codeword.cu")
 def _build_emulated_check(kernel_dir: str, out: str) -> subprocess.CompletedProcess:
     cmd = [
         shutil.which("g++") or "g++", "-std=c++17", "-O1", "-U_FORTIFY_SOURCE", "-x", "c++", "-DVQFAST_CUDA_EMULATION",
-        "-I", EMULATOR_DIR, "-I", kernel_dir, CHECK_SOURCE, os.path.join(kernel_dir, "nearest_codeword.cu"), "-o", out,
+        "-I", EMULATOR_DIR, "-I", kernel_dir, "-I", CUDA_DIR,  # the last for "../tolerance.h" of a copied kernel
+        CHECK_SOURCE, os.path.join(kernel_dir, "nearest_codeword.cu"), "-o", out,
     ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
@@ -486,6 +563,9 @@ def test_kernels_pass_the_check_under_the_host_emulator(emulated_check, copies):
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert "all checks passed" in run.stdout
     assert run.stdout.count(" ok ") == 12 * 2 * 3  # shapes x modes x element types
+    # The exact pipeline (maxima, marking, re-rank) on near ties, copies, NaN / Inf, overflow, every row
+    # ambiguous: inputs x re-rank variants (float64, compensated float32) x element types.
+    assert run.stdout.count(" pass (") == 7 * 2 * 3
 
 
 # Planted bugs the emulated check must catch: (what, original text, replacement).
@@ -503,6 +583,14 @@ MUTATIONS = [
      "return stored_to_float<T>(zres[(lr ^ 1) * z_stride + j]);"),
     ("resident z read without its feature-tile offset", "return zres + r * z_stride + ft * kBlockFeatures;",
      "return zres + r * z_stride;"),
+    ("re-rank warps stop after one pass over the grid", "for (int64_t e = first; e < entries; e += stride) {",
+     "for (int64_t e = first; e < entries && e < stride; e += stride) {"),
+    ("marking ignores the tolerance", "__dadd_rn(static_cast<double>(best_dist[row]), tol)",
+     "static_cast<double>(best_dist[row])"),
+    ("float64 re-rank ties go to the higher index", "if (ob < best || (ob == best && oi < index))",
+     "if (ob < best || (ob == best && oi > index))"),
+    ("compensated re-rank keeps its own lane's index", "      best = ob;\n      at = oat;\n", "      best = ob;\n"),
+    ("block maximum reads only its first warp", "for (int w = 1; w < kWarps; ++w)", "for (int w = 1; w < 1; ++w)"),
     ("large dynamic shared memory opted in at every launch",
      "if (done != nullptr && done->load(std::memory_order_acquire)) return cudaSuccess;", ""),
 ]
