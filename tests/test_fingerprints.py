@@ -393,6 +393,14 @@ def test_recognition_rules_for_entries_without_sources_here(key, tmp_path, monke
         other = getattr(_load(tmp_path, monkeypatch, f"fork2_{key}", edited), name)
         assert identify(other).differing == (helper,)
     assert identify(forked, {forked: key}).status == "trusted"
+    # A copy without one of the methods: named as missing.
+    last = next(p for p in reversed(entry.replaces) if not p.endswith("()") and p != "forward")
+    cut = source.replace(f"    def {last}(self, z=None):\n        return {last!r}, 0.25\n", "")
+    lacking = getattr(_load(tmp_path, monkeypatch, f"fork3_{key}", cut), name)
+    found = identify(lacking)
+    assert (found.status, found.differing, found.missing) == ("modified", (last,), (last,))
+    line = vqfast.compat._left_line(lacking, found)
+    assert f": it has no {last}, so it is left on its own code" in line
 
 
 # ---- the real upstream classes, where their sources are here ---------------------------------------------------

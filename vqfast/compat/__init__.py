@@ -298,9 +298,11 @@ class Recognition:
 
     entry: Recognised | None
     status: str
-    # Candidate entries (same class name) for "modified" / "unreadable"; the parts that differ.
+    # Candidate entries (same class name) for "modified" / "unreadable"; the parts that differ, and
+    # those of them the class does not have at all.
     candidates: tuple[Recognised, ...] = ()
     differing: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
     version: str | None = None
 
     @property
@@ -335,17 +337,19 @@ def _installed_release(entry: Recognised, cls: type) -> str | None:
     return version if version in _known_releases().get(entry.key, {}) else None
 
 
-def _check(entry: Recognised, cls: type) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(parts whose source matches a known release, parts that differ or are missing); parts whose
-    source cannot be read are in neither."""
+def _check(entry: Recognised, cls: type) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """(parts whose source matches a known release, parts that differ or are missing, the missing ones);
+    parts whose source cannot be read are in none."""
     known = _known_fingerprints().get(entry.key, {})
-    same, different = [], []
+    same, different, missing = [], [], []
     for part in entry.replaces:
         fp = part_fingerprint(cls, part)
         if fp is None:
             continue
         (same if fp in known.get(part, {}) else different).append(part)
-    return tuple(same), tuple(different)
+        if fp == "":
+            missing.append(part)
+    return tuple(same), tuple(different), tuple(missing)
 
 
 def identify(cls: type, trust: Mapping[type, str] | None = None) -> Recognition | None:
@@ -358,11 +362,11 @@ def identify(cls: type, trust: Mapping[type, str] | None = None) -> Recognition 
         return None
     checks = {e.key: _check(e, cls) for e in candidates}
     for e in candidates:
-        same, different = checks[e.key]
+        same, different, _ = checks[e.key]
         if not different and len(same) == len(e.replaces):
             return Recognition(e, "known")
     for e in candidates:
-        same, different = checks[e.key]
+        same, different, _ = checks[e.key]
         if not same and not different:  # nothing readable
             version = _installed_release(e, cls)
             if version is not None:
@@ -372,7 +376,7 @@ def identify(cls: type, trust: Mapping[type, str] | None = None) -> Recognition 
     copies = [e for e in candidates if checks[e.key][1] and (e.matches(cls) or checks[e.key][0])]
     if copies:
         best = max(copies, key=lambda e: (e.matches(cls), len(checks[e.key][0])))
-        return Recognition(best, "modified", (best,), checks[best.key][1])
+        return Recognition(best, "modified", (best,), checks[best.key][1], checks[best.key][2])
     # Nothing differs, yet not everything matched: some source could not be read.
     unreadable = tuple(e for e in candidates if not checks[e.key][1])
     if unreadable:
@@ -456,11 +460,15 @@ def _left_line(cls: type, found: Recognition) -> str:
         return (f"{path} left on its own code: its source cannot be read, so vqfast cannot tell it from a "
                 f"modified {names} (trust={{{cls.__name__}: {keys}}} converts it)")
     entry = found.entry
-    differing = ", ".join(found.differing)
-    verb = "differs" if len(found.differing) == 1 else "differ"
-    return (f"{path} looks like a modified {_label(entry)}: {differing} {verb} from every {entry.library} "
-            f"release vqfast knows, so it is left on its own code (trust={{{cls.__name__}: {entry.key!r}}} "
-            f"converts it)")
+    what = []
+    edited = [p for p in found.differing if p not in found.missing]
+    if edited:
+        what.append(f"{', '.join(edited)} {'differs' if len(edited) == 1 else 'differ'} from every "
+                    f"{entry.library} release vqfast knows")
+    if found.missing:
+        what.append(f"it has no {', '.join(found.missing)}")
+    return (f"{path} looks like a modified {_label(entry)}: {' and '.join(what)}, so it is left on its own "
+            f"code (trust={{{cls.__name__}: {entry.key!r}}} converts it)")
 
 
 def accelerate(model: nn.Module, *, backend: str = "auto", precision: str = "exact", verbose: bool = False,
