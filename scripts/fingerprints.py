@@ -20,7 +20,7 @@ Releases come from:
 A release in which the class, or one of the parts its compat class replaces, is missing is left out
 (and named). Every run rewrites the whole table from what it is given, so give it every supported
 release; ``--check`` compares instead of writing and exits 1 on a difference. How the committed table
-was made (the releases given) is in docs/dropin.md's "How vqfast recognises a class".
+was made (the releases given) is in docs/dropin.md's "How `accelerate` recognises a class".
 
     python scripts/fingerprints.py --git VAR=path/to/VAR --git LlamaGen=path/to/LlamaGen \\
         --git taming-transformers=path/to/taming-transformers --dist downloads/*.whl --installed
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import io
 import re
 import subprocess
 import sys
