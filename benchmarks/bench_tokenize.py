@@ -158,26 +158,51 @@ def _run(scheme: str, processes: int, batch_size: int, ctx: dict) -> dict:
             "bytes": sum(p.stat().st_size for p in files), "output": out}
 
 
-def _agreement(vq_dir: Path, llama_dir: Path, source: Path) -> dict:
-    """How many images have the same codes (both views, every scale) in the two outputs."""
+def _agreement(vq_dir: Path, llama_dir: Path, source: Path, checkpoint: Path) -> dict:
+    """How many images have the same codes (both views, every scale) in the two outputs; for those
+    that differ, which scheme equals ``img_to_idxBl`` of each view alone (one image, default settings)."""
     import numpy as np
+    import torch
 
+    from vqfast import tokenize as vtok
     from vqfast.data import TokenDataset, list_images
+    from vqfast.tokenset import image_views
 
     ds = TokenDataset(vq_dir)
     index = {name: j for j, name in enumerate(list_images(source))}  # LlamaGen names its files by index
-    names, same = ds.names, 0
+    names, same, differ = ds.names, 0, []
     for i in range(0, len(ds), 2):
         ours = np.stack([np.concatenate([t.numpy() for t in ds[i + v][0]]) for v in range(2)])
         theirs = np.load(llama_dir / "codes" / f"{index[names[i]]}.npy")[0]
-        same += bool(np.array_equal(ours, theirs))
-    return {"images_compared": len(ds) // 2, "identical_codes": same}
+        if np.array_equal(ours, theirs):
+            same += 1
+        else:
+            differ.append((names[i], ours, theirs))
+    model = vtok.load_model(checkpoint)
+    alone_equals = {"vqfast": 0, "llamagen": 0}
+    with torch.no_grad():
+        for name, ours, theirs in differ:
+            views = image_views(source / name, ds.image_size, "flip")
+            ref = np.stack([torch.cat(model.img_to_idxBl(v[None]), dim=1)[0].numpy() for v in views])
+            alone_equals["vqfast"] += bool(np.array_equal(ours, ref))
+            alone_equals["llamagen"] += bool(np.array_equal(theirs, ref))
+    return {"images_compared": len(ds) // 2, "identical_codes": same, "differing": len(differ),
+            "differing_equal_to_one_image_call": alone_equals}
 
 
 def git_commit() -> str:
     from vqfast.bench.results import git_commit as commit
 
     return commit(ROOT)
+
+
+def _differing(agreement: dict) -> str:
+    n = agreement.get("differing", 0)
+    if not n:
+        return ""
+    eq = agreement["differing_equal_to_one_image_call"]
+    return (f"; of the {n} that differ, the one-image img_to_idxBl of each view gives vqfast's codes for "
+            f"{eq['vqfast']} and LlamaGen's for {eq['llamagen']}")
 
 
 def markdown(record: dict) -> str:
@@ -188,7 +213,8 @@ def markdown(record: dict) -> str:
              f"{record['cpu_model']}, {record['cores']} cores (load average {record['load_average'][0]} at the "
              f"start, {record['load_average'][1]} at the end), one thread per process, torch {record['torch']}, commit {record['commit']}, "
              f"{record['date'][:10]}. Tokens identical in both schemes for "
-             f"{record['agreement']['identical_codes']} of {record['agreement']['images_compared']} images.", "",
+             f"{record['agreement']['identical_codes']} of {record['agreement']['images_compared']} images"
+             + _differing(record["agreement"]) + ".", "",
              "| scheme | processes | batch | images/s | encode s | wall s | peak RSS per process (MiB) | files | MiB on disk |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in record["runs"]:
@@ -237,7 +263,7 @@ def main(argv=None) -> int:
             runs.append(r)
         vq = next(r for r in runs if r["scheme"] == "vqfast" and r["processes"] == 2 and r["batch_size"] == 32)
         llama = next(r for r in runs if r["scheme"] == "llamagen" and r["processes"] == 2)
-        agreement = _agreement(vq["output"], llama["output"], ctx["images"])
+        agreement = _agreement(vq["output"], llama["output"], ctx["images"], ctx["checkpoint"])
     for r in runs:
         del r["output"]
     record = {"question": "tokenize", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
