@@ -16,8 +16,10 @@ and its gradient reaches both z and the codebook, as LlamaGen's autograd graph d
 a, p and log_p whole: at K = 16384 and 2048 rows (batch 8 at 256 px) that is four 128 MiB fp32 tensors
 per training step, kept for backward. Here the rows are taken ``chunk_rows`` at a time: every row's
 softmax is complete within its chunk (no online rescaling needed), the per-row entropies and the column
-sums of p are accumulated, and backward recomputes each chunk's p from z and the codebook. Extra memory:
-O(chunk_rows x K) for one chunk's temporaries, plus O(N + K) saved for backward.
+sums of p are accumulated, and backward recomputes each chunk's p from z, the codebook and each row's
+max and log-sum (one exponential per element). Extra memory: O(chunk_rows x K) for one chunk's
+temporaries, plus O(N + K) saved for backward. log p is taken as (a - max) - log sum exp(a - max),
+which is LlamaGen's log_softmax(a + 1e-5) up to rounding (the shift cancels).
 
 The gradient, with G the upstream gradient, H_i = -sum_j p_ij log_p_ij and
 g_j = log(q_j + 1e-5) + q_j / (q_j + 1e-5) (the derivative of -avg_entropy in q_j):
@@ -40,8 +42,8 @@ from torch import Tensor
 __all__ = ["entropy_loss", "TEMPERATURE"]
 
 TEMPERATURE = 0.01
-# One chunk's row count: chunk_rows x K elements ~ 2^20 (4 MiB in fp32). The forward holds about five
-# such temporaries at once (distances, p, the shifted logits, log p, their product), so ~20 MiB
+# One chunk's row count: chunk_rows x K elements ~ 2^20 (4 MiB in fp32). The forward holds about four
+# such temporaries at once (the logits turned into log p, a - max, p, p log p), so ~16 MiB
 # against LlamaGen's 4 x 128 MiB at N = 2048, K = 16384; the 64-row matrix products (D = 8) are still
 # long enough for the BLAS call not to dominate.
 CHUNK_ELEMENTS = 1 << 20
@@ -69,23 +71,32 @@ class _EntropyLoss(torch.autograd.Function):
         z_sq, e_sq = (z * z).sum(1), (e * e).sum(1)
         row_sums = torch.empty(n, dtype=z.dtype, device=z.device)  # sum_j p log_p per row
         q_sum = torch.zeros(k, dtype=torch.float64, device=z.device)
+        # Each row's max and log of the sum of exp(a - max): log p = (a - max) - log_total, as
+        # log_softmax forms it (a - max is exact near the max; a - logsumexp would round at |max|).
+        top = torch.empty(n, dtype=z.dtype, device=z.device)
+        log_total = torch.empty(n, dtype=z.dtype, device=z.device)
         for r0 in range(0, n, chunk_rows):
             r1 = min(n, r0 + chunk_rows)
             a = _logits(z[r0:r1], e, z_sq[r0:r1], e_sq, temperature)
-            p = torch.softmax(a, dim=1)
-            log_p = torch.log_softmax(a.add_(_LOG_SHIFT), dim=1)
+            top[r0:r1] = a.amax(1)
+            shifted = a.sub_(top[r0:r1, None])
+            p = shifted.exp()
+            total = p.sum(1)
+            p.div_(total[:, None])
+            log_total[r0:r1] = total.log()
+            log_p = shifted.sub_(log_total[r0:r1, None])  # LlamaGen's log_softmax(a + 1e-5) up to rounding
             row_sums[r0:r1] = (p * log_p).sum(1)
             q_sum += p.sum(0)
         q = (q_sum / n).to(z.dtype)  # n = 0: NaN, as LlamaGen's mean over no rows
         sample_entropy = -row_sums.mean()
         avg_entropy = -(q * torch.log(q + _LOG_SHIFT)).sum()
-        ctx.save_for_backward(z, e, z_sq, e_sq, row_sums, q)
+        ctx.save_for_backward(z, e, z_sq, e_sq, row_sums, top, log_total, q)
         ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
         return sample_entropy - avg_entropy
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        z, e, z_sq, e_sq, row_sums, q = ctx.saved_tensors
+        z, e, z_sq, e_sq, row_sums, top, log_total, q = ctx.saved_tensors
         n, k = z.shape[0], e.shape[0]
         temperature, chunk_rows = ctx.temperature, ctx.chunk_rows
         g = torch.log(q + _LOG_SHIFT) + q / (q + _LOG_SHIFT)
@@ -96,9 +107,8 @@ class _EntropyLoss(torch.autograd.Function):
         for r0 in range(0, n, chunk_rows):
             r1 = min(n, r0 + chunk_rows)
             zc = z[r0:r1]
-            a = _logits(zc, e, z_sq[r0:r1], e_sq, temperature)
-            p = torch.softmax(a, dim=1)
-            log_p = torch.log_softmax(a.add_(_LOG_SHIFT), dim=1)
+            log_p = _logits(zc, e, z_sq[r0:r1], e_sq, temperature).sub_(top[r0:r1, None]).sub_(log_total[r0:r1, None])
+            p = log_p.exp()  # one exponential per element: the forward kept each row's max and log-sum
             # dL/dd = (G / (N T)) p [(log_p + H_i) - (g - sum_k p g_k)], H_i = -row_sums_i
             mixed_g = p @ g
             w = log_p.sub_(row_sums[r0:r1, None]).sub_(g[None, :]).add_(mixed_g[:, None])
