@@ -135,13 +135,13 @@ def _code(path: Path) -> str:
 
 def test_the_kernels_take_their_tolerance_from_the_shared_header():
     # The C++ copy of ranking_tolerance_terms is csrc/tolerance.h (compared above through the
-    # extension); the CPU driver, the CUDA binding (not built here: compared at the source) and the
+    # extension); the CPU driver, the CUDA launch code that marks the exact mode's rows (not built
+    # here: compared at the source; float64 inputs re-rank every row, with no tolerance) and the
     # torch-free kernel check use it and restate no part of it.
     header = _code(ROOT / "csrc" / "tolerance.h")
     assert "2.0 * expansion_error_bound(dim, unit_roundoff<T>())" in header
     users = {"csrc/cpu/nearest_codeword.cpp": ["ranking_tolerance_coef<T>(D)", "ranking_tolerance_floor<T>(D)"],
-             "csrc/cuda/binding.cpp": ["ranking_tolerance_coef<float>(d)", "ranking_tolerance_floor<float>(d)",
-                                       "ranking_tolerance_coef<double>("],
+             "csrc/cuda/nearest_codeword.cu": ["ranking_tolerance_coef<float>(d)", "ranking_tolerance_floor<float>(d)"],
              "tests/cpu/kernel_check.cpp": ["ranking_tolerance_coef<float>(D)"]}
     restated = re.compile(r"(?:\(\s*[dD]\s*\+\s*3\s*\))|(?:\b[dD]\s*\+\s*3\b)|0x1p-24|0x1p-53|ldexp\(1\.0,\s*-(?:24|53)\)"
                           r"|numeric_limits<(?:float|double)>::(?:min|epsilon)\(\)")
@@ -152,6 +152,8 @@ def test_the_kernels_take_their_tolerance_from_the_shared_header():
             assert call in code, f"{rel} no longer calls {call}"
         found = restated.findall(code)
         assert not found, f"{rel} restates part of the tolerance: {found}"
+    found = restated.findall(_code(ROOT / "csrc" / "cuda" / "binding.cpp"))
+    assert not found, f"csrc/cuda/binding.cpp restates part of the tolerance: {found}"
     # Triton's marking kernel takes the terms from the reference's function, and no file restates them.
     triton_code = (ROOT / "vqfast" / "triton" / "__init__.py").read_text(encoding="utf-8")
     assert "reference.ranking_tolerance_terms(d, torch.float32)" in triton_code
