@@ -245,6 +245,24 @@ def _data(n=37, k=53, d=17, dtype=torch.float32, seed=0):
             torch.randn(k, d, generator=g).to(dtype).to(_device()))
 
 
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_the_standin_has_the_flagged_ops_outputs(backend):
+    # The stand-in answers as the real op does: the same outputs, shapes and dtypes (the op's fake
+    # implementation, under FakeTensorMode), so the code above the kernel sees the contract it will get.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if backend == "triton":
+        pytest.importorskip("triton")
+    op = backends.REGISTRY[backend].load_flagged_op()
+    if op is None:
+        pytest.skip(f"this build defines no flagged op for {backend}")
+    z, cb = _data(n=5, k=7, d=3, dtype=torch.float16)
+    ours = _cuda_flagged_standin(z, cb, "cosine", "exact")
+    with FakeTensorMode() as mode:
+        fake = op(mode.from_tensor(z), mode.from_tensor(cb), "cosine", "exact")
+    assert [(tuple(t.shape), t.dtype) for t in fake] == [(tuple(t.shape), t.dtype) for t in ours]
+
+
 # ---------------------------------------------------------------- the counter can fail
 
 
