@@ -43,7 +43,7 @@ from vqfast.data import IMAGE_SUFFIXES, format_skipped, list_images, load_crop, 
 from vqfast.models import VQVAE, vqvae_config_from_state_dict
 from vqfast.tokenizer import (CHECKPOINT_FORMAT, amp_context, build_model, check_backend, decode_tokens,
                               encode_images, model_geometry)
-from vqfast.tokenset import AUGMENTS, DEFAULT_SHARD_SIZE, LABEL_MODES
+from vqfast.tokenset import AUGMENTS, DEFAULT_SHARD_SIZE, LABEL_MODES, batch_invariant
 
 TOKENS_FORMAT = "vqfast-tokens-1"
 
@@ -200,7 +200,7 @@ def encode(model: nn.Module, source, output, batch_size: int = 32, device="cpu",
     for done, images, batch_infos, failed in loader:
         skipped += [(names[i] or str(root), reason) for i, reason in failed]
         if images is not None:
-            with amp_context(device, dtype):
+            with batch_invariant(device), amp_context(device, dtype):  # tokens of one image alone, whatever the batch
                 idx_list = encode_images(model, images.to(device, non_blocking=True))
             for s, idx in enumerate(idx_list):
                 per_scale[s].append(idx.cpu())
