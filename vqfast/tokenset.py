@@ -34,6 +34,7 @@ from vqfast import shards
 from vqfast.data import IMAGE_SUFFIXES, format_skipped, list_images, load_crop
 from vqfast.errors import InputError
 from vqfast.tokenizer import amp_context, encode_images, model_geometry
+from vqfast.train.distributed import gather, rank_and_world
 
 AUGMENTS = {"none": 1, "flip": 2, "ten-crop": 10}
 LABEL_MODES = ("auto", "folders", "none")
@@ -194,24 +195,6 @@ def _shard_batches(ranges: list[range], batch_size: int) -> list[list[int]]:
     return [list(r[i: i + batch_size]) for r in ranges for i in range(0, len(r), batch_size)]
 
 
-def _rank_and_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _gather(obj, world: int) -> list:
-    import torch.distributed as dist
-
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def _listing(source: Path) -> list[str]:
     if not source.is_dir():
         raise InputError(f"input {source} is not a folder")
@@ -237,7 +220,7 @@ def encode_folder(model: nn.Module, source, out, *, checkpoint, augment: str = "
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InputError(f"--{name} must be a positive int, got {value!r}")
     source, out, device = Path(source), Path(out), torch.device(device)
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     geo = model_geometry(model)
     size, views = geo["image_size"], AUGMENTS[augment]
 
@@ -247,7 +230,7 @@ def encode_folder(model: nn.Module, source, out, *, checkpoint, augment: str = "
         mode, classes, image_labels = class_labels(names, labels, source)
     except InputError as e:
         names, error, mode, classes, image_labels = [], str(e), labels, [], []
-    digests = _gather(error or names_digest(names), world)
+    digests = gather(error or names_digest(names), world)
     if error is None and any(d != digests[0] for d in digests):
         error = f"input {source}: the processes list different files (a folder that changes, or not shared)"
     job = None
@@ -255,7 +238,7 @@ def encode_folder(model: nn.Module, source, out, *, checkpoint, augment: str = "
         sha = checkpoint_sha256 or sha256_file(checkpoint)
         job = job_record(geo, checkpoint, sha, augment, mode, classes, shard_size, names, dtype, source)
         error = check_output(out, job)
-    errors = [e for e in _gather(error, world) if e]
+    errors = [e for e in gather(error, world) if e]
     if errors:
         raise InputError(errors[0])
 
@@ -263,7 +246,7 @@ def encode_folder(model: nn.Module, source, out, *, checkpoint, augment: str = "
     mine = list(range(rank, n_shards, world))
     if rank == 0:
         shards.remove_stale_temporaries(out)
-    _gather(None, world)  # nobody writes before the stale temporaries are gone
+    gather(None, world)  # nobody writes before the stale temporaries are gone
     todo = [k for k in mine if shards.read_shard_meta(out, k) is None]
     ranges = [range(k * shard_size, min(len(names), (k + 1) * shard_size)) for k in todo]
     batches = _shard_batches(ranges, batch_size)
@@ -305,7 +288,7 @@ def encode_folder(model: nn.Module, source, out, *, checkpoint, augment: str = "
             del pending[k]
     bar.close()
     seconds = time.perf_counter() - start
-    _gather(None, world)  # every process has written its shards
+    gather(None, world)  # every process has written its shards
     manifest = write_manifest(out, n_shards) if rank == 0 else None
     return {"manifest": manifest, "encoded": encoded, "skipped_shards": len(mine) - len(todo), "seconds": seconds,
             "world": world}
