@@ -270,3 +270,8 @@ def test_batch_invariant_features_equal_one_image_features(model):
                 batched = net.quant_conv(net.encoder(x))
         assert torch.equal(batched, one)
         assert torch.backends.mkldnn.enabled  # restored on the way out
+
+
+def test_token_dtype_is_int16_up_to_32768_codes():
+    assert shards.token_dtype(4096) == shards.token_dtype(2 ** 15) == np.int16
+    assert shards.token_dtype(2 ** 15 + 1) == shards.token_dtype(2 ** 20) == np.int32
