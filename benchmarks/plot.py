@@ -242,6 +242,24 @@ def table_codebook_ablation(results_dir: Path) -> str:
     return _ablation_module().markdown(rows).strip()
 
 
+def _tokenize_module():
+    spec = importlib.util.spec_from_file_location("bench_tokenize", ROOT / "benchmarks" / "bench_tokenize.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def table_tokenize(results_dir: Path) -> str:
+    """benchmarks/bench_tokenize.py's latest clean record (token set vs LlamaGen's per-image scheme)."""
+    import json
+
+    path = results_dir / "tokenize_cpu.json"
+    records = [r for r in (json.loads(path.read_text()) if path.exists() else []) if is_clean(r)]
+    if not records:
+        return "No clean record yet in `benchmarks/results/tokenize_cpu.json`."
+    return _tokenize_module().markdown(max(records, key=lambda r: r["date"])).strip()
+
+
 CPU_LEVELS = ("generic", "avx2", "avx512", "neon")
 
 
@@ -276,6 +294,7 @@ TABLES = {
     "multiscale_cpu": _generic("multiscale"),
     "memory_cpu": _generic("memory"),
     "codebook_ablation": table_codebook_ablation,
+    "tokenize_cpu": table_tokenize,
 }
 
 
