@@ -150,34 +150,86 @@ def _compile_search(arch, bn, bk, bd, warps, stages, ptr, prec, widen):
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="needs compiled, not interpreted, kernels")
-@pytest.mark.parametrize("arch", [80, 90])
-def test_every_config_compiles_for_gpu(arch):
+def _compile_builds(arch):
+    """(name, label, constexprs, CompiledKernel) of every build vqfast.triton.kernel_builds lists."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from vqfast.triton import (
-        GATHER_BLOCK_D, GATHER_BLOCK_N, LARGE_N_CONFIGS, MERGE_BLOCK_N, MERGE_SIGNATURE, SEARCH_VARIANTS,
-        SMALL_N_CONFIGS, gather_signature, kernels,
-    )
+    from vqfast.triton import kernel_builds
 
     target = GPUTarget("cuda", arch, 32)
-    for bn, bk, bd, warps, stages in LARGE_N_CONFIGS + SMALL_N_CONFIGS:
-        for ptr, prec, widen in SEARCH_VARIANTS:
-            compiled = _compile_search(arch, bn, bk, bd, warps, stages, ptr, prec, widen)
-            fast = prec == "tf32"
-            family = ("wgmma" if wgmma_expected(arch, bn, warps) else "mma") if fast else "fma"
-            try:
-                check_tensor_cores(compiled.asm["ptx"], family, OPERAND_TYPE[ptr])
-            except AssertionError as e:
-                raise AssertionError(f"sm_{arch} config {(bn, bk, bd, warps, stages)} {ptr} {prec}: {e}") from None
-    merge = ASTSource(fn=kernels._merge_splits_kernel, signature=MERGE_SIGNATURE,
-                      constexprs={"BLOCK_N": MERGE_BLOCK_N})
-    assert "ld.global" in triton.compile(merge, target=target).asm["ptx"]
-    for ptr in ("*fp32", "*fp16", "*bf16"):
-        gather = ASTSource(fn=kernels._gather_kernel, signature=gather_signature(ptr),
-                           constexprs={"BLOCK_N": GATHER_BLOCK_N, "BLOCK_D": GATHER_BLOCK_D})
-        assert "ld.global" in triton.compile(gather, target=target).asm["ptx"]
+    for name, label, fn, signature, constexprs, options in kernel_builds():
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+        yield name, label, constexprs, options, triton.compile(src, target=target, options=options)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="needs compiled, not interpreted, kernels")
+@pytest.mark.parametrize("arch", [80, 90])
+def test_every_config_compiles_for_gpu(arch):
+    from vqfast.triton import EXACT_BLOCK_DS, LARGE_N_CONFIGS, SMALL_N_CONFIGS
+
+    names = set()
+    searches = 0
+    for name, label, constexprs, options, compiled in _compile_builds(arch):
+        names.add(name)
+        ptx = compiled.asm["ptx"]
+        assert "ld.global" in ptx, (name, label)
+        if name != "_search_kernel":
+            continue
+        searches += 1
+        fast = constexprs["INPUT_PRECISION"] == "tf32"
+        ptr = "*" + label.rsplit(" ", 1)[1]  # "64x64x16 w8 s3, fast bf16"
+        family = ("wgmma" if wgmma_expected(arch, constexprs["BLOCK_N"], options["num_warps"]) else "mma") if fast else "fma"
+        try:
+            check_tensor_cores(ptx, family, OPERAND_TYPE[ptr])
+        except AssertionError as e:
+            raise AssertionError(f"sm_{arch} {label}: {e}") from None
+        if not fast:  # exact mode: only the 16-wide feature slices (wider ones spill)
+            assert constexprs["BLOCK_D"] in EXACT_BLOCK_DS, label
+    assert names == {"_search_kernel", "_merge_splits_kernel", "_gather_kernel", "_rows_kernel", "_rerank_f64_kernel",
+                     "_rerank_f32x2_kernel"}
+    # every configuration in its three fast variants, the exact ones at EXACT_BLOCK_DS in three more
+    configs = LARGE_N_CONFIGS + SMALL_N_CONFIGS
+    assert searches == 3 * len(configs) + 3 * sum(c[2] in EXACT_BLOCK_DS for c in configs)
+
+
+def _ptxas_report(compiled, arch, tmp_path) -> str:
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    ptx = tmp_path / "k.ptx"
+    ptx.write_text(compiled.asm["ptx"], encoding="utf-8")
+    cmd = [get_ptxas(arch).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(arch)}",
+           str(ptx), "-o", str(tmp_path / "k.cubin")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout + run.stderr
+
+
+def spills(report: str) -> tuple[int, int]:
+    """(spill store bytes, spill load bytes) from `ptxas -v` output."""
+    found = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    assert found, report[-2000:]
+    return sum(int(a) for a, _ in found), sum(int(b) for _, b in found)
+
+
+def test_spill_parser_reads_ptxas():
+    line = "ptxas info    : Function properties for k\n    8 bytes stack frame, 20 bytes spill stores, 12 bytes spill loads"
+    assert spills(line) == (20, 12)
+    with pytest.raises(AssertionError):
+        spills("ptxas info    : Used 40 registers")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="needs compiled, not interpreted, kernels")
+@pytest.mark.parametrize("arch", [80, 90])
+def test_no_build_spills(arch, tmp_path):
+    """ptxas -v on every build (about 2 minutes an architecture here): no spill stores or loads."""
+    bad = []
+    for name, label, _, _, compiled in _compile_builds(arch):
+        stores, loads = spills(_ptxas_report(compiled, arch, tmp_path))
+        if stores or loads:
+            bad.append(f"{name} [{label}] sm_{arch}: {stores} B spill stores, {loads} B spill loads")
+    assert not bad, "\n".join(bad)
 
 
 @pytest.mark.slow

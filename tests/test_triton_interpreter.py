@@ -16,6 +16,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.importorskip("triton")
     import vqfast
     from tests.helpers import assert_exact, assert_fast, check_cosine_zero_vectors, make_hard_case
+    import vqfast.triton as vt
     from vqfast.triton import INTERPRET_CONFIG, INTERPRET_SMS, split_codes
 
 SHAPES = [(1, 1, 1), (1, 3, 7), (37, 17, 53), (50, 100, 33), (19, 1, 40), (3, 40, 1)]
@@ -136,11 +137,138 @@ def test_split_hard_rows_match_the_oracle(kind, dtype):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("n", [1, 16, 200])
+@pytest.mark.parametrize("n", [1, 16, 64, 200])
 def test_split_large_codebook_matches_oracle(n):
-    """K = 70,001: 137 splits of 512 codes at N = 1 and 16, 21 of 3,456 at N = 200 (about 8, 8 and 100 s
-    here)."""
+    """K = 70,001: 137 splits of 512 codes at N = 1 and 16, 61 of 1,152 at N = 64, 21 of 3,456 at N = 200."""
     z = torch.randn(n, 8)
     cb = torch.randn(70_001, 8)
-    assert _splits(n, 70_001) == {1: 137, 16: 137, 200: 21}[n]
+    assert _splits(n, 70_001) == {1: 137, 16: 137, 64: 61, 200: 21}[n]
     assert_exact(z, cb, vqfast.nearest_codeword(z, cb, backend="triton"))
+
+
+# ---------------------------------------------------------------- the device-side re-rank
+# The search marks the rows it cannot prove and appends them to a device list (atomic counter); the
+# re-rank kernel walks the list. unproven_rows runs the launcher's steps and reads the counter back.
+
+def unproven_rows(z, cb, exact=True):
+    """How many rows the search (and the merge, with splits) put on the re-rank list."""
+    zmax, cbmax, cmax_sq, count = (vt._int32_slot(z.device) for _ in range(4))
+    cbs, cbn = vt._row_pass(cb, False, cbmax, cmax_sq)
+    indices = torch.zeros(z.shape[0], dtype=torch.int64)
+    vt._search_rows(z, cbs, cbn, cmax_sq, zmax, count, indices, exact)
+    return int(count[0])
+
+
+@pytest.mark.parametrize("k", [300, 1200])  # one split, three splits
+def test_only_unproven_rows_are_listed(k):
+    z = torch.randn(20, 8)
+    assert unproven_rows(z, torch.randn(k, 8)) < 3  # random data: (almost) every row proven
+    assert unproven_rows(z, torch.randn(k, 8), exact=False) == 0  # fast mode lists nothing
+    cb = torch.randn(k, 8)
+    cb[1::2] = cb[0::2]  # every codeword twice: no row can be proven
+    assert unproven_rows(z, cb) == 20
+
+
+@pytest.mark.parametrize("variant", ["float64", "float32x2"])
+@pytest.mark.parametrize("kind,k", [("offset", 70), ("lattice", 70), ("duplicates", 70), ("offset", 1200),
+                                    ("duplicates", 1200)])
+def test_rerank_variants_match_the_oracle(variant, kind, k, monkeypatch):
+    """Both re-rank kernels (float64; compensated float32 for GPUs with a slow float64 unit) on the
+    rows the search cannot prove, with one split (K = 70) and with three (K = 1200)."""
+    monkeypatch.setenv("VQFAST_TRITON_RERANK", variant)
+    z, cb = make_hard_case(kind, 40 if k < 512 else 8, k, 9, seed=11)
+    z, cb = z.float(), cb.float()
+    assert unproven_rows(z, cb) > 0
+    assert_exact(z, cb, vqfast.nearest_codeword(z, cb, backend="triton"))
+
+
+@pytest.mark.parametrize("variant", ["float64", "float32x2"])
+def test_every_row_ambiguous_stays_exact(variant, monkeypatch):
+    """A codebook of a few codewords repeated: every row goes to the re-rank, which must find the
+    lowest index of the nearest one on every row."""
+    monkeypatch.setenv("VQFAST_TRITON_RERANK", variant)
+    distinct = torch.randn(3, 5)
+    which = torch.randint(0, 3, (300,))
+    cb = distinct[which]
+    z = torch.randn(20, 5)
+    assert unproven_rows(z, cb) == 20
+    idx = vqfast.nearest_codeword(z, cb, backend="triton")[0]
+    nearest = ((z[:, None, :].double() - distinct[None].double()) ** 2).sum(-1).argmin(1)
+    first = torch.stack([(which == j).nonzero()[0, 0] for j in range(3)])
+    assert torch.equal(idx, first[nearest])
+
+
+@pytest.mark.parametrize("variant", ["float64", "float32x2"])
+def test_nan_rows_take_codeword_zero(variant, monkeypatch):
+    """check_finite=False: a NaN row of z takes codeword 0 (as reference.search does), a NaN codeword
+    ranks last for the other rows."""
+    monkeypatch.setenv("VQFAST_TRITON_RERANK", variant)
+    z = torch.randn(6, 4)
+    cb = torch.randn(40, 4)
+    z[2, 1] = float("nan")
+    cb[0, 3] = float("nan")
+    cb[7] = z[4]
+    idx = vqfast.nearest_codeword(z, cb, backend="triton", check_finite=False)[0]
+    assert idx[2] == 0 and idx[4] == 7
+    assert 0 <= int(idx.min()) and int(idx.max()) < 40
+
+
+def test_rerank_variant_choice(monkeypatch):
+    monkeypatch.delenv("VQFAST_TRITON_RERANK", raising=False)
+    assert vt.rerank_variant(torch.device("cpu")) == "float64"
+    monkeypatch.setenv("VQFAST_TRITON_RERANK", "float32x2")
+    assert vt.rerank_variant(torch.device("cpu")) == "float32x2"
+    monkeypatch.setenv("VQFAST_TRITON_RERANK", "fp16")
+    with pytest.raises(ValueError, match="VQFAST_TRITON_RERANK"):
+        vt.rerank_variant(torch.device("cpu"))
+
+
+# ---------------------------------------------------------------- the flagged op's extremes
+
+def _flagged(z, cb, metric="l2", precision="exact"):
+    return torch.ops.vqfast.nearest_codeword_triton_flagged(z, cb, metric, precision)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("k", [70, 1200])  # one split, three splits
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flagged_extremes_are_the_largest_magnitudes(metric, k, dtype):
+    z = (3.0 * torch.randn(16, 20)).to(dtype)
+    cb = torch.randn(k, 20).to(dtype)
+    z[5, 7] = -41.5  # the largest magnitude negative
+    for precision in ("exact", "fast"):
+        *out, extremes = _flagged(z, cb, metric, precision)
+        assert extremes.dtype == torch.float64 and extremes.shape == (2,)
+        assert extremes.tolist() == [41.5, float(cb.abs().max())]
+        plain = torch.ops.vqfast.nearest_codeword_triton(z, cb, metric, precision)
+        for a, b in zip(out, plain):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_flagged_extremes_propagate_nan_and_inf(metric):
+    z = torch.randn(20, 24)  # D = 24: the search loops over 16-wide chunks under the interpreter
+    cb = torch.randn(50, 24)
+    z[3, 20] = float("inf")
+    cb[9, 0] = float("-inf")
+    ext = _flagged(z, cb, metric)[3]
+    assert ext.tolist() == [float("inf"), float("inf")]
+    z[17, 2] = float("nan")  # NaN wins over Inf
+    idx, _, _, ext = _flagged(z, cb, metric)
+    assert ext[0].isnan() and ext[1] == float("inf")
+    assert 0 <= int(idx.min()) and int(idx.max()) < 50  # unspecified but in range
+
+
+def test_flagged_op_fake_and_gradients():
+    z = torch.randn(8, 5, requires_grad=True)
+    cb = torch.randn(9, 5, requires_grad=True)
+    idx, cw, dist, ext = _flagged(z, cb)
+    (cw.sum() + dist.sum()).backward()
+    z2, cb2 = z.detach().clone().requires_grad_(), cb.detach().clone().requires_grad_()
+    (cb2[idx].sum() + ((z2 - cb2[idx]) ** 2).sum()).backward()
+    torch.testing.assert_close(z.grad, z2.grad)
+    torch.testing.assert_close(cb.grad, cb2.grad)
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        fz, fcb = torch.empty(4, 3), torch.empty(6, 3)
+        shapes = [t.shape for t in _flagged(fz, fcb)]
+    assert shapes == [(4,), (4, 3), (4,), (2,)]

@@ -28,8 +28,8 @@ equal values keep the lowest index and leave a zero top-2 gap), then marks as th
 _rerank_f64_kernel / _rerank_f32x2_kernel: a fixed grid of programs that walk the re-rank list up to
 the device counter, each entry a row whose nearest codeword is found again by direct distances
 sum((z - c)^2) over the whole codebook: in float64, or in compensated float32 (each distance an
-unevaluated sum hi + lo of two floats, error-free transformations for the difference, the square
-and the additions; for GPUs with 1/32 - 1/64 rate float64). Lowest index on exact ties; a NaN
+unevaluated sum hi + lo of two floats, features added in order with error-free transformations for
+the difference, the square and the additions; for GPUs with 1/32 - 1/64 rate float64). Lowest index on exact ties; a NaN
 distance ranks last, so a row that is NaN throughout takes codeword 0, as reference.search does.
 
 _gather_kernel: codewords = codebook[indices] in z's dtype and the directly computed distance
@@ -304,11 +304,10 @@ def _rerank_f32x2_kernel(
     z_ptr, cb_ptr, idx_ptr, list_ptr, count_ptr,
     K, D,
     stride_zn, stride_zd, stride_cn, stride_cd,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,  # BLOCK_D unused: the features are added one at a time
 ):
     count = tl.load(count_ptr)
     cols = tl.arange(0, BLOCK_K)
-    offs_dd = tl.arange(0, BLOCK_D)
     for entry in range(tl.program_id(0), count, tl.num_programs(0)):
         row = tl.load(list_ptr + entry).to(tl.int64)
         colhi = tl.full([BLOCK_K], float("inf"), tl.float32)
@@ -320,18 +319,14 @@ def _rerank_f32x2_kernel(
             codes = offs_k.to(tl.int64)
             hi = tl.zeros([BLOCK_K], tl.float32)
             lo = tl.zeros([BLOCK_K], tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                offs_d = d0 + offs_dd
-                mask_d = offs_d < D
-                zr = tl.load(z_ptr + row * stride_zn + offs_d * stride_zd, mask=mask_d, other=0.0).to(tl.float32)
-                ct = tl.load(cb_ptr + codes[:, None] * stride_cn + offs_d[None, :] * stride_cd,
-                             mask=mask_k[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-                s, e = _two_sum(zr[None, :], -ct)  # z - c == s + e exactly
+            for j in range(0, D):  # in feature order, as a plain float64 sum would add them
+                zj = tl.load(z_ptr + row * stride_zn + j * stride_zd).to(tl.float32)
+                cj = tl.load(cb_ptr + codes * stride_cn + j * stride_cd, mask=mask_k, other=0.0).to(tl.float32)
+                s, e = _two_sum(zj, -cj)  # z_j - c_j == s + e exactly
                 p = s * s
                 p_err = tl.fma(s, s, -p)  # s^2 == p + p_err exactly
                 small = p_err + e * (2.0 * s + e)  # (s + e)^2 - p, to within float32 rounding of itself
-                chunk_hi, chunk_lo = tl.reduce((p, small), 1, _df_add)
-                hi, lo = _df_add(hi, lo, chunk_hi, chunk_lo)
+                hi, lo = _df_add(hi, lo, p, small)
             nan = hi != hi
             hi = tl.where(nan, float("inf"), hi)  # NaN ranks last
             lo = tl.where(nan | (hi == float("inf")), 0.0, lo)
