@@ -315,6 +315,41 @@ def test_a_converted_instance_shares_its_tensors_and_trains_like_the_original():
     assert type(clone) is type(converted)
 
 
+class _TinyVQModel(nn.Module):
+    """LlamaGen's VQModel in miniature: quant_conv, quantize, post_quant_conv."""
+
+    def __init__(self, quantize):
+        super().__init__()
+        self.quant_conv = nn.Conv2d(3, quantize.e_dim, 1)
+        self.quantize = quantize
+        self.post_quant_conv = nn.Conv2d(quantize.e_dim, 3, 1)
+
+    def forward(self, x):
+        quant, (vq_loss, commit_loss, ent, usage), _ = self.quantize(self.quant_conv(x))
+        return self.post_quant_conv(quant), vq_loss + commit_loss + ent
+
+
+def test_accelerate_converts_the_quantizer_inside_a_model(capsys):
+    """The oracle is not LlamaGen's source, so accelerate needs the caller's word (trust=)."""
+    torch.manual_seed(0)
+    model = _TinyVQModel(oracle.VectorQuantizer(40, 4, 0.25, 0.1, True, True, search="float64"))
+    twin = copy.deepcopy(model)
+    vqfast.accelerate(model, verbose=True, trust={oracle.VectorQuantizer: "llamagen"})
+    assert "quantize: LlamaGen VectorQuantizer replaced" in capsys.readouterr().out
+    assert isinstance(model.quantize, VectorQuantizer) and isinstance(model.quantize, oracle.VectorQuantizer)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, twin)]
+    g = torch.Generator().manual_seed(4)
+    for step in range(2):
+        x = torch.randn(2, 3, 4, 4, generator=g)
+        for m, opt in zip((model, twin), opts):
+            opt.zero_grad()
+            rec, loss = m(x)
+            (rec.square().mean() + loss).backward()
+            opt.step()
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_unsupported_instances_say_why():
     ref = oracle.VectorQuantizer(10, 4, 0.25, 0.0, True, True)
     assert VectorQuantizer.unsupported_reason(ref) is None

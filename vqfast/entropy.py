@@ -30,7 +30,8 @@ g_j = log(q_j + 1e-5) + q_j / (q_j + 1e-5) (the derivative of -avg_entropy in q_
     dL/de_j  = 2 e_j sum_i dL/dd_ij - 2 sum_i dL/dd_ij z_i
 
 The sums run in the inputs' dtype, at least fp32 (fp16 / bf16 inputs are computed in fp32, as LlamaGen's
-softmax under autocast is), except q, whose chunk sums are added in float64. The value and gradient
+softmax under autocast is; autocast is off inside, so the distances are fp32 too, where LlamaGen's
+einsum would run in the autocast dtype), except q, whose chunk sums are added in float64. The value and gradient
 equal the materialised ones within fp32 rounding (tests/test_compat_llamagen.py checks both against an
 fp64 oracle, with the materialised fp32 computation's own error as the yardstick).
 """
@@ -150,4 +151,9 @@ def entropy_loss(z: Tensor, codebook: Tensor, temperature: float = TEMPERATURE, 
         raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
     dtype = torch.promote_types(torch.promote_types(z.dtype, codebook.dtype), torch.float32)
     rows = _rows_per_chunk(z.shape[0], codebook.shape[0], chunk_rows)
-    return _EntropyLoss.apply(z.to(dtype).contiguous(), codebook.to(dtype).contiguous(), float(temperature), rows)
+    args = (z.to(dtype).contiguous(), codebook.to(dtype).contiguous(), float(temperature), rows)
+    if z.device.type in ("cpu", "cuda"):
+        # Autocast off: forward and backward (which autocast does not reach) in the same dtype.
+        with torch.autocast(z.device.type, enabled=False):
+            return _EntropyLoss.apply(*args)
+    return _EntropyLoss.apply(*args)

@@ -34,7 +34,9 @@ What changes:
   N x K softmax and log-softmax. At a ratio of 0 it is multiplied by 0, so its value is 0 whenever it is
   finite (always with l2_norm: the affinities lie in [-400, 0]) and its gradient adds zeros; here a
   ratio of 0 gives a 0.0 tensor without computing it. (LlamaGen's 0 * loss is -0.0 when the loss is
-  negative, the usual case; the sign of the zero is the only difference.) A ratio > 0 runs
+  negative, the usual case; the sign of the zero is the only difference. Without l2_norm LlamaGen's
+  loss, and so 0 * loss, is NaN only once its fp32 distances overflow, at values beyond ~1e18;
+  vqfast still returns 0.0 there.) A ratio > 0 runs
   ``vqfast.entropy.entropy_loss``, chunked over rows: no N x K tensor, the same value and gradients
   (to z and to the codebook) within fp32 rounding.
 - ``codebook_used`` is a plain buffer here (LlamaGen registers an nn.Parameter, whose in-place update
