@@ -166,7 +166,7 @@ def _compile_builds(arch):
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="needs compiled, not interpreted, kernels")
 @pytest.mark.parametrize("arch", [80, 90])
 def test_every_config_compiles_for_gpu(arch):
-    from vqfast.triton import EXACT_BLOCK_DS, LARGE_N_CONFIGS, SMALL_N_CONFIGS
+    from vqfast.triton import search_configs
 
     names = set()
     searches = 0
@@ -184,13 +184,10 @@ def test_every_config_compiles_for_gpu(arch):
             check_tensor_cores(ptx, family, OPERAND_TYPE[ptr])
         except AssertionError as e:
             raise AssertionError(f"sm_{arch} {label}: {e}") from None
-        if not fast:  # exact mode: only the 16-wide feature slices (wider ones spill)
-            assert constexprs["BLOCK_D"] in EXACT_BLOCK_DS, label
     assert names == {"_search_kernel", "_merge_splits_kernel", "_gather_kernel", "_rows_kernel", "_rerank_f64_kernel",
                      "_rerank_f32x2_kernel"}
-    # every configuration in its three fast variants, the exact ones at EXACT_BLOCK_DS in three more
-    configs = LARGE_N_CONFIGS + SMALL_N_CONFIGS
-    assert searches == 3 * len(configs) + 3 * sum(c[2] in EXACT_BLOCK_DS for c in configs)
+    # each mode's configurations in its three variants (fp32, fp16, bf16)
+    assert searches == 3 * sum(len(search_configs(exact, small)) for exact in (False, True) for small in (False, True))
 
 
 def _ptxas_report(compiled, arch, tmp_path) -> str:
@@ -309,13 +306,14 @@ def test_tensor_core_check_fails_without_the_instruction():
     (1, 1025, 4, (3, 384)),  # 8 programs wanted, ceil(1025 / 512) = 3 allowed, 384 codes (a multiple of 128) each
 ])
 def test_split_codes(n, k, sms, expected):
-    from vqfast.triton import LARGE_N_CONFIGS, SMALL_N_CONFIGS, SPLIT_ALIGN, split_codes
+    from vqfast.triton import SPLIT_ALIGN, search_configs, split_codes
 
     splits, codes = split_codes(n, k, 16, sms)
     assert (splits, codes) == expected
     assert (splits - 1) * codes < k <= splits * codes  # no empty split, every code in one
     assert splits == 1 or codes % SPLIT_ALIGN == 0
-    assert all(SPLIT_ALIGN % bk == 0 for _, bk, _, _, _ in LARGE_N_CONFIGS + SMALL_N_CONFIGS)
+    configs = [c for exact in (False, True) for small in (False, True) for c in search_configs(exact, small)]
+    assert all(SPLIT_ALIGN % bk == 0 for _, bk, _, _, _ in configs)
 
 
 def test_k_bucket():

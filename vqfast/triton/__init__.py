@@ -46,29 +46,45 @@ from vqfast.triton import kernels
 
 Tensor = torch.Tensor
 
-# BLOCK_D: the feature width of a tile, a power of two from 16 (tl.dot's least) up to the mode's
-# largest, the least one >= D. Up to that width the z tile [BLOCK_N, BLOCK_D] is loaded once per
-# program and serves every code tile; a larger D loops over BLOCK_D-wide chunks of z and the codebook.
-# Exact mode multiplies with FMAs, each thread holding its rows of the z tile over all BLOCK_D
-# features: 32 wide, every exact configuration spilled (ptxas, sm_80 and sm_90: 0.3 - 1.4 KB a thread
-# at 64x64x32 w8, 16x128x32 w4), so its BLOCK_D stays 16. Fast mode's tensor-core operands are
-# spread over the warps: 32 wide fits, 64 wide spilled (20 B at 64x64x64 w8 on sm_80, 480 B at
-# 64x32x64 w4).
-EXACT_BLOCK_DS = (16,)
-FAST_BLOCK_DS = (16, 32)
-BLOCK_DS = FAST_BLOCK_DS
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) at every BLOCK_D. Large-N tiles hold 64 rows, the small-N
-# ones (N <= 64, e.g. VAR's 1 x 1 and 2 x 2 scales) 16, so that more programs stream the codebook.
-# A program keeps three [BLOCK_N, BLOCK_K] accumulators (best, second, index per column) besides the
-# dot-product tile: 4 x 64 x 64 / 256 threads = 64 registers at 64 x 64 w8. Every configuration
-# compiles without spills for sm_80 and sm_90 in all its SEARCH_VARIANTS (tests/test_triton.py,
-# benchmarks/results/gpu_resources.md); 128-row tiles spilled. Their speeds are not measured: no GPU
-# has run them yet.
-LARGE_N_SHAPES = [(64, 64, 8, 3), (64, 32, 4, 3)]
-SMALL_N_SHAPES = [(16, 128, 4, 2), (16, 64, 2, 2)]
-# (BLOCK_N, BLOCK_K, BLOCK_D, num_warps, num_stages): every shape at every BLOCK_D.
-LARGE_N_CONFIGS = [(bn, bk, bd, w, s) for bd in BLOCK_DS for bn, bk, w, s in LARGE_N_SHAPES]
-SMALL_N_CONFIGS = [(bn, bk, bd, w, s) for bd in BLOCK_DS for bn, bk, w, s in SMALL_N_SHAPES]
+# BLOCK_D: the feature width of a tile, a power of two from 16 (tl.dot's least) to 32, the least one
+# >= D. Up to 32 features (VAR's D = 32, diffusers' 4) the z tile [BLOCK_N, BLOCK_D] is loaded once
+# per program and serves every code tile; a larger D loops over 32-wide chunks of z and the codebook.
+# 64 wide spilled (ptxas: 20 B a thread at 64x64x64 w8 fast on sm_80, 480 B at 64x32x64 w4).
+BLOCK_DS = (16, 32)
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) at every BLOCK_D. Large-N tiles hold 32-64 rows, the
+# small-N ones (N <= 64, e.g. VAR's 1 x 1 and 2 x 2 scales) 16, so that more programs stream the
+# codebook. A program keeps three [BLOCK_N, BLOCK_K] accumulators (best, second, index per column)
+# besides the dot-product tile: 4 x 64 x 64 / 256 threads = 64 registers at 64 x 64 w8.
+# Fast mode's tensor-core operands are spread over the warps. Exact mode multiplies with FMAs, each
+# thread holding its rows of the z tile over all BLOCK_D features: it needs twice the warps for the
+# same tile (64x64x32 on 8 warps spilled 1.2 KB a thread, on 16 warps none; 16x128x32 on 4 warps
+# 280 B). Every configuration compiles without spills for sm_80 and sm_90 in its SEARCH_VARIANTS
+# (tests/test_triton.py, benchmarks/results/gpu_resources.md); 128-row tiles spilled. Their speeds
+# are not measured: no GPU has run them yet.
+FAST_LARGE_N_SHAPES = [(64, 64, 8, 3), (64, 32, 4, 3)]
+FAST_SMALL_N_SHAPES = [(16, 128, 4, 2), (16, 64, 2, 2)]
+EXACT_LARGE_N_SHAPES = [(64, 64, 16, 2), (32, 64, 8, 2)]
+EXACT_SMALL_N_SHAPES = [(16, 128, 8, 2), (16, 64, 4, 2)]
+
+
+def _at_every_block_d(shapes):
+    return [(bn, bk, bd, w, s) for bd in BLOCK_DS for bn, bk, w, s in shapes]
+
+
+# (BLOCK_N, BLOCK_K, BLOCK_D, num_warps, num_stages). LARGE_N_CONFIGS / SMALL_N_CONFIGS: fast mode.
+LARGE_N_CONFIGS = _at_every_block_d(FAST_LARGE_N_SHAPES)
+SMALL_N_CONFIGS = _at_every_block_d(FAST_SMALL_N_SHAPES)
+EXACT_LARGE_N_CONFIGS = _at_every_block_d(EXACT_LARGE_N_SHAPES)
+EXACT_SMALL_N_CONFIGS = _at_every_block_d(EXACT_SMALL_N_SHAPES)
+
+
+def search_configs(exact: bool, small: bool) -> list[tuple[int, int, int, int, int]]:
+    """The configurations the autotuner chooses among for a mode and a row-count class."""
+    if exact:
+        return EXACT_SMALL_N_CONFIGS if small else EXACT_LARGE_N_CONFIGS
+    return SMALL_N_CONFIGS if small else LARGE_N_CONFIGS
+
+
 SMALL_N = 64
 # Under the interpreter (CPU tensors, TRITON_INTERPRET=1) one small tile, no tuning, and a largest
 # BLOCK_D of 16, so that the tests' D (1 - 100) take both the resident-z path and the chunked one.
@@ -159,11 +175,10 @@ def kernel_builds():
     """Every kernel configuration the launcher can run on a GPU, as
     (kernel name, configuration label, kernel, signature, constexprs, options) for
     triton.compile(ASTSource(kernel, signature, constexprs), target=..., options=options)."""
-    for bn, bk, bd, warps, stages in LARGE_N_CONFIGS + SMALL_N_CONFIGS:
-        for ptr, precision, widen in SEARCH_VARIANTS:
-            if bd not in (EXACT_BLOCK_DS if precision == "ieee" else FAST_BLOCK_DS):
-                continue
-            mode = "exact" if precision == "ieee" else "fast"
+    for ptr, precision, widen in SEARCH_VARIANTS:
+        exact = precision == "ieee"
+        for bn, bk, bd, warps, stages in search_configs(exact, False) + search_configs(exact, True):
+            mode = "exact" if exact else "fast"
             yield ("_search_kernel", f"{bn}x{bk}x{bd} w{warps} s{stages}, {mode} {ptr[1:]}", kernels._search_kernel,
                    search_signature(ptr), {"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd, "INPUT_PRECISION": precision,
                                            "CAST_FP32": widen}, {"num_warps": warps, "num_stages": stages})
@@ -197,14 +212,14 @@ def _autotuned(configs):
                            restore_value=["count_ptr"])(kernels._search_kernel)
 
 
-# One autotuner per (row-count class, BLOCK_D): the BLOCK_D of a call follows from D (block_d).
+# One autotuner per (mode, row-count class, BLOCK_D): the BLOCK_D of a call follows from D (block_d).
 _SEARCH = {
-    (small, bd): _autotuned([c for c in (SMALL_N_CONFIGS if small else LARGE_N_CONFIGS) if c[2] == bd])
-    for small in (False, True) for bd in BLOCK_DS
+    (exact, small, bd): _autotuned([c for c in search_configs(exact, small) if c[2] == bd])
+    for exact in (False, True) for small in (False, True) for bd in BLOCK_DS
 }
 
 
-def block_d(d: int, largest: int) -> int:
+def block_d(d: int, largest: int = BLOCK_DS[-1]) -> int:
     """The least power of two >= d, at least 16 (tl.dot's least), at most `largest` (wider D loops)."""
     return min(largest, max(16, triton.next_power_of_2(d)))
 
@@ -338,7 +353,7 @@ def _search_rows(zs: Tensor, cbs: Tensor, cbn: Tensor, cmax_sq: Tensor, zmax: Te
     # The split is chosen for the configurations' smallest row tile (the autotuner may pick a larger one,
     # leaving fewer programs, never a wrong answer).
     small = n <= SMALL_N
-    row_tile = INTERPRET_CONFIG[0] if _interpret() else min(c[0] for c in (SMALL_N_CONFIGS if small else LARGE_N_CONFIGS))
+    row_tile = INTERPRET_CONFIG[0] if _interpret() else min(c[0] for c in search_configs(exact, small))
     sms = _sm_count(device)
     splits, codes = split_codes(n, k, row_tile, sms)
     if splits > 1:  # per-split top-2 [splits, N], merged below
@@ -359,8 +374,7 @@ def _search_rows(zs: Tensor, cbs: Tensor, cbn: Tensor, cmax_sq: Tensor, zmax: Te
         )
     else:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
-        largest = (EXACT_BLOCK_DS if exact else FAST_BLOCK_DS)[-1]
-        _wrap(_SEARCH[small, block_d(d, largest)])[grid](*args, K_BUCKET=k_bucket(k), SPLIT_CODES=codes, coef=coef, floor=floor,
+        _wrap(_SEARCH[exact, small, block_d(d)])[grid](*args, K_BUCKET=k_bucket(k), SPLIT_CODES=codes, coef=coef, floor=floor,
                                                 INPUT_PRECISION=input_precision, CAST_FP32=cast_fp32)
     if splits > 1:
         _wrap(kernels._merge_splits_kernel)[(triton.cdiv(n, MERGE_BLOCK_N),)](
