@@ -512,6 +512,11 @@ def test_gpu_search_is_captured_in_a_cuda_graph(backend, precision, metric):
     kwargs = dict(metric=metric, precision=precision, backend=backend, check_finite=False)
     want = vqfast.nearest_codeword(z, cb, **kwargs)  # first: autotuning and one-time kernel setup
     torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # torch's own syncing calls raise, C++ ones included
+    try:
+        vqfast.nearest_codeword(z, cb, **kwargs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):  # a host sync during capture fails it
         got = vqfast.nearest_codeword(z, cb, **kwargs)
