@@ -23,15 +23,12 @@ Precision:
          reference.ranking_tolerance_terms; max ||c|| from the codebook pass, ||z|| from the search's
          z tile) is re-ranked by direct distances sum((z - c)^2) over the whole codebook: in float64
          on GPUs with a full-rate float64 unit (sm_60, 70, 80, 90, 100), elsewhere (1/32 - 1/64 rate)
-         in compensated float32 (rerank_variant; VQFAST_TRITON_RERANK=float64 / float32x2 forces one).
-         There each distance is a pair of floats hi + lo: z_j - c_j and its square split exactly
-         (TwoSum, FMA), the features added in order in double-float arithmetic; by our derivation
-         (not yet measured on such a GPU) within about (D + 2) 2^-46 of the true distance,
-         relative, where float64 sums are within (D + 2) 2^-53: two codewords closer than that may
-         be ranked either way, the one widening of the exact contract, on those GPUs only (the
-         interpreter tests run it on lattice ties, common offsets and duplicates against the
-         oracle). Every other row is provably exact already. The list holds every row, so a codebook of duplicates (every row
-         ambiguous) stays exact, only slower. tf32x3 would run on tensor cores, but its error is not
+         in compensated float32 (rerank_variant; VQFAST_TRITON_RERANK=float64 / float32x2 forces one):
+         pairs of floats within (3 D + 8) 2^-48 of each distance, a row decided that way only when
+         that bound (with room) separates its best two, every other one (exact ties, copies,
+         NaN / inf) scanned again in float64 (kernels.py). Every other row is provably exact
+         already. The list holds every row, so a codebook of duplicates (every row ambiguous)
+         stays exact, only slower. tf32x3 would run on tensor cores, but its error is not
          covered by that bound without a separate analysis; it is the candidate to measure on a GPU.
   fast   tf32 tensor cores for fp32 inputs, native fp16/bf16 tensor cores for half inputs, fp32
          accumulation, no re-rank.

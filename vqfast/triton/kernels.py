@@ -27,10 +27,15 @@ equal values keep the lowest index and leave a zero top-2 gap), then marks as th
 
 _rerank_f64_kernel / _rerank_f32x2_kernel: a fixed grid of programs that walk the re-rank list up to
 the device counter, each entry a row whose nearest codeword is found again by direct distances
-sum((z - c)^2) over the whole codebook: in float64, or in compensated float32 (each distance an
-unevaluated sum hi + lo of two floats, features added in order with error-free transformations for
-the difference, the square and the additions; for GPUs with 1/32 - 1/64 rate float64). Lowest index on exact ties; a NaN
-distance ranks last, so a row that is NaN throughout takes codeword 0, as reference.search does.
+sum((z - c)^2) over the whole codebook, lowest index on exact ties; a NaN distance ranks last, so a
+row that is NaN throughout takes codeword 0, as reference.search does. _rerank_f64_kernel sums in
+float64. _rerank_f32x2_kernel (GPUs with 1/32 - 1/64 rate float64) sums in compensated float32:
+each distance a pair hi + lo, z_j - c_j and its square split exactly (TwoSum, FMA), the features
+added in order in double-float arithmetic, within (3 D + 8) 2^-48 of the distance, relative (each
+term's split exact but for its small part, about 7 u^2; each of the D additions of same-sign pairs
+at most 3 u^2 of the sum; u = 2^-24). A row is decided there only when (4 D + 16) 2^-48 of the two
+(plus the underflow room below) separates its best two pairs, which makes the pick the true minimum; every other row (exact ties, copies, NaN / inf, the closest calls) is scanned again in
+float64, so both kernels honour the same contract.
 
 _gather_kernel: codewords = codebook[indices] in z's dtype and the directly computed distance
 sum((z - c)^2) in fp32, one program per BLOCK_N rows.
@@ -247,6 +252,34 @@ def _pick_lowest(colbest, colidx, K):
 
 
 @triton.jit
+def _scan_f64(z_ptr, cb_ptr, row, K, D, stride_zn, stride_zd, stride_cn, stride_cd,
+              BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The nearest codeword of row `row` by float64 direct distances (lowest index on ties)."""
+    cols = tl.arange(0, BLOCK_K)
+    offs_dd = tl.arange(0, BLOCK_D)
+    colbest = tl.full([BLOCK_K], float("inf"), tl.float64)
+    colidx = tl.zeros([BLOCK_K], tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + cols
+        mask_k = offs_k < K
+        codes = offs_k.to(tl.int64)
+        dist = tl.zeros([BLOCK_K], tl.float64)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + offs_dd
+            mask_d = offs_d < D
+            zr = tl.load(z_ptr + row * stride_zn + offs_d * stride_zd, mask=mask_d, other=0.0).to(tl.float64)
+            ct = tl.load(cb_ptr + codes[:, None] * stride_cn + offs_d[None, :] * stride_cd,
+                         mask=mask_k[:, None] & mask_d[None, :], other=0.0).to(tl.float64)
+            diff = zr[None, :] - ct
+            dist += tl.sum(diff * diff, axis=1)
+        dist = tl.where(dist != dist, float("inf"), dist)  # NaN ranks last
+        better = (dist < colbest) & mask_k
+        colidx = tl.where(better, offs_k, colidx)
+        colbest = tl.where(better, dist, colbest)
+    return _pick_lowest(colbest, colidx, K)
+
+
+@triton.jit
 def _rerank_f64_kernel(
     z_ptr, cb_ptr, idx_ptr, list_ptr, count_ptr,
     K, D,
@@ -254,30 +287,10 @@ def _rerank_f64_kernel(
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     count = tl.load(count_ptr)
-    cols = tl.arange(0, BLOCK_K)
-    offs_dd = tl.arange(0, BLOCK_D)
     for entry in range(tl.program_id(0), count, tl.num_programs(0)):
         row = tl.load(list_ptr + entry).to(tl.int64)
-        colbest = tl.full([BLOCK_K], float("inf"), tl.float64)
-        colidx = tl.zeros([BLOCK_K], tl.int32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + cols
-            mask_k = offs_k < K
-            codes = offs_k.to(tl.int64)
-            dist = tl.zeros([BLOCK_K], tl.float64)
-            for d0 in range(0, D, BLOCK_D):
-                offs_d = d0 + offs_dd
-                mask_d = offs_d < D
-                zr = tl.load(z_ptr + row * stride_zn + offs_d * stride_zd, mask=mask_d, other=0.0).to(tl.float64)
-                ct = tl.load(cb_ptr + codes[:, None] * stride_cn + offs_d[None, :] * stride_cd,
-                             mask=mask_k[:, None] & mask_d[None, :], other=0.0).to(tl.float64)
-                diff = zr[None, :] - ct
-                dist += tl.sum(diff * diff, axis=1)
-            dist = tl.where(dist != dist, float("inf"), dist)  # NaN ranks last
-            better = (dist < colbest) & mask_k
-            colidx = tl.where(better, offs_k, colidx)
-            colbest = tl.where(better, dist, colbest)
-        tl.store(idx_ptr + row, _pick_lowest(colbest, colidx, K).to(tl.int64))
+        idx = _scan_f64(z_ptr, cb_ptr, row, K, D, stride_zn, stride_zd, stride_cn, stride_cd, BLOCK_K, BLOCK_D)
+        tl.store(idx_ptr + row, idx.to(tl.int64))
 
 
 @triton.jit
@@ -300,18 +313,38 @@ def _df_add(a_hi, a_lo, b_hi, b_lo):
 
 
 @triton.jit
+def _df_less(a_hi, a_lo, b_hi, b_lo):
+    return (a_hi < b_hi) | ((a_hi == b_hi) & (a_lo < b_lo))
+
+
+@triton.jit
+def _df_min(hi, lo):
+    """The least pair of the vectors (hi, lo), and where it is."""
+    m_hi = tl.min(hi, axis=0)
+    m_lo = tl.min(tl.where(hi == m_hi, lo, float("inf")), axis=0)
+    return m_hi, m_lo, (hi == m_hi) & (lo == m_lo)
+
+
+@triton.jit
 def _rerank_f32x2_kernel(
     z_ptr, cb_ptr, idx_ptr, list_ptr, count_ptr,
     K, D,
     stride_zn, stride_zd, stride_cn, stride_cd,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,  # BLOCK_D unused: the features are added one at a time
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     count = tl.load(count_ptr)
     cols = tl.arange(0, BLOCK_K)
+    # Each pair is within (3 D + 8) u^2 (u = 2^-24) of its distance, relative (module docstring), plus
+    # up to 2^-126 a feature where squares flush or underflow: a row is decided here only when
+    # (4 D + 16) u^2 of the two values, and that absolute room, separate its best two.
+    rel = (4.0 * D + 16.0) * 3.552713678800501e-15  # 2^-48
+    absolute = (D + 1.0) * 2.350988701644575e-38  # 2^-125
     for entry in range(tl.program_id(0), count, tl.num_programs(0)):
         row = tl.load(list_ptr + entry).to(tl.int64)
-        colhi = tl.full([BLOCK_K], float("inf"), tl.float32)
-        collo = tl.zeros([BLOCK_K], tl.float32)
+        b_hi = tl.full([BLOCK_K], float("inf"), tl.float32)  # per column: best and second pair, best's index
+        b_lo = tl.zeros([BLOCK_K], tl.float32)
+        s_hi = tl.full([BLOCK_K], float("inf"), tl.float32)
+        s_lo = tl.zeros([BLOCK_K], tl.float32)
         colidx = tl.zeros([BLOCK_K], tl.int32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + cols
@@ -327,18 +360,25 @@ def _rerank_f32x2_kernel(
                 p_err = tl.fma(s, s, -p)  # s^2 == p + p_err exactly
                 small = p_err + e * (2.0 * s + e)  # (s + e)^2 - p, to within float32 rounding of itself
                 hi, lo = _df_add(hi, lo, p, small)
-            nan = hi != hi
-            hi = tl.where(nan, float("inf"), hi)  # NaN ranks last
-            lo = tl.where(nan | (hi == float("inf")), 0.0, lo)
-            better = ((hi < colhi) | ((hi == colhi) & (lo < collo))) & mask_k
+            bad = (hi != hi) | (hi == float("inf"))  # NaN, or beyond float32: left to the float64 scan
+            hi = tl.where(bad | ~mask_k, float("inf"), hi)
+            lo = tl.where(bad | ~mask_k, 0.0, lo)
+            better = _df_less(hi, lo, b_hi, b_lo)
+            s_hi, s_lo = tl.where(better, b_hi, s_hi), tl.where(better, b_lo, s_lo)
+            second = ~better & _df_less(hi, lo, s_hi, s_lo)
+            s_hi, s_lo = tl.where(second, hi, s_hi), tl.where(second, lo, s_lo)
             colidx = tl.where(better, offs_k, colidx)
-            colhi = tl.where(better, hi, colhi)
-            collo = tl.where(better, lo, collo)
-        best_hi = tl.min(colhi, axis=0)
-        best_lo = tl.min(tl.where(colhi == best_hi, collo, float("inf")), axis=0)
-        at_best = (colhi == best_hi) & (collo == best_lo)
+            b_hi, b_lo = tl.where(better, hi, b_hi), tl.where(better, lo, b_lo)
+        best_hi, best_lo, at_best = _df_min(b_hi, b_lo)
         idx = tl.min(tl.where(at_best, colidx, K), axis=0)
-        idx = tl.where(best_hi == float("inf"), 0, idx)
+        chosen = at_best & (colidx == idx)
+        sec_hi, sec_lo, _ = _df_min(tl.where(chosen, s_hi, b_hi), tl.where(chosen, s_lo, b_lo))
+        gap = (sec_hi - best_hi) + (sec_lo - best_lo)
+        # Decided only when the bound separates the best two: exact ties, copies, NaN / inf and the
+        # closest rows go to the float64 scan.
+        undecided = ~(gap > rel * (best_hi + sec_hi) + absolute)
+        if undecided:
+            idx = _scan_f64(z_ptr, cb_ptr, row, K, D, stride_zn, stride_zd, stride_cn, stride_cd, BLOCK_K, BLOCK_D)
         tl.store(idx_ptr + row, idx.to(tl.int64))
 
 
