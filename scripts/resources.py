@@ -50,12 +50,16 @@ TORCH_NVCC_FLAGS = [
     "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr",
 ]
 # Threads per block of each CUDA kernel, as csrc/cuda/nearest_codeword.* launches them (kThreads,
-# kRowWarps * 32, kMergeThreads); tests/test_resources.py checks them against the sources.
+# kRowWarps * 32, kMergeThreads, kMaxAbsThreads, kMarkThreads); tests/test_resources.py checks them
+# against the sources.
 CUDA_THREADS = {
     "nearest_codeword_kernel": 128,
     "merge_splits_kernel": 256,
     "row_sqnorms_kernel": 256,
     "gather_distance_kernel": 256,
+    "max_abs_kernel": 256,
+    "mark_ambiguous_kernel": 256,
+    "rerank_kernel": 256,
 }
 # The search kernel's launcher keeps z resident in dynamic shared memory only when this many blocks
 # still fit an SM (kResidentBlocks in nearest_codeword.h): its rows show that largest allotment.
@@ -157,19 +161,21 @@ def _nvcc() -> str | None:
 
 def _cuda_name(demangled: str) -> tuple[str, str]:
     """(kernel, config) of a demangled CUDA kernel name: the search kernel's template arguments
-    <T, kTensor, kVec, kResident> read as words."""
+    <T, kTensor, kVec, kResident, kFeat> and the re-rank's <T, kCompensated> read as words."""
     head = demangled.replace("(anonymous namespace)::", "").split("(", 1)[0]
     head = re.sub(r"^void\s+", "", head)
     base = head.split("<", 1)[0].rsplit("::", 1)[-1]
     args = [a.strip() for a in head.split("<", 1)[1].rstrip(">").split(",")] if "<" in head else []
-    dtype = {"float": "fp32", "__half": "fp16", "__nv_bfloat16": "bf16"}
-    if base == "nearest_codeword_kernel" and len(args) == 4:
-        tensor, vec, resident = (a == "true" for a in args[1:])
-        config = ", ".join([
-            "fast mma" if tensor else "exact fma", "16-byte loads" if vec else "element loads",
-            "z resident" if resident else "z streamed",
-        ])
-        return f"{base}<{dtype.get(args[0], args[0])}>", config
+    dtype = {"float": "fp32", "__half": "fp16", "__nv_bfloat16": "bf16", "double": "fp64"}
+    if base == "nearest_codeword_kernel" and len(args) == 5:
+        tensor, vec, resident = (a == "true" for a in args[1:4])
+        words = ["fast mma" if tensor else "exact fma"]
+        if args[4] != "16":  # narrow stages for small D (16 features a stage otherwise)
+            words.append(f"{args[4]}-feature stages")
+        words += ["16-byte loads" if vec else "element loads", "z resident" if resident else "z streamed"]
+        return f"{base}<{dtype.get(args[0], args[0])}>", ", ".join(words)
+    if base == "rerank_kernel" and len(args) == 2:
+        return f"{base}<{dtype.get(args[0], args[0])}>", "compensated fp32" if args[1] == "true" else "fp64"
     if args:
         return f"{base}<{', '.join(dtype.get(a, a) for a in args)}>", "-"
     return base, "-"

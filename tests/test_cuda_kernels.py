@@ -306,6 +306,74 @@ def test_hard_cases_match_the_oracle(kind, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("rerank", ["float64", "compensated"])
+@pytest.mark.parametrize("kind", ["offset", "lattice", "duplicates", "tiny_codebook", "magnitude"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_both_reranks_match_the_oracle(dtype, kind, rerank, monkeypatch):
+    """The exact re-rank in float64 and in compensated float32 (chosen from the device's float64 rate;
+    VQFAST_CUDA_RERANK forces one): the oracle's answer on the rows the float32 bound cannot prove."""
+    _skip_without_cuda()
+    monkeypatch.setenv("VQFAST_CUDA_RERANK", rerank)
+    z, codebook = make_hard_case(kind, 777, 1025, 33, seed=12, scale=1e-30)
+    z, codebook = z.to("cuda", dtype), codebook.to("cuda", dtype)
+    assert_exact(z, codebook, vqfast.nearest_codeword(z, codebook, backend="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_no_host_sync_on_a_gpu(precision):
+    """torch's sync debug mode raises on any synchronising torch call (nonzero, item, copies to the
+    host), and a CUDA graph cannot capture one: the op passes both."""
+    _skip_without_cuda()
+    z, codebook = _random_inputs(300, 513, 24, torch.float32)
+    z[:50] = codebook[:50]  # rows on codewords next to copies: the exact re-rank has work
+    codebook[100:150] = codebook[:50]
+    op = torch.ops.vqfast.nearest_codeword
+    op(z, codebook, "l2", precision)  # first call: device queries and opt-ins, before capture
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        op(z, codebook, "l2", precision)
+        torch.ops.vqfast.nearest_codeword_flagged(z, codebook, "l2", precision)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = op(z, codebook, "l2", precision)
+    z.copy_(torch.randn_like(z))
+    z[:50] = codebook[100:150]
+    graph.replay()
+    torch.cuda.synchronize()
+    if precision == "exact":
+        assert_exact(z, codebook, out)
+    else:
+        assert_fast(z, codebook, out, CUDA)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64], ids=str)
+def test_flagged_op_reports_the_extremes(dtype, metric):
+    _skip_without_cuda()
+    z, codebook = _random_inputs(130, 70, 9, dtype)
+    flagged = torch.ops.vqfast.nearest_codeword_flagged
+    out = flagged(z, codebook, metric, "exact")
+    plain = torch.ops.vqfast.nearest_codeword(z, codebook, metric, "exact")
+    for a, b in zip(out[:3], plain):
+        assert torch.equal(a, b)
+    expected = torch.stack([z.double().abs().max(), codebook.double().abs().max()])
+    assert out[3].dtype == torch.float64 and out[3].device == z.device
+    assert torch.equal(out[3], expected)
+    z[7, 3] = float("inf")
+    assert flagged(z, codebook, metric, "fast")[3].tolist() == [float("inf"), expected[1].item()]
+    codebook[5, 1] = float("nan")
+    ext = flagged(z, codebook, metric, "exact")[3].tolist()
+    assert ext[0] == float("inf") and ext[1] != ext[1]
+    z[2, 2] = float("nan")
+    assert all(v != v for v in flagged(z, codebook, metric, "exact")[3].tolist())
+
+
+@pytest.mark.gpu
 def test_exact_resolves_near_ties():
     _skip_without_cuda()
     # Codewords 1 and 3 are at true distances 2^-8 and (2^-4 - 2^-10)^2 from z, while the fp32
@@ -562,7 +630,7 @@ def test_kernels_pass_the_check_under_the_host_emulator(emulated_check, copies):
     run = subprocess.run([emulated_check], capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert "all checks passed" in run.stdout
-    assert run.stdout.count(" ok ") == 12 * 2 * 3  # shapes x modes x element types
+    assert run.stdout.count(" ok ") == 13 * 2 * 3  # shapes x modes x element types
     # The exact pipeline (maxima, marking, re-rank) on near ties, copies, NaN / Inf, overflow, every row
     # ambiguous: inputs x re-rank variants (float64, compensated float32) x element types.
     assert run.stdout.count(" pass (") == 7 * 2 * 3
@@ -581,7 +649,7 @@ MUTATIONS = [
      "*reinterpret_cast<float4*>(dst + r * stride + f) = unpack4<T>(v.z, v.w);"),
     ("fused epilogue reads another row of z", "return stored_to_float<T>(zres[lr * z_stride + j]);",
      "return stored_to_float<T>(zres[(lr ^ 1) * z_stride + j]);"),
-    ("resident z read without its feature-tile offset", "return zres + r * z_stride + ft * kBlockFeatures;",
+    ("resident z read without its feature-tile offset", "return zres + r * z_stride + ft * kFeat;",
      "return zres + r * z_stride;"),
     ("re-rank warps stop after one pass over the grid", "for (int64_t e = first; e < entries; e += stride) {",
      "for (int64_t e = first; e < entries && e < stride; e += stride) {"),
@@ -591,6 +659,9 @@ MUTATIONS = [
      "if (ob < best || (ob == best && oi > index))"),
     ("compensated re-rank keeps its own lane's index", "      best = ob;\n      at = oat;\n", "      best = ob;\n"),
     ("block maximum reads only its first warp", "for (int w = 1; w < kWarps; ++w)", "for (int w = 1; w < 1; ++w)"),
+    ("small D runs 8-feature stages over a 4-feature z stride", "return feat == 4 ? four[vec] : eight[tf32][vec];",
+     "return feat == 4 ? eight[0][vec] : eight[tf32][vec];"),
+    ("D = 5 takes 4-feature stages", "if (d <= 4 && !tf32) return 4;", "if (d <= 5 && !tf32) return 4;"),
     ("large dynamic shared memory opted in at every launch",
      "if (done != nullptr && done->load(std::memory_order_acquire)) return cudaSuccess;", ""),
 ]

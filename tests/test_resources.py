@@ -88,6 +88,13 @@ def test_cuda_threads_match_the_sources():
     assert resources.CUDA_THREADS["gather_distance_kernel"] == 32 * constant(source, "kRowWarps")
     assert resources.CUDA_THREADS["merge_splits_kernel"] == constant(source, "kMergeThreads")
     assert "__launch_bounds__(256) merge_splits_kernel" in source
+    assert resources.CUDA_THREADS["rerank_kernel"] == 32 * constant(source, "kRowWarps")
+    assert resources.CUDA_THREADS["max_abs_kernel"] == constant(source, "kMaxAbsThreads")
+    assert resources.CUDA_THREADS["mark_ambiguous_kernel"] == constant(source, "kMarkThreads")
+    for name in ("rerank_kernel", "row_sqnorms_kernel", "gather_distance_kernel"):
+        assert re.search(rf"__launch_bounds__\(kRowWarps \* 32(?:, \d+)?\)\s+{name}\b", source), name
+    for name, threads in (("max_abs_kernel", "kMaxAbsThreads"), ("mark_ambiguous_kernel", "kMarkThreads")):
+        assert re.search(rf"__launch_bounds__\({threads}\)\s+{name}\b", source), name
 
 
 # ------------------------------------------------------------------------------- compiled (slow)
@@ -115,10 +122,13 @@ def test_resident_z_keeps_its_blocks(compiled_rows):
     static shared-memory estimate: ptxas's static bytes must match that estimate, and the largest
     resident allotment must leave the blocks the registers allow."""
     resident = [r for r in compiled_rows if r.config.endswith("z resident")]
-    assert len(resident) == 2 * 12
+    # 12 with 16-feature stages; 12 with 4 or 8 (small D: exact mode 4 and 8 for each dtype, the 16-bit
+    # 4-feature ones with element loads only; fast fp32 8)
+    assert len(resident) == 2 * (12 + 12)
     for row in resident:
         elem = 2 if "fast" in row.config and ("fp16" in row.kernel or "bf16" in row.kernel) else 4
-        stride = 16 + (8 if elem == 2 else 4)  # kBlockFeatures padded: kStride16 / kStride
+        # Padded row strides: kStride16 / kStride for 16 features, 4 and 12 words for 4 and 8.
+        stride = {"4-feature": 4, "8-feature": 12}.get(row.config.split(", ")[1].split(" ")[0], 16 + (8 if elem == 2 else 4))
         assert row.static_smem == 2 * 64 * stride * elem + 64 * 12, row  # the launcher's max_resident_bytes
         assert row.occupancy()[0] >= resources.CUDA_RESIDENT_BLOCKS, row
 

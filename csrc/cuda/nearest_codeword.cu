@@ -1,8 +1,9 @@
 // CUDA nearest-codeword search: distance tile + running top-2 argmin in one kernel, no N x K buffer.
 //
 // One thread block owns 64 rows of z and sweeps its share of the codebook (all of it, or one split
-// when few rows leave SMs idle) in tiles of 64 codewords x 16 features, through a two-stage pipeline
-// with zero fill (features past D read as 0). The block's z rows, all features, stay resident in
+// when few rows leave SMs idle) in tiles of 64 codewords x 16 features (4 or 8 when D is that small,
+// so D = 4 does not do 16-wide work), through a two-stage pipeline with zero fill (features past D
+// read as 0). The block's z rows, all features, stay resident in
 // dynamic shared memory when three blocks still fit an SM, so only codebook tiles stream; otherwise
 // z tiles stream alongside.
 //   fp32 operands: cp.async, 16-byte copies when D % 4 == 0 and the bases are 16-byte aligned, else
@@ -21,10 +22,17 @@
 // quad and the 2 warps sharing a row merge theirs, and (unsplit search) the block writes its rows'
 // codewords and their directly computed distances.
 //
-// Shared rows are padded (16 fp32 features to 20; 16-bit rows to 24 elements; resident rows to a
-// stride of 4 or 20 words mod 32, or 4 / 12 / 20 / 28 for 16-bit): the 8 rows (or the 4 code
+// Shared rows are padded (16 fp32 features to 20, 8 to 12, 4 not at all; 16-bit rows to 24
+// elements; resident rows to a stride of 4, 12 or 20 words mod 32, or 4 / 12 / 20 / 28 for 16-bit):
+// the 8 rows (or the 4 code
 // columns 2t) one warp instruction reads then fall in distinct banks, for the mma fragments and the
 // FMA loads alike.
+//
+// Exact mode's proof and re-rank run here too, with no host sync (binding.cpp, top): the row-norm
+// passes raise the largest codeword norm and the flagged op's extremes; mark_ambiguous_kernel lists the
+// rows the bound cannot prove through an atomic counter; rerank_kernel, on a grid fixed at launch,
+// loops over the list up to that counter and scans the codebook with direct distances (float64, or
+// compensated float32 with a float64 fallback on GPUs with a slow float64 rate).
 //
 // tests/cuda/check_nearest_codeword.cu checks these kernels on a GPU and, through the host emulator
 // in tests/cuda/emulation (VQFAST_CUDA_EMULATION), in the CPU test suite.
@@ -182,39 +190,52 @@ __device__ __forceinline__ void merge_top2(float& best, int& index, float& secon
 // Fast mode with fp16 / bf16 operands keeps them 16-bit in shared memory for mma.m16n8k16.
 constexpr int kStride16 = kBlockFeatures + 8;  // rows of 16 elements padded to 24 (48 bytes)
 
-// Stage one tile of a row-major [rows, d] matrix, rows [row0, row0 + 64) x features [feat0, feat0 + 16),
+// Row stride (elements) of a shared fp32 tile kFeat features wide: 4, 12 or 20 words, so the 8 rows
+// (or the 4 code columns 2t) one warp instruction reads fall in distinct banks, and every row starts
+// 16-byte aligned.
+template <int kFeat>
+constexpr int feature_stride() {
+  static_assert(kFeat == 4 || kFeat == 8 || kFeat == 16, "4, 8 or 16 features a stage");
+  return kFeat == 4 ? 4 : kFeat + kPad;
+}
+
+// Stage one tile of a row-major [rows, d] matrix, rows [row0, row0 + 64) x features [feat0, feat0 + kFeat),
 // into shared memory at dst (row stride `stride` elements), zero-filled past `rows` and `d`.
 //   fp32 operands (S = float): cp.async, 16-byte copies when kVec (D % 4 == 0, 16-byte aligned
 //     base; a 4-feature chunk then lies wholly inside or past D), else 4-byte copies.
 //   fp16 / bf16 converted (S = float): plain loads, converted exactly and stored; one 16-byte load
-//     of 8 elements per thread when kVec (D % 8 == 0, aligned). All loads are issued before the
-//     first store.
-//   fp16 / bf16 kept (S = unsigned short, the raw bits): 16-byte cp.async when kVec, else 2-byte
-//     loads and stores (cp.async copies 4 bytes at least).
-// Every row stride is a multiple of 16 bytes, so vector destinations are aligned.
-template <typename T, typename S, bool kVec>
+//     of 8 elements per chunk when kVec (D % 8 == 0, aligned; kFeat >= 8). All loads are issued
+//     before the first store.
+//   fp16 / bf16 kept (S = unsigned short, the raw bits; kFeat = 16): 16-byte cp.async when kVec, else
+//     2-byte loads and stores (cp.async copies 4 bytes at least).
+// Every row stride is a multiple of 16 bytes, so vector destinations are aligned. Narrow tiles
+// (kFeat = 4 or 8, for small D) leave some threads without a chunk.
+template <typename T, typename S, bool kVec, int kFeat = kBlockFeatures>
 __device__ __forceinline__ void load_tile(S* dst, int stride, const T* __restrict__ src, int64_t rows, int64_t d,
                                           int64_t row0, int64_t feat0) {
-  constexpr int kPerThread = kBlockRows * kBlockFeatures / kThreads;
-  static_assert(kBlockRows * (kBlockFeatures / 8) == kThreads, "one 8-element chunk per thread");
+  constexpr int kPerThread = kBlockRows * kFeat / kThreads;
+  static_assert(kPerThread * kThreads == kBlockRows * kFeat, "element loads split evenly over the threads");
   if constexpr (std::is_same_v<T, float>) {
     if constexpr (kVec) {
-      constexpr int kChunks = kBlockFeatures / 4;
+      constexpr int kChunks = kFeat / 4;  // per row
+      constexpr int kTotal = kBlockRows * kChunks;
 #pragma unroll
-      for (int j = 0; j < kBlockRows * kChunks / kThreads; ++j) {
+      for (int j = 0; j < (kTotal + kThreads - 1) / kThreads; ++j) {
         const int e = threadIdx.x + j * kThreads;
-        const int r = e / kChunks;
-        const int f = (e % kChunks) * 4;
-        const int64_t row = row0 + r, feat = feat0 + f;
-        const bool valid = row < rows && feat < d;
-        cp_async_16(dst + r * stride + f, valid ? src + row * d + feat : src, valid);
+        if (kTotal % kThreads == 0 || e < kTotal) {
+          const int r = e / kChunks;
+          const int f = (e % kChunks) * 4;
+          const int64_t row = row0 + r, feat = feat0 + f;
+          const bool valid = row < rows && feat < d;
+          cp_async_16(dst + r * stride + f, valid ? src + row * d + feat : src, valid);
+        }
       }
     } else {
 #pragma unroll
       for (int j = 0; j < kPerThread; ++j) {
         const int e = threadIdx.x + j * kThreads;
-        const int r = e / kBlockFeatures;
-        const int f = e % kBlockFeatures;
+        const int r = e / kFeat;
+        const int f = e % kFeat;
         const int64_t row = row0 + r, feat = feat0 + f;
         const bool valid = row < rows && feat < d;
         cp_async_f32(dst + r * stride + f, valid ? src + row * d + feat : src, valid);
@@ -223,29 +244,36 @@ __device__ __forceinline__ void load_tile(S* dst, int stride, const T* __restric
   } else if constexpr (std::is_same_v<S, float>) {
     static_assert(sizeof(T) == 2, "16-bit inputs only");
     if constexpr (kVec) {
-      const int r = threadIdx.x / 2;
-      const int f = (threadIdx.x % 2) * 8;
-      const int64_t row = row0 + r, feat = feat0 + f;
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (row < rows && feat < d) v = *reinterpret_cast<const uint4*>(src + row * d + feat);
-      *reinterpret_cast<float4*>(dst + r * stride + f) = unpack4<T>(v.x, v.y);
-      *reinterpret_cast<float4*>(dst + r * stride + f + 4) = unpack4<T>(v.z, v.w);
+      static_assert(kFeat % 8 == 0, "16-byte loads hold 8 features");
+      constexpr int kChunks = kFeat / 8;  // per row
+      constexpr int kTotal = kBlockRows * kChunks;
+      static_assert(kTotal <= kThreads, "one chunk per thread at most");
+      const int e = threadIdx.x;
+      if (kTotal == kThreads || e < kTotal) {
+        const int r = e / kChunks;
+        const int f = (e % kChunks) * 8;
+        const int64_t row = row0 + r, feat = feat0 + f;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (row < rows && feat < d) v = *reinterpret_cast<const uint4*>(src + row * d + feat);
+        *reinterpret_cast<float4*>(dst + r * stride + f) = unpack4<T>(v.x, v.y);
+        *reinterpret_cast<float4*>(dst + r * stride + f + 4) = unpack4<T>(v.z, v.w);
+      }
     } else {
       float vals[kPerThread];
 #pragma unroll
       for (int j = 0; j < kPerThread; ++j) {
         const int e = threadIdx.x + j * kThreads;
-        const int64_t row = row0 + e / kBlockFeatures, feat = feat0 + e % kBlockFeatures;
+        const int64_t row = row0 + e / kFeat, feat = feat0 + e % kFeat;
         vals[j] = row < rows && feat < d ? to_float(src[row * d + feat]) : 0.f;
       }
 #pragma unroll
       for (int j = 0; j < kPerThread; ++j) {
         const int e = threadIdx.x + j * kThreads;
-        dst[(e / kBlockFeatures) * stride + e % kBlockFeatures] = vals[j];
+        dst[(e / kFeat) * stride + e % kFeat] = vals[j];
       }
     }
   } else {
-    static_assert(sizeof(T) == 2 && sizeof(S) == 2, "16-bit inputs only");
+    static_assert(sizeof(T) == 2 && sizeof(S) == 2 && kFeat == kBlockFeatures, "16-bit tiles are 16 features wide");
     const unsigned short* bits = reinterpret_cast<const unsigned short*>(src);
     if constexpr (kVec) {
       const int r = threadIdx.x / 2;
@@ -258,13 +286,13 @@ __device__ __forceinline__ void load_tile(S* dst, int stride, const T* __restric
 #pragma unroll
       for (int j = 0; j < kPerThread; ++j) {
         const int e = threadIdx.x + j * kThreads;
-        const int64_t row = row0 + e / kBlockFeatures, feat = feat0 + e % kBlockFeatures;
+        const int64_t row = row0 + e / kFeat, feat = feat0 + e % kFeat;
         vals[j] = row < rows && feat < d ? bits[row * d + feat] : static_cast<unsigned short>(0);  // +0 in both formats
       }
 #pragma unroll
       for (int j = 0; j < kPerThread; ++j) {
         const int e = threadIdx.x + j * kThreads;
-        dst[(e / kBlockFeatures) * stride + e % kBlockFeatures] = vals[j];
+        dst[(e / kFeat) * stride + e % kFeat] = vals[j];
       }
     }
   }
@@ -311,7 +339,9 @@ __device__ __forceinline__ float copy_and_distance(const T* __restrict__ c, T* _
 // kResident: the block's 64 rows of z, all features, stay in dynamic shared memory (row stride
 // z_stride elements) and only codebook tiles stream, halving the tile traffic; else z tiles stream
 // alongside the codebook's.
-template <typename T, bool kTensor, bool kVec, bool kResident>
+// kFeat: features per pipeline stage, 16, or 4 / 8 for small D (z resident only), so that D = 4
+// (diffusers' VQ) does not multiply 12 zero-filled features of every 16 (4x the work).
+template <typename T, bool kTensor, bool kVec, bool kResident, int kFeat>
 // At most 170 registers a thread: kResidentBlocks blocks of 128 threads fit one SM's 64K registers.
 __global__ void __launch_bounds__(kThreads, kResidentBlocks) nearest_codeword_kernel(
     const T* __restrict__ z, const T* __restrict__ codebook, const float* __restrict__ code_sqnorm, int64_t n,
@@ -321,7 +351,9 @@ __global__ void __launch_bounds__(kThreads, kResidentBlocks) nearest_codeword_ke
   // Native 16-bit tensor-core path: fast mode with fp16 / bf16 operands.
   constexpr bool kNative16 = kTensor && sizeof(T) == 2;
   using S = std::conditional_t<kNative16, unsigned short, float>;
-  constexpr int kStrideS = kNative16 ? kStride16 : kStride;
+  static_assert(kFeat == kBlockFeatures || (kResident && !kNative16), "narrow stages: fp32 tiles, z resident");
+  static_assert(!kTensor || kFeat >= 8, "one m16n8k8 step needs 8 features");
+  constexpr int kStrideS = kNative16 ? kStride16 : feature_stride<kFeat>();
   __shared__ __align__(16) S as[kResident ? 1 : 2][kResident ? 1 : kBlockRows][kStrideS];
   __shared__ __align__(16) S bs[2][kBlockCodes][kStrideS];
   S* const zres = kResident ? reinterpret_cast<S*>(dynamic_smem()) : nullptr;
@@ -356,7 +388,7 @@ __global__ void __launch_bounds__(kThreads, kResidentBlocks) nearest_codeword_ke
       for (int c = 0; c < 4; ++c) acc[mi][ni][c] = 0.f;
 
   // This block's share of the codebook: code tiles [tile0, tile0 + code_tiles) of split blockIdx.y.
-  const int64_t feat_tiles = (d + kBlockFeatures - 1) / kBlockFeatures;
+  const int64_t feat_tiles = (d + kFeat - 1) / kFeat;
   const int64_t tile0 = static_cast<int64_t>(blockIdx.y) * tiles_per_split;
   const int64_t code_tiles = min((k + kBlockCodes - 1) / kBlockCodes - tile0, tiles_per_split);
   const int64_t steps = feat_tiles * code_tiles;  // one flat pipeline over (code tile, feature tile)
@@ -364,26 +396,26 @@ __global__ void __launch_bounds__(kThreads, kResidentBlocks) nearest_codeword_ke
   // The first 16 features of row r (block-local) of the z tile that stage `b`, feature tile ft, reads.
   const auto zrow = [&](int b, int64_t ft, int r) -> const S* {
     if constexpr (kResident) {
-      return zres + r * z_stride + ft * kBlockFeatures;
+      return zres + r * z_stride + ft * kFeat;
     } else {
       return &as[b][r][0];
     }
   };
   if constexpr (kResident) {
     for (int64_t ft = 0; ft < feat_tiles; ++ft)
-      load_tile<T, S, kVec>(zres + ft * kBlockFeatures, z_stride, z, n, d, row0, ft * kBlockFeatures);
+      load_tile<T, S, kVec, kFeat>(zres + ft * kFeat, z_stride, z, n, d, row0, ft * kFeat);
   } else {
-    load_tile<T, S, kVec>(&as[0][0][0], kStrideS, z, n, d, row0, 0);
+    load_tile<T, S, kVec, kFeat>(&as[0][0][0], kStrideS, z, n, d, row0, 0);
   }
-  load_tile<T, S, kVec>(&bs[0][0][0], kStrideS, codebook, k, d, tile0 * kBlockCodes, 0);
+  load_tile<T, S, kVec, kFeat>(&bs[0][0][0], kStrideS, codebook, k, d, tile0 * kBlockCodes, 0);
   cp_async_commit();
 
   for (int64_t s = 0; s < steps; ++s) {
     const int buf = static_cast<int>(s & 1);
     if (s + 1 < steps) {
       const int64_t ct = tile0 + (s + 1) / feat_tiles, ft = (s + 1) % feat_tiles;
-      if constexpr (!kResident) load_tile<T, S, kVec>(&as[buf ^ 1][0][0], kStrideS, z, n, d, row0, ft * kBlockFeatures);
-      load_tile<T, S, kVec>(&bs[buf ^ 1][0][0], kStrideS, codebook, k, d, ct * kBlockCodes, ft * kBlockFeatures);
+      if constexpr (!kResident) load_tile<T, S, kVec, kFeat>(&as[buf ^ 1][0][0], kStrideS, z, n, d, row0, ft * kFeat);
+      load_tile<T, S, kVec, kFeat>(&bs[buf ^ 1][0][0], kStrideS, codebook, k, d, ct * kBlockCodes, ft * kFeat);
     }
     cp_async_commit();  // an empty group on the last step keeps wait_group<1> meaning "stage s landed"
     cp_async_wait<1>();
@@ -417,7 +449,7 @@ __global__ void __launch_bounds__(kThreads, kResidentBlocks) nearest_codeword_ke
         for (int ni = 0; ni < 4; ++ni) mma_16bit<T>(acc[mi][ni], a[mi], b[ni]);
     } else if constexpr (kTensor) {
 #pragma unroll
-      for (int kk = 0; kk < kBlockFeatures; kk += 8) {
+      for (int kk = 0; kk < kFeat; kk += 8) {
         unsigned a[2][4], b[4][2];
 #pragma unroll
         for (int mi = 0; mi < 2; ++mi) {
@@ -445,7 +477,7 @@ __global__ void __launch_bounds__(kThreads, kResidentBlocks) nearest_codeword_ke
       // vqfast/reference.py holds for the expanded distance. Unrolling all 16 features held
       // 208 registers on sm_80, unrolling by 4 holds 160 (168 on sm_90), no spills either way.
 #pragma unroll 4
-      for (int kk = 0; kk < kBlockFeatures; ++kk) {
+      for (int kk = 0; kk < kFeat; ++kk) {
         float a[2][2], b[4][2];
 #pragma unroll
         for (int mi = 0; mi < 2; ++mi)
@@ -658,13 +690,37 @@ size_t max_resident_bytes(size_t elem) {
 
 template <typename T>
 auto pick_kernel(bool tf32, bool vec, bool resident) {
-  using Kernel = decltype(&nearest_codeword_kernel<T, true, true, true>);
+  using Kernel = decltype(&nearest_codeword_kernel<T, true, true, true, kBlockFeatures>);
   static const Kernel table[2][2][2] = {
-      {{nearest_codeword_kernel<T, false, false, false>, nearest_codeword_kernel<T, false, false, true>},
-       {nearest_codeword_kernel<T, false, true, false>, nearest_codeword_kernel<T, false, true, true>}},
-      {{nearest_codeword_kernel<T, true, false, false>, nearest_codeword_kernel<T, true, false, true>},
-       {nearest_codeword_kernel<T, true, true, false>, nearest_codeword_kernel<T, true, true, true>}}};
+      {{nearest_codeword_kernel<T, false, false, false, 16>, nearest_codeword_kernel<T, false, false, true, 16>},
+       {nearest_codeword_kernel<T, false, true, false, 16>, nearest_codeword_kernel<T, false, true, true, 16>}},
+      {{nearest_codeword_kernel<T, true, false, false, 16>, nearest_codeword_kernel<T, true, false, true, 16>},
+       {nearest_codeword_kernel<T, true, true, false, 16>, nearest_codeword_kernel<T, true, true, true, 16>}}};
   return table[tf32][vec][resident];
+}
+
+// Stage width for D features: 4 or 8 when D fits (fp32 tiles with z resident: exact mode any dtype,
+// fast mode fp32, whose TF32 mma takes 8 features a step), else 16.
+template <typename T>
+int stage_features(int64_t d, bool tf32, bool resident) {
+  if (!resident || (tf32 && sizeof(T) == 2)) return kBlockFeatures;
+  if (d <= 4 && !tf32) return 4;
+  return d <= 8 ? 8 : kBlockFeatures;
+}
+
+// The resident kernels with narrow stages; 16-byte loads hold 4 fp32 or 8 16-bit features, so a
+// 4-feature stage of 16-bit elements loads them one by one.
+template <typename T>
+auto pick_narrow_kernel(bool tf32, bool vec, int feat) {
+  using Kernel = decltype(&nearest_codeword_kernel<T, true, true, true, kBlockFeatures>);
+  constexpr bool kVec4 = sizeof(T) == 4;
+  constexpr int kTensorFeat = sizeof(T) == 4 ? 8 : kBlockFeatures;  // 16-bit fast mode: never narrow
+  static const Kernel four[2] = {nearest_codeword_kernel<T, false, false, true, 4>,
+                                 nearest_codeword_kernel<T, false, kVec4, true, 4>};
+  static const Kernel eight[2][2] = {
+      {nearest_codeword_kernel<T, false, false, true, 8>, nearest_codeword_kernel<T, false, true, true, 8>},
+      {nearest_codeword_kernel<T, true, false, true, kTensorFeat>, nearest_codeword_kernel<T, true, true, true, kTensorFeat>}};
+  return feat == 4 ? four[vec] : eight[tf32][vec];
 }
 
 // Resident-z launches above the default 48 KiB of dynamic shared memory need the kernel's opt-in.
@@ -704,12 +760,15 @@ cudaError_t launch_search(const T* z, const T* codebook, const float* code_sqnor
   // strides of 4 or 20 words mod 32 for fp32, 4/12/20/28 for 16-bit elements).
   const bool native16 = tf32 && sizeof(T) == 2;
   const size_t elem = native16 ? 2 : 4;
-  const int64_t z_stride = ceil_div(d, kBlockFeatures) * kBlockFeatures + (native16 ? 8 : 4);
-  const size_t z_bytes = static_cast<size_t>(kBlockRows) * static_cast<size_t>(z_stride) * elem;
-  const bool resident = z_bytes <= max_resident_bytes(elem);
-  const size_t smem = resident ? z_bytes : 0;
-  auto kernel = pick_kernel<T>(tf32, vec, resident);
-  if (smem > 48 * 1024) {  // beyond the default dynamic shared memory limit: opt in (once)
+  const int64_t wide_stride = ceil_div(d, kBlockFeatures) * kBlockFeatures + (native16 ? 8 : 4);
+  const bool resident = static_cast<size_t>(kBlockRows) * static_cast<size_t>(wide_stride) * elem <=
+                        max_resident_bytes(elem);
+  // Small D: stages of 4 or 8 features (then z's resident stride is 4 or 12 words).
+  const int feat = stage_features<T>(d, tf32, resident);
+  const int64_t z_stride = feat == 4 ? 4 : feat == 8 ? 12 : wide_stride;
+  const size_t smem = resident ? static_cast<size_t>(kBlockRows) * static_cast<size_t>(z_stride) * elem : 0;
+  auto kernel = feat == kBlockFeatures ? pick_kernel<T>(tf32, vec, resident) : pick_narrow_kernel<T>(tf32, vec, feat);
+  if (smem > 48 * 1024) {  // beyond the default dynamic shared memory limit: opt in (once; 16-feature stages only)
     const cudaError_t status = allow_resident_smem<T>(tf32, vec, elem);
     if (status != cudaSuccess) return status;
   }
@@ -772,28 +831,27 @@ __device__ __forceinline__ void block_max_into(unsigned long long v, double* tar
 // out[i] = sum_j x[i, j]^2 in fp32. Any summation order keeps the error within the gamma_{D+3}
 // budget of the ranking bound. The same pass raises *max_abs to the largest |x| (the flagged op's
 // value test) and *max_out to the largest norm (cmax of the exact mode's tolerance) when given.
+// Launch bounds of 8 blocks an SM (32 registers a thread, no spills on sm_80 / sm_90): with the fused
+// maxima fp32 took 36 on sm_80 without them, which cut it from 64 resident warps to 48.
 template <typename T>
-__global__ void __launch_bounds__(kRowWarps * 32) row_sqnorms_kernel(const T* __restrict__ x, int64_t rows, int64_t d,
+__global__ void __launch_bounds__(kRowWarps * 32, 8) row_sqnorms_kernel(const T* __restrict__ x, int64_t rows, int64_t d,
                                                                      float* __restrict__ out, double* max_abs,
                                                                      double* max_out) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   float acc = 0.f;
-  unsigned long long top = 0;
+  unsigned top = 0;  // float32 magnitude bits: the same order (NaN > +inf > finite), half the registers
   if (row < rows) {  // no early return: the block-wide maxima below need every thread
     const T* xr = x + row * d;
     for (int64_t j = lane; j < d; j += 32) {
       const float v = to_float(xr[j]);
       acc = fmaf(v, v, acc);
-      if (max_abs != nullptr) {
-        const unsigned long long b = magnitude_bits(v);
-        top = b > top ? b : top;
-      }
+      if (max_abs != nullptr) top = max(top, __float_as_uint(fabsf(v)));
     }
     acc = warp_sum(acc);
     if (lane == 0) out[row] = acc;
   }
-  if (max_abs != nullptr) block_max_into<kRowWarps>(top, max_abs);  // uniform over the block
+  if (max_abs != nullptr) block_max_into<kRowWarps>(magnitude_bits(__uint_as_float(top)), max_abs);  // uniform
   if (max_out != nullptr) {
     __syncthreads();  // the shared partials are reused
     block_max_into<kRowWarps>(row < rows && lane == 0 ? magnitude_bits(acc) : 0ull, max_out);

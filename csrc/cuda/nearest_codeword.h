@@ -13,7 +13,8 @@
 namespace vqfast {
 namespace cuda {
 
-// Rows of z and codewords per thread block, and features per pipeline stage.
+// Rows of z and codewords per thread block, and features per pipeline stage (4 or 8 instead when D is
+// that small and z is resident: nearest_codeword.cu, stage_features).
 constexpr int kBlockRows = 64;
 constexpr int kBlockCodes = 64;
 constexpr int kBlockFeatures = 16;

@@ -17,6 +17,10 @@
 //   epilogue:   gathered codewords equal codebook[index] bit for bit; distances within gamma_{D+3}
 //               relative of the float64 direct sum; the search's own (fused) epilogue writes the
 //               same bits as the separate gather.
+//   re-rank:    the exact pipeline on the device (norm passes with their fused maxima, search,
+//               marking into the device list, re-rank in float64 and in compensated float32) gives
+//               a float64 brute force's index on every row of inputs built to need it (near ties,
+//               copies, NaN / Inf, float32 overflow, every row ambiguous); see run_exact_pipeline.
 // Exits 0 when every check holds.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -559,16 +563,18 @@ int main(int argc, char** argv) {
   // D = 8, 16 and 64 take the 16-byte loads for every element type, D = 4 and 100 only for fp32.
   // Smaller D keep the block's z resident in shared memory; D = 520 streams z tiles except in fast
   // mode with 16-bit elements (resident, above the default 48 KiB), D = 600 streams them always.
+  // D = 1, 3, 4 take 4-feature stages (z resident), D = 5 and 8 take 8-feature stages.
   // The small set: the host emulator (which runs a block's threads one at a time) and GPU runs under
   // compute-sanitizer (`--small`); still partial row and code tiles, every load path, the split
   // search (4 emulated SMs; on a GPU through N = 3, K = 1500) and both z paths.
   const std::vector<Shape> small = {{1, 1, 1},     {1, 5, 3},    {7, 130, 17},  {100, 65, 100},
                                     {65, 64, 16},  {129, 200, 4}, {3, 1500, 8},  {70, 300, 24},
-                                    {1, 777, 64},  {70, 1024, 64, true}, {3, 70, 520}, {2, 70, 600}};
+                                    {1, 777, 64},  {70, 1024, 64, true}, {3, 70, 520}, {2, 70, 600},
+                                    {40, 100, 5}};
   const std::vector<Shape> full = {{1, 1, 1},     {1, 5, 3},       {7, 130, 17},    {100, 65, 100},
                                    {257, 1000, 64}, {65, 64, 16},  {300, 4099, 33}, {3, 70000, 8},
                                    {1, 100003, 64}, {129, 200, 4}, {1024, 1024, 64, true}, {100, 3000, 256},
-                                   {33, 300, 600}};
+                                   {33, 300, 600}, {500, 2000, 5}};
 #if defined(VQFAST_CUDA_EMULATION)
   const bool use_small = true;
 #else
