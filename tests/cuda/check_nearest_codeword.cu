@@ -531,6 +531,15 @@ std::vector<Inputs> rerank_inputs(std::mt19937& rng) {
     round(in.z);
     out.push_back(std::move(in));
   }
+  if (!std::is_same_v<T, __half>) {  // a float64-level near tie (fp16 cannot hold 2^50): z = -2^50 (1, ..., 1)
+    // against 0 and -e_0, 2^51 apart in 4 2^100: beyond the compensated bound, so float64 decides.
+    Inputs in{"float64-tie", 8, 4, 4, std::vector<float>(8 * 4, -0x1p50f), std::vector<float>(4 * 4, 0.f)};
+    in.cb[1 * 4 + 0] = -1.f;
+    in.cb[2 * 4 + 1] = -1.f;
+    in.cb[3 * 4 + 0] = -1.f;  // a copy of codeword 1
+    for (int64_t j = 0; j < 4; ++j) in.z[7 * 4 + j] = 0.f;  // a row on codeword 0
+    out.push_back(std::move(in));
+  }
   {  // one codeword
     Inputs in{"one-code", 9, 1, 3, {}, {}};
     in.z.resize(in.n * in.d);
