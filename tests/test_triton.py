@@ -354,3 +354,20 @@ def test_gpu_fast_mode_and_compile():
     f = torch.compile(lambda a, b: vqfast.nearest_codeword(a, b, backend="triton"), fullgraph=True)
     exact = f(z[:4000], cb)
     assert_exact(z[:4000], cb, exact)
+
+
+@gpu
+@pytest.mark.parametrize("variant", ["float64", "float32x2"])
+@pytest.mark.parametrize("kind,n,k", [("duplicates", 300, 3000), ("offset", 64, 70_001), ("lattice", 2000, 500)])
+def test_gpu_rerank_variants_and_extremes(variant, kind, n, k, monkeypatch):
+    """Both device re-rank kernels on rows the search cannot prove (one split and many), and the flagged
+    op's extremes, on the GPU."""
+    import vqfast
+    from tests.helpers import assert_exact, make_hard_case
+
+    monkeypatch.setenv("VQFAST_TRITON_RERANK", variant)
+    z, cb = make_hard_case(kind, n, k, 32, seed=3)
+    z, cb = z.float().cuda(), cb.float().cuda()
+    assert_exact(z, cb, vqfast.nearest_codeword(z, cb, backend="triton"))
+    extremes = torch.ops.vqfast.nearest_codeword_triton_flagged(z, cb, "l2", "exact")[3]
+    assert extremes.tolist() == [float(z.abs().max()), float(cb.abs().max())]
