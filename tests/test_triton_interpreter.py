@@ -1,6 +1,6 @@
 """The Triton kernels on CPU tensors under TRITON_INTERPRET=1, against the independent oracle
-(vqfast/testing/oracle.py; Triton's own exact re-rank calls reference.search, so the reference
-cannot be the judge of its hardest rows).
+(vqfast/testing/oracle.py, a float64 brute force that shares no code with the kernels; the exact
+mode's device-side marking and re-rank kernels are judged on the hardest rows by it).
 
 TRITON_INTERPRET must be set before the kernels are defined, so tests/test_triton.py runs this file
 in a subprocess with it set; in the main test process the module is skipped.
