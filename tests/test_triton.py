@@ -179,7 +179,8 @@ def test_every_config_compiles_for_gpu(arch):
         searches += 1
         fast = constexprs["INPUT_PRECISION"] == "tf32"
         ptr = "*" + label.rsplit(" ", 1)[1]  # "64x64x16 w8 s3, fast bf16"
-        family = ("wgmma" if wgmma_expected(arch, constexprs["BLOCK_N"], options["num_warps"]) else "mma") if fast else "fma"
+        wgmma = wgmma_expected(arch, constexprs["BLOCK_N"], options["num_warps"])
+        family = ("wgmma" if wgmma else "mma") if fast else "fma"
         try:
             check_tensor_cores(ptx, family, OPERAND_TYPE[ptr])
         except AssertionError as e:
@@ -210,7 +211,8 @@ def spills(report: str) -> tuple[int, int]:
 
 
 def test_spill_parser_reads_ptxas():
-    line = "ptxas info    : Function properties for k\n    8 bytes stack frame, 20 bytes spill stores, 12 bytes spill loads"
+    line = ("ptxas info    : Function properties for k\n"
+            "    8 bytes stack frame, 20 bytes spill stores, 12 bytes spill loads")
     assert spills(line) == (20, 12)
     with pytest.raises(AssertionError):
         spills("ptxas info    : Used 40 registers")

@@ -376,8 +376,10 @@ def _search_rows(zs: Tensor, cbs: Tensor, cbn: Tensor, cmax_sq: Tensor, zmax: Te
         )
     else:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
-        _wrap(_SEARCH[exact, small, block_d(d)])[grid](*args, K_BUCKET=k_bucket(k), SPLIT_CODES=codes, coef=coef, floor=floor,
-                                                INPUT_PRECISION=input_precision, CAST_FP32=cast_fp32)
+        _wrap(_SEARCH[exact, small, block_d(d)])[grid](
+            *args, K_BUCKET=k_bucket(k), SPLIT_CODES=codes, coef=coef, floor=floor, INPUT_PRECISION=input_precision,
+            CAST_FP32=cast_fp32,
+        )
     if splits > 1:
         _wrap(kernels._merge_splits_kernel)[(triton.cdiv(n, MERGE_BLOCK_N),)](
             *out, indices, best, second, znorm, cmax_sq, unproven, count, n, splits, int(exact), coef, floor,

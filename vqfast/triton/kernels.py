@@ -34,7 +34,8 @@ each distance a pair hi + lo, z_j - c_j and its square split exactly (TwoSum, FM
 added in order in double-float arithmetic, within (3 D + 8) 2^-48 of the distance, relative (each
 term's split exact but for its small part, about 7 u^2; each of the D additions of same-sign pairs
 at most 3 u^2 of the sum; u = 2^-24). A row is decided there only when (4 D + 16) 2^-48 of the two
-(plus the underflow room below) separates its best two pairs, which makes the pick the true minimum; every other row (exact ties, copies, NaN / inf, the closest calls) is scanned again in
+(plus an underflow room) separates its best two pairs, which makes the pick the true
+minimum; every other row (exact ties, copies, NaN / inf, the closest calls) is scanned again in
 float64, so both kernels honour the same contract.
 
 _gather_kernel: codewords = codebook[indices] in z's dtype and the directly computed distance
