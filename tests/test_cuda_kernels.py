@@ -513,6 +513,7 @@ def test_opcheck_and_gradients():
     codebook = torch.randn(21, 9, device="cuda")
     # Schema, fake tensor and AOT dispatch of the CUDA registration; gradients are compared below.
     torch.library.opcheck(torch.ops.vqfast.nearest_codeword.default, (z, codebook, "l2", "exact"))
+    torch.library.opcheck(torch.ops.vqfast.nearest_codeword_flagged.default, (z, codebook, "l2", "exact"))
     z.requires_grad_()
     codebook.requires_grad_()
     idx, cw, dist = vqfast.nearest_codeword(z, codebook, backend="cuda")
