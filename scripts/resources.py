@@ -6,9 +6,9 @@
 
 Every CUDA kernel instantiation of csrc/cuda/*.cu is compiled for sm_80 and sm_90 with
 `nvcc -Xptxas -v` (the flags torch's extension build passes); every Triton kernel configuration
-vqfast/triton can launch (its autotuning lists x the dtype / precision variants, and the gather kernel)
-is compiled with `triton.compile` for GPUTarget("cuda", 80 / 90, 32) and its PTX assembled with
-Triton's own ptxas, as Triton does, with -v. From the registers and shared memory the CUDA occupancy
+vqfast/triton can launch (vqfast.triton.kernel_builds: each mode's search tiles x dtypes, the merge,
+the gather, the row pass and the re-rank kernels) is compiled with `triton.compile` for
+GPUTarget("cuda", 80 / 90, 32) and its PTX assembled with Triton's own ptxas, as Triton does, with -v. From the registers and shared memory the CUDA occupancy
 rules give the resident thread blocks and warps per SM (`occupancy`, below). tests/test_resources.py
 fails on any spill, on shared memory above an architecture's limit, and when a row differs from the
 committed table.
@@ -219,23 +219,11 @@ def triton_compiles(arch: int):
     from vqfast import triton as vt
 
     target = GPUTarget("cuda", arch, 32)
-    for bn, bk, bd, warps, stages in vt.LARGE_N_CONFIGS + vt.SMALL_N_CONFIGS:
-        for ptr, precision, widen in vt.SEARCH_VARIANTS:
-            src = ASTSource(fn=vt.kernels._search_kernel, signature=vt.search_signature(ptr),
-                            constexprs={"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd, "INPUT_PRECISION": precision,
-                                        "CAST_FP32": widen})
-            compiled = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
-            mode = "exact" if precision == "ieee" else "fast"
-            config = f"{bn}x{bk}x{bd} w{warps} s{stages}, {mode} {ptr[1:]}"
-            yield "_search_kernel", config, compiled
-    src = ASTSource(fn=vt.kernels._merge_splits_kernel, signature=vt.MERGE_SIGNATURE,
-                    constexprs={"BLOCK_N": vt.MERGE_BLOCK_N})
-    yield "_merge_splits_kernel", f"{vt.MERGE_BLOCK_N} w4", triton.compile(src, target=target)
-    for ptr in ("*fp32", "*fp16", "*bf16"):
-        src = ASTSource(fn=vt.kernels._gather_kernel, signature=vt.gather_signature(ptr),
-                        constexprs={"BLOCK_N": vt.GATHER_BLOCK_N, "BLOCK_D": vt.GATHER_BLOCK_D})
-        compiled = triton.compile(src, target=target)
-        yield "_gather_kernel", f"{vt.GATHER_BLOCK_N}x{vt.GATHER_BLOCK_D} w4, {ptr[1:]}", compiled
+    # Every configuration the launcher can run (vqfast.triton.kernel_builds): the search in each mode's
+    # own tiles, the split merge, the gather, the codebook/row pass and both re-rank kernels.
+    for kernel, config, fn, signature, constexprs, options in vt.kernel_builds():
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+        yield kernel, config, triton.compile(src, target=target, options=options)
 
 
 def _triton_ptxas(arch: int):
