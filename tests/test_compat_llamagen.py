@@ -394,3 +394,24 @@ def test_bad_constructor_arguments_and_input():
         vq([1.0])
     with pytest.raises(ValueError, match="z"):
         vq(torch.full((1, 8, 2, 2), float("nan")))
+
+
+@pytest.mark.slow
+def test_torch_compile():
+    """Eval (tokenising) compiles with fullgraph=True; training compiles with graph breaks (the usage
+    count is a Python float from torch.unique, as in LlamaGen) and gives the eager values."""
+    torch.manual_seed(0)
+    vq = VectorQuantizer(64, 8, 0.25, 0.1, True, True)
+    twin = copy.deepcopy(vq)
+    x = torch.randn(2, 8, 4, 4)
+    vq.eval()
+    eager, compiled = vq(x), torch.compile(vq, fullgraph=True)(x)
+    assert torch.equal(eager[2][2], compiled[2][2])
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-6, atol=1e-7)
+    vq.train(), twin.train()
+    g = torch.randn(2, 8, 4, 4)
+    a, b = _run(torch.compile(vq), x, g), _run(twin, x, g)
+    assert torch.equal(a["idx"], b["idx"]) and a["usage"] == b["usage"]
+    for key in ("z_q", "vq", "commit", "entropy", "x_grad"):
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    torch.testing.assert_close(vq.embedding.weight.grad, twin.embedding.weight.grad, rtol=1e-5, atol=1e-6)
