@@ -155,6 +155,7 @@ DROPIN_CLASSES = {
     "diffusers": "diffusers `VQModel` quantizer",
     "vqpytorch-vq": "vector-quantize-pytorch `VectorQuantize`",
     "vqpytorch-rvq": "vector-quantize-pytorch `ResidualVQ`",
+    "llamagen": "LlamaGen `VectorQuantizer`",
 }
 
 
@@ -173,8 +174,12 @@ def _dropin_summary(rows: list[dict]) -> list[str]:
         pair = by_mode.get(mode, {})
         orig, acc = pair.get("original"), pair.get("accelerated")
         if not (orig and acc):
+            if mode == "forward" and by_mode.get("train_step") and any(
+                    p["case"].get("entropy_loss_ratio") for p in by_mode["train_step"].values()):
+                return "as at ratio 0 (an eval forward computes no entropy loss)"
             return "not measured"
-        text = f"{orig['value'] / acc['value']:.2f}x faster"
+        speedup = orig["value"] / acc["value"]
+        text = f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
         if orig.get("peak_bytes") and acc.get("peak_bytes"):
             text += f", {orig['peak_bytes'] / acc['peak_bytes']:.1f}x less peak memory"
         return text
