@@ -669,6 +669,7 @@ MUTATIONS = [
 
 
 @needs_emulator
+@pytest.mark.slow  # one emulator build and run per planted bug: 4-14 s each, over 3 minutes in all
 @pytest.mark.parametrize("what,original,replacement", MUTATIONS, ids=[m[0] for m in MUTATIONS])
 def test_emulated_check_catches_planted_bugs(tmp_path, what, original, replacement):
     source = open(os.path.join(CUDA_DIR, "nearest_codeword.cu"), encoding="utf-8").read()
