@@ -58,6 +58,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vqfast.backends import check_search_options
+from vqfast.compat._checks import embedding_problem
 from vqfast.entropy import TEMPERATURE, entropy_loss
 from vqfast.ops import nearest_codeword
 
@@ -121,12 +122,9 @@ class VectorQuantizer(nn.Module):
         for name in _ATTRIBUTES:
             if not hasattr(module, name):
                 return f"it has no attribute {name!r} (a modified copy of the class?)"
-        weight = getattr(module.embedding, "weight", None)
-        if not isinstance(module.embedding, nn.Embedding) or not isinstance(weight, torch.Tensor):
-            return f"its embedding is a {type(module.embedding).__name__}, not an nn.Embedding"
-        if tuple(weight.shape) != (module.n_e, module.e_dim) or not weight.is_floating_point():
-            return (f"embedding.weight is {tuple(weight.shape)} {weight.dtype}, not a floating-point "
-                    f"(n_e, e_dim) = ({module.n_e}, {module.e_dim})")
+        problem = embedding_problem(module, "n_e", "e_dim")
+        if problem is not None:
+            return problem
         if module.show_usage:
             used = getattr(module, "codebook_used", None)
             if not isinstance(used, torch.Tensor) or used.dim() != 1 or used.numel() == 0:

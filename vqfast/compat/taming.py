@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 
 from vqfast.backends import check_search_options
+from vqfast.compat._checks import embedding_problem
 from vqfast.ops import nearest_codeword
 
 
@@ -81,16 +82,7 @@ class _FusedSearchQuantizer(nn.Module):
         for name in cls._needs + (cls._dim_name,):
             if not hasattr(module, name):
                 return f"it has no attribute {name!r} (a modified copy of the class?)"
-        weight = getattr(module.embedding, "weight", None)
-        if not isinstance(module.embedding, nn.Embedding) or not isinstance(weight, torch.Tensor):
-            return f"its embedding is a {type(module.embedding).__name__}, not an nn.Embedding"
-        dim = getattr(module, cls._dim_name)
-        if tuple(weight.shape) != (module.n_e, dim):
-            return (f"embedding.weight has shape {tuple(weight.shape)}, not (n_e, {cls._dim_name}) = "
-                    f"({module.n_e}, {dim})")
-        if not weight.is_floating_point():
-            return f"embedding.weight has dtype {weight.dtype}, not a floating-point dtype"
-        return None
+        return embedding_problem(module, "n_e", cls._dim_name)
 
     def _init_codebook(self, n_e: int, dim: int, beta: float, backend: str, precision: str) -> None:
         """The originals' first steps: n_e, the dimension, beta and ``embedding`` uniform in [-1/n_e, 1/n_e]."""

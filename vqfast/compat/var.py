@@ -44,6 +44,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from vqfast.compat._checks import embedding_problem
 from vqfast.multiscale import (
     Phi,
     PhiNonShared,
@@ -77,12 +78,9 @@ class VectorQuantizer2(VARQuantizer):
         problem = patch_nums_problem(module.v_patch_nums)
         if problem is not None:
             return problem
-        weight = getattr(module.embedding, "weight", None)
-        if not isinstance(module.embedding, nn.Embedding) or not isinstance(weight, torch.Tensor):
-            return f"its embedding is a {type(module.embedding).__name__}, not an nn.Embedding"
-        if tuple(weight.shape) != (module.vocab_size, module.Cvae) or not weight.is_floating_point():
-            return (f"embedding.weight is {tuple(weight.shape)} {weight.dtype}, not a floating-point "
-                    f"(vocab_size, Cvae) = ({module.vocab_size}, {module.Cvae})")
+        problem = embedding_problem(module, "vocab_size", "Cvae")
+        if problem is not None:
+            return problem
         if not callable(getattr(module.quant_resi, "__getitem__", None)):
             return f"its quant_resi ({type(module.quant_resi).__name__}) cannot be indexed by scale position"
         ema = module.ema_vocab_hit_SV
