@@ -140,11 +140,11 @@ def _compile_search(arch, bn, bk, bd, warps, stages, ptr, prec, widen):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from vqfast.triton import kernels, search_signature
+    from vqfast.triton import codebook_widened, kernels, search_signature
 
     src = ASTSource(
         fn=kernels._search_kernel,
-        signature=search_signature(ptr),
+        signature=search_signature(ptr, "*fp32" if codebook_widened(prec == "ieee", widen, bd) else None),
         constexprs={"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd, "INPUT_PRECISION": prec, "CAST_FP32": widen},
     )
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
@@ -160,7 +160,7 @@ def _compile_builds(arch):
     target = GPUTarget("cuda", arch, 32)
     for name, label, fn, signature, constexprs, options in kernel_builds():
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-        yield name, label, constexprs, options, triton.compile(src, target=target, options=options)
+        yield name, label, signature, constexprs, options, triton.compile(src, target=target, options=options)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="needs compiled, not interpreted, kernels")
@@ -170,7 +170,7 @@ def test_every_config_compiles_for_gpu(arch):
 
     names = set()
     searches = 0
-    for name, label, constexprs, options, compiled in _compile_builds(arch):
+    for name, label, signature, constexprs, options, compiled in _compile_builds(arch):
         names.add(name)
         ptx = compiled.asm["ptx"]
         assert "ld.global" in ptx, (name, label)
@@ -178,7 +178,7 @@ def test_every_config_compiles_for_gpu(arch):
             continue
         searches += 1
         fast = constexprs["INPUT_PRECISION"] == "tf32"
-        ptr = "*" + label.rsplit(" ", 1)[1]  # "64x64x16 w8 s3, fast bf16"
+        ptr = signature["z_ptr"]
         wgmma = wgmma_expected(arch, constexprs["BLOCK_N"], options["num_warps"])
         family = ("wgmma" if wgmma else "mma") if fast else "fma"
         try:
@@ -224,7 +224,7 @@ def test_spill_parser_reads_ptxas():
 def test_no_build_spills(arch, tmp_path):
     """ptxas -v on every build (about 2 minutes an architecture here): no spill stores or loads."""
     bad = []
-    for name, label, _, _, compiled in _compile_builds(arch):
+    for name, label, _, _, _, compiled in _compile_builds(arch):
         stores, loads = spills(_ptxas_report(compiled, arch, tmp_path))
         if stores or loads:
             bad.append(f"{name} [{label}] sm_{arch}: {stores} B spill stores, {loads} B spill loads")
@@ -255,12 +255,38 @@ def test_sass_of_every_fast_config_has_its_tensor_core_instruction(arch, tmp_pat
 
 
 def test_large_configs_are_meant_for_wgmma_on_sm90():
-    # Every large-N configuration takes the wgmma path on sm_90, so the check above demands it there.
+    # Every large-N configuration up to BLOCK_D 64 takes the wgmma path on sm_90, so the check above
+    # demands it there; the 128- and 256-wide ones hold fewer than 64 rows (mma.sync), to stay in registers.
     from vqfast.triton import LARGE_N_CONFIGS, SMALL_N_CONFIGS
 
-    assert all(wgmma_expected(90, bn, w) for bn, _, _, w, _ in LARGE_N_CONFIGS)
+    assert all(wgmma_expected(90, bn, w) for bn, _, bd, w, _ in LARGE_N_CONFIGS if bd <= 64)
+    assert not any(wgmma_expected(90, bn, w) for bn, _, bd, w, _ in LARGE_N_CONFIGS if bd > 64)
     assert not any(wgmma_expected(90, bn, w) for bn, _, _, w, _ in SMALL_N_CONFIGS)
     assert not any(wgmma_expected(80, bn, w) for bn, _, _, w, _ in LARGE_N_CONFIGS)
+
+
+@pytest.mark.parametrize("d,expected", [(1, 16), (4, 16), (16, 16), (17, 32), (32, 32), (33, 64), (64, 64), (100, 128),
+                                        (128, 128), (129, 256), (256, 256), (257, 32), (1024, 32)])
+def test_block_d_is_the_resident_width(d, expected):
+    """BLOCK_D: the least power of two >= D (at least 16) up to MAX_RESIDENT_D, where the z tile is
+    loaded once per program; the chunked width beyond. Every BLOCK_D has configurations of each kind."""
+    from vqfast.triton import CHUNK_BLOCK_D, MAX_RESIDENT_D, _SEARCH, block_d, search_configs
+
+    assert block_d(d) == expected
+    assert (expected >= d) == (d <= MAX_RESIDENT_D)
+    assert d <= MAX_RESIDENT_D or expected == CHUNK_BLOCK_D
+    for exact in (False, True):
+        for small in (False, True):
+            assert any(c[2] == expected for c in search_configs(exact, small))
+            assert (exact, small, expected) in _SEARCH
+
+
+def test_search_configs_are_distinct():
+    """No configuration is listed twice (the resource table has one row per build)."""
+    from vqfast.triton import kernel_builds
+
+    builds = [(name, label) for name, label, *_ in kernel_builds()]
+    assert len(builds) == len(set(builds))
 
 
 # A PTX text in which "wgmma" appears only in a comment and a label, beside an mma.sync: the former

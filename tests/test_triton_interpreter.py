@@ -31,6 +31,57 @@ def test_exact_matches_oracle(n, d, k, metric, dtype):
     assert_exact(z, cb, vqfast.nearest_codeword(z, cb, metric=metric, backend="triton"), metric)
 
 
+# The wide BLOCK_D (vqfast.triton.block_d): D = 33 - 256 in one resident z tile of 64, 128 or 256
+# features (half-precision exact mode reading an fp32 copy of the codebook there), D = 300 in the
+# chunked loop; odd N and K, so that the tiles' masks cut rows, codes and features.
+WIDE_D_SHAPES = [(37, 33, 53), (21, 64, 45), (23, 100, 33), (19, 128, 71), (13, 256, 37), (9, 300, 29)]
+
+
+@pytest.mark.parametrize("n,d,k", WIDE_D_SHAPES)
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_wide_d_matches_oracle(n, d, k, metric, dtype):
+    assert vt.block_d(d) == (32 if d > 256 else max(64, 1 << (d - 1).bit_length()))
+    z = torch.randn(n, d).to(dtype)
+    cb = torch.randn(k, d).to(dtype)
+    assert_exact(z, cb, vqfast.nearest_codeword(z, cb, metric=metric, backend="triton"), metric)
+
+
+@pytest.mark.parametrize("n,d,k", WIDE_D_SHAPES)
+def test_wide_d_fast_mode_within_its_bound(n, d, k):
+    z = torch.randn(n, d)
+    cb = torch.randn(k, d)
+    assert_fast(z, cb, vqfast.nearest_codeword(z, cb, precision="fast", backend="triton"), ("cuda", "triton"))
+
+
+@pytest.mark.parametrize("d", [33, 64, 100, 128, 256, 300])
+@pytest.mark.parametrize("kind,dtype", [("offset", torch.float32), ("duplicates", torch.bfloat16),
+                                        ("lattice", torch.float16)])
+def test_wide_d_hard_rows_and_split(d, kind, dtype):
+    """The rows the search cannot prove (marked on the device, re-ranked) at wide D, with one split
+    (K = 61) and with three (K = 1201, 16 rows: as an H100 would split them)."""
+    for n, k in ((21, 61), (15, 1201)):
+        z, cb = make_hard_case(kind, n, k, d, seed=d)
+        z, cb = z.to(dtype), cb.to(dtype)
+        assert (_splits(n, k) > 1) == (k > 512)
+        assert_exact(z, cb, vqfast.nearest_codeword(z, cb, backend="triton"))
+
+
+@pytest.mark.parametrize("d", [64, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_wide_d_ties_take_the_lowest_index(d, dtype):
+    # Exact mode only: the interpreter multiplies with NumPy's matmul, whose BLAS rounds equal columns
+    # of one product differently at these widths (at D = 64 codeword 20 came out below its copy 2),
+    # so fast mode's lowest-index tie (equal columns, equal sums on a GPU) is not observable here.
+    cb = torch.randn(75, d).to(dtype)
+    cb[20] = cb[2]  # the same code tile
+    cb[70] = cb[2]  # a later one
+    z = cb[[2, 2, 70]].clone()
+    z[1, 0] += 1e-2
+    idx = vqfast.nearest_codeword(z, cb, backend="triton")[0]
+    assert idx.tolist() == [2, 2, 2]
+
+
 @pytest.mark.parametrize("kind", ["offset", "lattice", "duplicates", "tiny_codebook"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_hard_rows_match_the_oracle(kind, dtype):
@@ -232,9 +283,10 @@ def _flagged(z, cb, metric="l2", precision="exact"):
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 @pytest.mark.parametrize("k", [70, 1200])  # one split, three splits
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_flagged_extremes_are_the_largest_magnitudes(metric, k, dtype):
-    z = (3.0 * torch.randn(16, 20)).to(dtype)
-    cb = torch.randn(k, 20).to(dtype)
+@pytest.mark.parametrize("d", [20, 200])  # BLOCK_D 32 and 256 (bf16 exact: an fp32 codebook copy)
+def test_flagged_extremes_are_the_largest_magnitudes(metric, k, dtype, d):
+    z = (3.0 * torch.randn(16, d)).to(dtype)
+    cb = torch.randn(k, d).to(dtype)
     z[5, 7] = -41.5  # the largest magnitude negative
     for precision in ("exact", "fast"):
         *out, extremes = _flagged(z, cb, metric, precision)
@@ -246,9 +298,10 @@ def test_flagged_extremes_are_the_largest_magnitudes(metric, k, dtype):
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-def test_flagged_extremes_propagate_nan_and_inf(metric):
-    z = torch.randn(20, 24)  # D = 24: the search loops over 16-wide chunks under the interpreter
-    cb = torch.randn(50, 24)
+@pytest.mark.parametrize("d", [24, 130, 300])  # the z tile resident at 32 and 256 features, chunked at 300
+def test_flagged_extremes_propagate_nan_and_inf(metric, d):
+    z = torch.randn(20, d)
+    cb = torch.randn(50, d)
     z[3, 20] = float("inf")
     cb[9, 0] = float("-inf")
     ext = _flagged(z, cb, metric)[3]

@@ -10,7 +10,10 @@ read back here; the caller (vqfast/ops.py) reads it once for check_finite.
 No host synchronisation: every step below is a kernel on the device, and no result is read back.
   1. _rows_kernel: ||c||^2 per codeword, max ||c||^2 and max |c| (cosine: normalises z and the codebook).
   2. _search_kernel: the top-2 of ||c||^2 - 2 z.c per row; exact mode marks the rows it cannot prove
-     and appends them to a device list of at most N rows through an atomic counter.
+     and appends them to a device list of at most N rows through an atomic counter. Up to D = 256
+     (MAX_RESIDENT_D) each program loads its z tile once, BLOCK_D the least power of two >= D
+     (block_d); a wider D loops over 32-wide chunks of z per code tile. Exact mode with fp16 / bf16
+     inputs at D > 32 searches an fp32 copy of the codebook (one device cast, K x D x 4 bytes).
   3. few rows: the codebook is split over a second grid axis (split_codes) when the row programs cannot
      fill the GPU's SMs, and _merge_splits_kernel folds each row's per-split top-2 (and marks).
   4. exact mode: the re-rank kernel, on a fixed grid, walks the list up to the counter.
@@ -48,12 +51,18 @@ from vqfast.triton import kernels
 
 Tensor = torch.Tensor
 
-# BLOCK_D: the feature width of a tile, a power of two from 16 (tl.dot's least) to 32, the least one
-# >= D. Up to 32 features (VAR's D = 32, diffusers' 4) the z tile [BLOCK_N, BLOCK_D] is loaded once
-# per program and serves every code tile; a larger D loops over 32-wide chunks of z and the codebook.
-# 64 wide spilled (ptxas: 20 B a thread at 64x64x64 w8 fast on sm_80, 480 B at 64x32x64 w4).
-BLOCK_DS = (16, 32)
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) at every BLOCK_D. Large-N tiles hold 32-64 rows, the
+# BLOCK_D: the feature width of a tile, a constexpr power of two, the least one >= D and at least 16
+# (tl.dot's least), up to MAX_RESIDENT_D. For every D <= MAX_RESIDENT_D (VAR's 32, diffusers' 4,
+# taming's and vector-quantize's 256, 64, 100, 128) the z tile [BLOCK_N, BLOCK_D] is loaded from
+# global memory once per program and serves every code tile of its split (the compiler keeps it in
+# shared memory, read from there by each tile's multiply). A wider D (e.g. 1024) takes
+# CHUNK_BLOCK_D-wide tiles that loop over D in chunks, reading z's chunks again for every code tile.
+NARROW_BLOCK_DS = (16, 32)
+WIDE_BLOCK_DS = (64, 128, 256)
+BLOCK_DS = NARROW_BLOCK_DS + WIDE_BLOCK_DS
+MAX_RESIDENT_D = WIDE_BLOCK_DS[-1]
+CHUNK_BLOCK_D = NARROW_BLOCK_DS[-1]
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) at BLOCK_D 16 and 32. Large-N tiles hold 32-64 rows, the
 # small-N ones (N <= 64, e.g. VAR's 1 x 1 and 2 x 2 scales) 16, so that more programs stream the
 # codebook. A program keeps three [BLOCK_N, BLOCK_K] accumulators (best, second, index per column)
 # besides the dot-product tile: 4 x 64 x 64 / 256 threads = 64 registers at 64 x 64 w8.
@@ -67,17 +76,33 @@ FAST_LARGE_N_SHAPES = [(64, 64, 8, 3), (64, 32, 4, 3)]
 FAST_SMALL_N_SHAPES = [(16, 128, 4, 2), (16, 64, 2, 2)]
 EXACT_LARGE_N_SHAPES = [(64, 64, 16, 2), (32, 64, 8, 2)]
 EXACT_SMALL_N_SHAPES = [(16, 128, 8, 2), (16, 64, 4, 2)]
+# The wide tiles (BLOCK_D 64 - 256), per BLOCK_D: (fast large N, fast small N, exact large N, exact
+# small N) shapes. Fewer rows and codes per tile (16-64 x 16-64) and more warps as BLOCK_D grows, so
+# that the z tile and the code tile stay within the registers and shared memory of sm_80 / sm_90
+# without spills (ptxas -v): 64x16x256 on 8 warps (fast) spilled 0.9 KB a thread, 32x32x128 on 16
+# warps (exact) 8 B, 32x64x64 and 16x64x128 on 16 warps (exact, sm_80) 4 B. Exact mode's half-precision variants read an fp32 copy of the codebook
+# (widened on the device before the search) at these widths: widening each code tile in registers
+# kept it out of the compiler's asynchronous copies and spilled 0.2 - 1.1 KB a thread.
+WIDE_SHAPES = {
+    64: ([(64, 64, 8, 2), (64, 32, 8, 3)], [(16, 64, 4, 2), (16, 32, 8, 2)],
+         [(64, 32, 16, 2), (32, 32, 8, 2)], [(16, 64, 8, 2), (16, 32, 4, 2)]),
+    128: ([(32, 32, 8, 2), (16, 64, 8, 2)], [(16, 32, 8, 2), (16, 32, 4, 2)],
+          [(32, 32, 16, 2), (16, 64, 8, 2)], [(16, 32, 8, 2), (16, 16, 4, 2)]),
+    256: ([(32, 32, 8, 2), (16, 64, 8, 2)], [(16, 32, 8, 2), (16, 32, 4, 2)],
+          [(32, 32, 16, 2), (16, 64, 16, 2)], [(16, 32, 16, 2), (16, 16, 8, 2)]),
+}
 
 
-def _at_every_block_d(shapes):
-    return [(bn, bk, bd, w, s) for bd in BLOCK_DS for bn, bk, w, s in shapes]
+def _configs(narrow_shapes, which):
+    narrow = [(bn, bk, bd, w, s) for bd in NARROW_BLOCK_DS for bn, bk, w, s in narrow_shapes]
+    return narrow + [(bn, bk, bd, w, s) for bd in WIDE_BLOCK_DS for bn, bk, w, s in WIDE_SHAPES[bd][which]]
 
 
 # (BLOCK_N, BLOCK_K, BLOCK_D, num_warps, num_stages). LARGE_N_CONFIGS / SMALL_N_CONFIGS: fast mode.
-LARGE_N_CONFIGS = _at_every_block_d(FAST_LARGE_N_SHAPES)
-SMALL_N_CONFIGS = _at_every_block_d(FAST_SMALL_N_SHAPES)
-EXACT_LARGE_N_CONFIGS = _at_every_block_d(EXACT_LARGE_N_SHAPES)
-EXACT_SMALL_N_CONFIGS = _at_every_block_d(EXACT_SMALL_N_SHAPES)
+LARGE_N_CONFIGS = _configs(FAST_LARGE_N_SHAPES, 0)
+SMALL_N_CONFIGS = _configs(FAST_SMALL_N_SHAPES, 1)
+EXACT_LARGE_N_CONFIGS = _configs(EXACT_LARGE_N_SHAPES, 2)
+EXACT_SMALL_N_CONFIGS = _configs(EXACT_SMALL_N_SHAPES, 3)
 
 
 def search_configs(exact: bool, small: bool) -> list[tuple[int, int, int, int, int]]:
@@ -88,10 +113,9 @@ def search_configs(exact: bool, small: bool) -> list[tuple[int, int, int, int, i
 
 
 SMALL_N = 64
-# Under the interpreter (CPU tensors, TRITON_INTERPRET=1) one small tile, no tuning, and a largest
-# BLOCK_D of 16, so that the tests' D (1 - 100) take both the resident-z path and the chunked one.
+# Under the interpreter (CPU tensors, TRITON_INTERPRET=1) one small tile and no tuning, at the BLOCK_D
+# a GPU takes (block_d): the resident z tile up to MAX_RESIDENT_D, the chunked loop beyond.
 INTERPRET_CONFIG = (16, 32, 1, 1)  # BLOCK_N, BLOCK_K, num_warps, num_stages
-INTERPRET_MAX_BLOCK_D = 16
 GATHER_BLOCK_N, GATHER_BLOCK_D = 32, 64
 MERGE_BLOCK_N = 128
 ROWS_BLOCK_M, ROWS_BLOCK_D = 32, 64
@@ -115,7 +139,8 @@ SPLIT_ALIGN = 128
 INTERPRET_SMS = 132
 # The (element pointer type, INPUT_PRECISION, CAST_FP32) variants nearest_codeword_triton launches
 # _search_kernel with: exact mode in IEEE fp32 (fp16 / bf16 widened), fast mode on tf32 / fp16 / bf16
-# tensor cores. kernel_builds() lists every configuration in each.
+# tensor cores. kernel_builds() lists every configuration in each. At a wide BLOCK_D (> CHUNK_BLOCK_D)
+# exact mode's fp16 / bf16 z meets an fp32 codebook (codebook_widened).
 SEARCH_VARIANTS = [
     ("*fp32", "ieee", False),
     ("*fp16", "ieee", True),
@@ -126,10 +151,16 @@ SEARCH_VARIANTS = [
 ]
 
 
-def search_signature(ptr: str) -> dict[str, str]:
-    """_search_kernel's argument types for triton.compile, with z and the codebook of type `ptr`."""
+def codebook_widened(exact: bool, widen: bool, bd: int) -> bool:
+    """Whether the search reads an fp32 copy of a half-precision codebook: exact mode at a wide BLOCK_D."""
+    return exact and widen and bd > CHUNK_BLOCK_D
+
+
+def search_signature(ptr: str, codebook_ptr: str | None = None) -> dict[str, str]:
+    """_search_kernel's argument types for triton.compile, with z of type `ptr` and the codebook of type
+    `codebook_ptr` (default: `ptr`)."""
     return {
-        "z_ptr": ptr, "cb_ptr": ptr, "cbn_ptr": "*fp32", "cmax_sq_ptr": "*i32", "zmax_ptr": "*i32",
+        "z_ptr": ptr, "cb_ptr": codebook_ptr or ptr, "cbn_ptr": "*fp32", "cmax_sq_ptr": "*i32", "zmax_ptr": "*i32",
         "znorm_ptr": "*fp32", "idx_ptr": "*i64", "best_ptr": "*fp32", "second_ptr": "*fp32", "list_ptr": "*i32",
         "count_ptr": "*i32", "N": "i32", "K": "i32", "D": "i32",
         "stride_zn": "i32", "stride_zd": "i32", "stride_cn": "i32", "stride_cd": "i32", "K_BUCKET": "i32",
@@ -181,9 +212,11 @@ def kernel_builds():
         exact = precision == "ieee"
         for bn, bk, bd, warps, stages in search_configs(exact, False) + search_configs(exact, True):
             mode = "exact" if exact else "fast"
-            yield ("_search_kernel", f"{bn}x{bk}x{bd} w{warps} s{stages}, {mode} {ptr[1:]}", kernels._search_kernel,
-                   search_signature(ptr), {"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd, "INPUT_PRECISION": precision,
-                                           "CAST_FP32": widen}, {"num_warps": warps, "num_stages": stages})
+            wide_cb = codebook_widened(exact, widen, bd)
+            label = f"{bn}x{bk}x{bd} w{warps} s{stages}, {mode} {ptr[1:]}{' (fp32 codebook)' if wide_cb else ''}"
+            yield ("_search_kernel", label, kernels._search_kernel, search_signature(ptr, "*fp32" if wide_cb else None),
+                   {"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd, "INPUT_PRECISION": precision, "CAST_FP32": widen},
+                   {"num_warps": warps, "num_stages": stages})
     yield ("_merge_splits_kernel", f"{MERGE_BLOCK_N} w4", kernels._merge_splits_kernel, MERGE_SIGNATURE,
            {"BLOCK_N": MERGE_BLOCK_N}, {})
     for ptr in ("*fp32", "*fp16", "*bf16"):
@@ -221,9 +254,12 @@ _SEARCH = {
 }
 
 
-def block_d(d: int, largest: int = BLOCK_DS[-1]) -> int:
-    """The least power of two >= d, at least 16 (tl.dot's least), at most `largest` (wider D loops)."""
-    return min(largest, max(16, triton.next_power_of_2(d)))
+def block_d(d: int) -> int:
+    """The least power of two >= d, at least 16 (tl.dot's least), for d <= MAX_RESIDENT_D (the z tile
+    resident); CHUNK_BLOCK_D beyond (the chunked loop)."""
+    if d > MAX_RESIDENT_D:
+        return CHUNK_BLOCK_D
+    return max(16, triton.next_power_of_2(d))
 
 
 def _interpret() -> bool:
@@ -355,7 +391,13 @@ def _search_rows(zs: Tensor, cbs: Tensor, cbn: Tensor, cmax_sq: Tensor, zmax: Te
     # The split is chosen for the configurations' smallest row tile (the autotuner may pick a larger one,
     # leaving fewer programs, never a wrong answer).
     small = n <= SMALL_N
-    row_tile = INTERPRET_CONFIG[0] if _interpret() else min(c[0] for c in search_configs(exact, small))
+    bd = block_d(d)
+    if codebook_widened(exact, half, bd):  # fp32 code tiles (SEARCH_VARIANTS); the re-rank reads cbs
+        cb_search = cbs.float()
+    else:
+        cb_search = cbs
+    configs = [c for c in search_configs(exact, small) if c[2] == bd]
+    row_tile = INTERPRET_CONFIG[0] if _interpret() else min(c[0] for c in configs)
     sms = _sm_count(device)
     splits, codes = split_codes(n, k, row_tile, sms)
     if splits > 1:  # per-split top-2 [splits, N], merged below
@@ -366,17 +408,17 @@ def _search_rows(zs: Tensor, cbs: Tensor, cbn: Tensor, cmax_sq: Tensor, zmax: Te
     else:
         out = (indices, best, second)
         znorm = best  # not written with one split: the search marks its rows itself
-    args = (zs, cbs, cbn, cmax_sq, zmax, znorm, *out, unproven, count, n, k, d,
-            zs.stride(0), zs.stride(1), cbs.stride(0), cbs.stride(1))
+    args = (zs, cb_search, cbn, cmax_sq, zmax, znorm, *out, unproven, count, n, k, d,
+            zs.stride(0), zs.stride(1), cb_search.stride(0), cb_search.stride(1))
     if _interpret():
         bn, bk, _, _ = INTERPRET_CONFIG
         _wrap(kernels._search_kernel)[(triton.cdiv(n, bn), splits)](
-            *args, k_bucket(k), codes, coef, floor, BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=block_d(d, INTERPRET_MAX_BLOCK_D),
+            *args, k_bucket(k), codes, coef, floor, BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd,
             INPUT_PRECISION=input_precision, CAST_FP32=cast_fp32,
         )
     else:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
-        _wrap(_SEARCH[exact, small, block_d(d)])[grid](
+        _wrap(_SEARCH[exact, small, bd])[grid](
             *args, K_BUCKET=k_bucket(k), SPLIT_CODES=codes, coef=coef, floor=floor, INPUT_PRECISION=input_precision,
             CAST_FP32=cast_fp32,
         )

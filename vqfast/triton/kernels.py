@@ -10,8 +10,11 @@ writes x / max(||x||, 1e-12) (metric="cosine") and reports the normalised rows' 
 
 _search_kernel: one program per BLOCK_N rows of z and split of the codebook (program_id(1): codes
 [split * SPLIT_CODES, (split + 1) * SPLIT_CODES), SPLIT_CODES a multiple of BLOCK_K; one split is
-the whole codebook). BLOCK_D is a power of two: when D <= BLOCK_D the z tile [BLOCK_N, BLOCK_D] is
-loaded once and every code tile multiplies against it; a larger D loops over BLOCK_D-wide chunks.
+the whole codebook). BLOCK_D is a constexpr power of two, the least one >= D (at least 16) up to 256
+(vqfast.triton.block_d): the z tile [BLOCK_N, BLOCK_D] is loaded once per program and every code
+tile multiplies against it (the wide tiles, BLOCK_D 64 - 256, compile only that path:
+_resident_z_tiles). A D above 256 runs on 32-wide tiles that loop over D in chunks, reading z's
+chunks again for every code tile (the narrow tiles, BLOCK_D 16 / 32, keep both paths and choose by D).
 Each code tile's e = ||c||^2 - 2 z.c (||z||^2 is constant per row) is folded elementwise into
 running (best, index, second) per column, [BLOCK_N, BLOCK_K] register accumulators, reduced over
 the columns once at the end. Ties go to the lowest index: a column replaces its best only when
@@ -119,6 +122,39 @@ def _fold_tile(acc, cbn, k0, colbest, colsecond, colidx, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _resident_z_tiles(z_ptr, cb_ptr, cbn_ptr, rows, mask_n, k_start, k_end, D, stride_zn, stride_zd, stride_cn,
+                      stride_cd, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                      INPUT_PRECISION: tl.constexpr, CAST_FP32: tl.constexpr):
+    """A wide tile's search (D <= BLOCK_D): the z tile [BLOCK_N, BLOCK_D], loaded once, serves every
+    code tile of the split -> the per-column (best, second, index), and ||z||^2 and max |z| bits per
+    row from that one load."""
+    offs_dd = tl.arange(0, BLOCK_D)
+    mask_d = offs_dd < D
+    colbest = tl.full([BLOCK_N, BLOCK_K], float("inf"), tl.float32)
+    colsecond = tl.full([BLOCK_N, BLOCK_K], float("inf"), tl.float32)
+    colidx = tl.zeros([BLOCK_N, BLOCK_K], tl.int32)
+    zt = tl.load(z_ptr + rows[:, None] * stride_zn + offs_dd[None, :] * stride_zd,
+                 mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    zf = zt.to(tl.float32)
+    zsq = tl.sum(zf * zf, axis=1)
+    zbits = tl.max(_abs_bits(zf), axis=1)
+    if CAST_FP32:
+        zt = zf
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_end
+        codes = offs_k.to(tl.int64)
+        ct = tl.load(cb_ptr + codes[None, :] * stride_cn + offs_dd[:, None] * stride_cd,
+                     mask=mask_k[None, :] & mask_d[:, None], other=0.0)
+        if CAST_FP32:
+            ct = ct.to(tl.float32)  # an fp32 codebook (the launcher's copy at these widths): no conversion
+        acc = tl.dot(zt, ct, input_precision=INPUT_PRECISION)
+        cbn = tl.load(cbn_ptr + offs_k, mask=mask_k, other=float("inf"))
+        colbest, colsecond, colidx = _fold_tile(acc, cbn, k0, colbest, colsecond, colidx, BLOCK_K)
+    return colbest, colsecond, colidx, zsq, zbits
+
+
+@triton.jit
 def _search_kernel(
     z_ptr, cb_ptr, cbn_ptr, cmax_sq_ptr, zmax_ptr, znorm_ptr, idx_ptr, best_ptr, second_ptr, list_ptr, count_ptr,
     N, K, D,
@@ -134,60 +170,65 @@ def _search_kernel(
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     rows = offs_n.to(tl.int64)  # 64-bit offsets: N * D may exceed 2^31
-    offs_dd = tl.arange(0, BLOCK_D)
-    cols = tl.arange(0, BLOCK_K)
-    colbest = tl.full([BLOCK_N, BLOCK_K], float("inf"), tl.float32)
-    colsecond = tl.full([BLOCK_N, BLOCK_K], float("inf"), tl.float32)
-    colidx = tl.zeros([BLOCK_N, BLOCK_K], tl.int32)
-    zsq = tl.zeros([BLOCK_N], tl.float32)
-    zbits = tl.zeros([BLOCK_N], tl.int32)
-    k_start = split * SPLIT_CODES
-    k_end = tl.minimum(K, k_start + SPLIT_CODES)
-    if D <= BLOCK_D:  # the z tile, loaded once, serves every code tile
-        mask_d = offs_dd < D
-        zt = tl.load(z_ptr + rows[:, None] * stride_zn + offs_dd[None, :] * stride_zd,
-                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        zf = zt.to(tl.float32)
-        zsq = tl.sum(zf * zf, axis=1)
-        zbits = tl.max(_abs_bits(zf), axis=1)
-        if CAST_FP32:
-            zt = zf
-        for k0 in range(k_start, k_end, BLOCK_K):
-            offs_k = k0 + cols
-            mask_k = offs_k < k_end
-            codes = offs_k.to(tl.int64)
-            ct = tl.load(cb_ptr + codes[None, :] * stride_cn + offs_dd[:, None] * stride_cd,
-                         mask=mask_k[None, :] & mask_d[:, None], other=0.0)
+    if BLOCK_D > 32:  # a wide tile (constexpr): the launcher gives it only D <= BLOCK_D, one resident z tile
+        colbest, colsecond, colidx, zsq, zbits = _resident_z_tiles(
+            z_ptr, cb_ptr, cbn_ptr, rows, mask_n, split * SPLIT_CODES, tl.minimum(K, split * SPLIT_CODES + SPLIT_CODES),
+            D, stride_zn, stride_zd, stride_cn, stride_cd, BLOCK_N, BLOCK_K, BLOCK_D, INPUT_PRECISION, CAST_FP32)
+    else:  # 16 or 32 features: the z tile resident when D <= BLOCK_D, chunks of z per code tile beyond
+        offs_dd = tl.arange(0, BLOCK_D)
+        cols = tl.arange(0, BLOCK_K)
+        colbest = tl.full([BLOCK_N, BLOCK_K], float("inf"), tl.float32)
+        colsecond = tl.full([BLOCK_N, BLOCK_K], float("inf"), tl.float32)
+        colidx = tl.zeros([BLOCK_N, BLOCK_K], tl.int32)
+        zsq = tl.zeros([BLOCK_N], tl.float32)
+        zbits = tl.zeros([BLOCK_N], tl.int32)
+        k_start = split * SPLIT_CODES
+        k_end = tl.minimum(K, k_start + SPLIT_CODES)
+        if D <= BLOCK_D:  # the z tile, loaded once, serves every code tile
+            mask_d = offs_dd < D
+            zt = tl.load(z_ptr + rows[:, None] * stride_zn + offs_dd[None, :] * stride_zd,
+                         mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            zf = zt.to(tl.float32)
+            zsq = tl.sum(zf * zf, axis=1)
+            zbits = tl.max(_abs_bits(zf), axis=1)
             if CAST_FP32:
-                ct = ct.to(tl.float32)
-            acc = tl.dot(zt, ct, input_precision=INPUT_PRECISION)
-            cbn = tl.load(cbn_ptr + offs_k, mask=mask_k, other=float("inf"))
-            colbest, colsecond, colidx = _fold_tile(acc, cbn, k0, colbest, colsecond, colidx, BLOCK_K)
-    else:  # D above the largest BLOCK_D: BLOCK_D-wide chunks of z and the codebook per code tile
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + offs_dd
-            zf = tl.load(z_ptr + rows[:, None] * stride_zn + offs_d[None, :] * stride_zd,
-                         mask=mask_n[:, None] & (offs_d < D)[None, :], other=0.0).to(tl.float32)
-            zsq += tl.sum(zf * zf, axis=1)
-            zbits = tl.maximum(zbits, tl.max(_abs_bits(zf), axis=1))
-        for k0 in range(k_start, k_end, BLOCK_K):
-            offs_k = k0 + cols
-            mask_k = offs_k < k_end
-            codes = offs_k.to(tl.int64)
-            acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                offs_d = d0 + offs_dd
-                mask_d = offs_d < D
-                zt = tl.load(z_ptr + rows[:, None] * stride_zn + offs_d[None, :] * stride_zd,
-                             mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-                ct = tl.load(cb_ptr + codes[None, :] * stride_cn + offs_d[:, None] * stride_cd,
+                zt = zf
+            for k0 in range(k_start, k_end, BLOCK_K):
+                offs_k = k0 + cols
+                mask_k = offs_k < k_end
+                codes = offs_k.to(tl.int64)
+                ct = tl.load(cb_ptr + codes[None, :] * stride_cn + offs_dd[:, None] * stride_cd,
                              mask=mask_k[None, :] & mask_d[:, None], other=0.0)
                 if CAST_FP32:
-                    zt = zt.to(tl.float32)
                     ct = ct.to(tl.float32)
-                acc = tl.dot(zt, ct, acc, input_precision=INPUT_PRECISION)
-            cbn = tl.load(cbn_ptr + offs_k, mask=mask_k, other=float("inf"))
-            colbest, colsecond, colidx = _fold_tile(acc, cbn, k0, colbest, colsecond, colidx, BLOCK_K)
+                acc = tl.dot(zt, ct, input_precision=INPUT_PRECISION)
+                cbn = tl.load(cbn_ptr + offs_k, mask=mask_k, other=float("inf"))
+                colbest, colsecond, colidx = _fold_tile(acc, cbn, k0, colbest, colsecond, colidx, BLOCK_K)
+        else:  # D above the largest BLOCK_D: BLOCK_D-wide chunks of z and the codebook per code tile
+            for d0 in range(0, D, BLOCK_D):
+                offs_d = d0 + offs_dd
+                zf = tl.load(z_ptr + rows[:, None] * stride_zn + offs_d[None, :] * stride_zd,
+                             mask=mask_n[:, None] & (offs_d < D)[None, :], other=0.0).to(tl.float32)
+                zsq += tl.sum(zf * zf, axis=1)
+                zbits = tl.maximum(zbits, tl.max(_abs_bits(zf), axis=1))
+            for k0 in range(k_start, k_end, BLOCK_K):
+                offs_k = k0 + cols
+                mask_k = offs_k < k_end
+                codes = offs_k.to(tl.int64)
+                acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+                for d0 in range(0, D, BLOCK_D):
+                    offs_d = d0 + offs_dd
+                    mask_d = offs_d < D
+                    zt = tl.load(z_ptr + rows[:, None] * stride_zn + offs_d[None, :] * stride_zd,
+                                 mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+                    ct = tl.load(cb_ptr + codes[None, :] * stride_cn + offs_d[:, None] * stride_cd,
+                                 mask=mask_k[None, :] & mask_d[:, None], other=0.0)
+                    if CAST_FP32:
+                        zt = zt.to(tl.float32)
+                        ct = ct.to(tl.float32)
+                    acc = tl.dot(zt, ct, acc, input_precision=INPUT_PRECISION)
+                cbn = tl.load(cbn_ptr + offs_k, mask=mask_k, other=float("inf"))
+                colbest, colsecond, colidx = _fold_tile(acc, cbn, k0, colbest, colsecond, colidx, BLOCK_K)
     tl.atomic_max(zmax_ptr, tl.max(zbits, axis=0))
     # The columns' reduction: the row minimum, the lowest code index at it, and the second value
     # (the chosen column's second, or another column's best).
