@@ -80,9 +80,10 @@ EXACT_SMALL_N_SHAPES = [(16, 128, 8, 2), (16, 64, 4, 2)]
 # small N) shapes. Fewer rows and codes per tile (16-64 x 16-64) and more warps as BLOCK_D grows, so
 # that the z tile and the code tile stay within the registers and shared memory of sm_80 / sm_90
 # without spills (ptxas -v): 64x16x256 on 8 warps (fast) spilled 0.9 KB a thread, 32x32x128 on 16
-# warps (exact) 8 B, 32x64x64 and 16x64x128 on 16 warps (exact, sm_80) 4 B. Exact mode's half-precision variants read an fp32 copy of the codebook
+# warps (exact, before the wide tiles had a path of their own) 8 B, 32x64x64 and 16x64x128 on 16
+# warps (exact, sm_80) 4 B. Exact mode's half-precision variants read an fp32 copy of the codebook
 # (widened on the device before the search) at these widths: widening each code tile in registers
-# kept it out of the compiler's asynchronous copies and spilled 0.2 - 1.1 KB a thread.
+# kept it out of the compiler's asynchronous copies and spilled 0.15 - 1.1 KB a thread.
 WIDE_SHAPES = {
     64: ([(64, 64, 8, 2), (64, 32, 8, 3)], [(16, 64, 4, 2), (16, 32, 8, 2)],
          [(64, 32, 16, 2), (32, 32, 8, 2)], [(16, 64, 8, 2), (16, 32, 4, 2)]),
