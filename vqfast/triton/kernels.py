@@ -125,9 +125,9 @@ def _fold_tile(acc, cbn, k0, colbest, colsecond, colidx, BLOCK_K: tl.constexpr):
 def _resident_z_tiles(z_ptr, cb_ptr, cbn_ptr, rows, mask_n, k_start, k_end, D, stride_zn, stride_zd, stride_cn,
                       stride_cd, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                       INPUT_PRECISION: tl.constexpr, CAST_FP32: tl.constexpr):
-    """A wide tile's search (D <= BLOCK_D): the z tile [BLOCK_N, BLOCK_D], loaded once, serves every
-    code tile of the split -> the per-column (best, second, index), and ||z||^2 and max |z| bits per
-    row from that one load."""
+    """The search of one split with the z tile resident (D <= BLOCK_D, every width): the z tile
+    [BLOCK_N, BLOCK_D], loaded once, serves every code tile -> the per-column (best, second, index),
+    and ||z||^2 and max |z| bits per row from that one load."""
     offs_dd = tl.arange(0, BLOCK_D)
     mask_d = offs_dd < D
     colbest = tl.full([BLOCK_N, BLOCK_K], float("inf"), tl.float32)
@@ -185,25 +185,9 @@ def _search_kernel(
         k_start = split * SPLIT_CODES
         k_end = tl.minimum(K, k_start + SPLIT_CODES)
         if D <= BLOCK_D:  # the z tile, loaded once, serves every code tile
-            mask_d = offs_dd < D
-            zt = tl.load(z_ptr + rows[:, None] * stride_zn + offs_dd[None, :] * stride_zd,
-                         mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-            zf = zt.to(tl.float32)
-            zsq = tl.sum(zf * zf, axis=1)
-            zbits = tl.max(_abs_bits(zf), axis=1)
-            if CAST_FP32:
-                zt = zf
-            for k0 in range(k_start, k_end, BLOCK_K):
-                offs_k = k0 + cols
-                mask_k = offs_k < k_end
-                codes = offs_k.to(tl.int64)
-                ct = tl.load(cb_ptr + codes[None, :] * stride_cn + offs_dd[:, None] * stride_cd,
-                             mask=mask_k[None, :] & mask_d[:, None], other=0.0)
-                if CAST_FP32:
-                    ct = ct.to(tl.float32)
-                acc = tl.dot(zt, ct, input_precision=INPUT_PRECISION)
-                cbn = tl.load(cbn_ptr + offs_k, mask=mask_k, other=float("inf"))
-                colbest, colsecond, colidx = _fold_tile(acc, cbn, k0, colbest, colsecond, colidx, BLOCK_K)
+            colbest, colsecond, colidx, zsq, zbits = _resident_z_tiles(
+                z_ptr, cb_ptr, cbn_ptr, rows, mask_n, k_start, k_end, D, stride_zn, stride_zd, stride_cn, stride_cd,
+                BLOCK_N, BLOCK_K, BLOCK_D, INPUT_PRECISION, CAST_FP32)
         else:  # D above the largest BLOCK_D: BLOCK_D-wide chunks of z and the codebook per code tile
             for d0 in range(0, D, BLOCK_D):
                 offs_d = d0 + offs_dd
