@@ -222,8 +222,9 @@ def table_headline(results_dir: Path) -> str:
     return "\n\n".join(parts)
 
 
-def _ablation_module():
-    spec = importlib.util.spec_from_file_location("ablation_codebook", ROOT / "benchmarks" / "ablation_codebook.py")
+def _benchmark_script(name: str):
+    """benchmarks/<name>.py (a script beside this one, not a package module) as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -237,21 +238,14 @@ def _ablation_rows(results_dir: Path) -> list[dict]:
     if not records:
         return []
     device = max(records, key=lambda r: r["date"])["device"]
-    return _ablation_module().latest_full([r for r in records if r["device"] == device])
+    return _benchmark_script("ablation_codebook").latest_full([r for r in records if r["device"] == device])
 
 
 def table_codebook_ablation(results_dir: Path) -> str:
     rows = _ablation_rows(results_dir)
     if not rows:
         return "No clean full-schedule record yet in `benchmarks/results/codebook_ablation.json`."
-    return _ablation_module().markdown(rows).strip()
-
-
-def _tokenize_module():
-    spec = importlib.util.spec_from_file_location("bench_tokenize", ROOT / "benchmarks" / "bench_tokenize.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _benchmark_script("ablation_codebook").markdown(rows).strip()
 
 
 def table_tokenize(results_dir: Path) -> str:
@@ -262,7 +256,7 @@ def table_tokenize(results_dir: Path) -> str:
     records = [r for r in (json.loads(path.read_text()) if path.exists() else []) if is_clean(r)]
     if not records:
         return "No clean record yet in `benchmarks/results/tokenize_cpu.json`."
-    return _tokenize_module().markdown(max(records, key=lambda r: r["date"])).strip()
+    return _benchmark_script("bench_tokenize").markdown(max(records, key=lambda r: r["date"])).strip()
 
 
 CPU_LEVELS = ("generic", "avx2", "avx512", "neon")
@@ -564,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {path.relative_to(ROOT)}")
     rows = _ablation_rows(RESULTS)
     if rows:
-        ablation = _ablation_module()
+        ablation = _benchmark_script("ablation_codebook")
         ablation.plot(rows, RESULTS / "codebook_ablation.png")
         (RESULTS / "codebook_ablation.md").write_text(ablation.markdown(rows))
         print(f"wrote {(RESULTS / 'codebook_ablation.png').relative_to(ROOT)}")

@@ -2,6 +2,7 @@
 (vqfast/testing/oracle.py: plain float64 brute force, no code shared with any backend)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -18,6 +19,17 @@ from vqfast.testing import oracle
 # serves, in "auto"'s order. Pairs that cannot run here still appear, skipped with the reason the
 # registry gives (no GPU, no CUDA build, no triton), never silently absent.
 DEVICE_BACKENDS = tuple((device, name) for device, names in AUTO_ORDER.items() for name in names)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(relpath: str, name: str):
+    """A script of this checkout that is not a package module (benchmarks/plot.py, scripts/*.py) as
+    module ``name``, registered in sys.modules (dataclasses look their module up there)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relpath))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def backend_unavailable_reason(device: str, backend: str) -> str | None:

@@ -6,7 +6,6 @@ run (it cannot be reported as correct, or as skipped), that ratios are the quoti
 be, that skips carry reasons, and that the files and tables hold what the runner measured.
 """
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 
 import vqfast
 from tests import mutations
+from tests.helpers import load_script
 from vqfast import ops
 from vqfast.bench import cli, forward, memory, presets, providers, results, table, timing
 from vqfast.testing import oracle
@@ -279,11 +279,7 @@ def test_cli_writes_to_bench_results_in_the_current_directory_by_default(tmp_pat
 
 
 def _load_plot_script():
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "plot.py"
-    spec = importlib.util.spec_from_file_location("vqfast_bench_plot", script)
-    plot = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot)
-    return plot
+    return load_script("benchmarks/plot.py", "vqfast_bench_plot")
 
 
 @pytest.mark.slow

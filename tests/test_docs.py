@@ -14,7 +14,6 @@ test_every_block_is_run_or_marked, so no block can escape by a new marker or a n
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import re
 import subprocess
@@ -22,6 +21,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -246,10 +247,7 @@ def test_parser_runs_unmarked_blocks_and_rejects_unknown_markers():
 
 
 def _plot_module():
-    spec = importlib.util.spec_from_file_location("benchmarks_plot", ROOT / "benchmarks" / "plot.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/plot.py", "benchmarks_plot")
 
 
 def test_benchmark_tables_match_the_committed_results():

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import vqfast
+from tests.helpers import load_script
 from vqfast.compat import (
     RECOGNISED,
     RECOGNISED_BY_KEY,
@@ -39,10 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("vqfast_fingerprints_script", ROOT / "scripts" / "fingerprints.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/fingerprints.py", "vqfast_fingerprints_script")
 
 
 # ---- the normaliser -----------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
-import importlib.util
 import os
 import re
 import runpy
@@ -30,6 +29,8 @@ import pytest
 import setuptools
 import torch
 import torch.utils.cpp_extension
+
+from tests.helpers import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETUP = os.path.join(ROOT, "setup.py")
@@ -93,10 +94,7 @@ def test_the_package_ships_no_planted_bugs(run_setup):
 
 
 def load_install_script():
-    spec = importlib.util.spec_from_file_location("vqfast_install_script", INSTALL_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(os.path.relpath(INSTALL_SCRIPT, ROOT), "vqfast_install_script")
 
 
 def requirement_name(req: str) -> str:

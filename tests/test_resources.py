@@ -3,26 +3,14 @@ kernel instantiation and Triton configuration (scripts/resources.py), against th
 benchmarks/results/gpu_resources.md. Compiling them all takes about 20 s here: slow tier."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import load_script
 
-
-def _load_script():
-    path = os.path.join(ROOT, "scripts", "resources.py")
-    spec = importlib.util.spec_from_file_location("vqfast_resources_script", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-resources = _load_script()
+resources = load_script("scripts/resources.py", "vqfast_resources_script")
 
 
 @pytest.mark.parametrize("arch,threads,registers,smem,expected", [
