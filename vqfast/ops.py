@@ -120,9 +120,7 @@ def nearest_codeword(
         if flagged is not None:
             return _flagged(flagged, backend, z, codebook, metric, precision)
     # The other backends (and GPU builds without a flagged op): one min/max pass first, one sync.
-    if check and scan_values(z, codebook):
-        if z.shape[0] == 0:
-            return _empty_result(z, codebook, metric)
+    if check and scan_values(z, codebook) and z.shape[0] > 0:
         return _float64_search(backend, z, codebook, metric, precision)
     if z.shape[0] == 0:
         return _empty_result(z, codebook, metric)
