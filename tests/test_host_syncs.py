@@ -28,7 +28,7 @@ checks it: a search with check_finite=False is captured in a CUDA graph, which f
 
 The counter can fail: test_the_counter_counts_every_kind_of_sync counts each primitive once, and
 on the Triton code before its device-side re-rank the triton cases counted one ``nonzero`` per exact
-call (reference.rerank_unproven) and five syncs per four-scale pass.
+call (its host-driven re-rank) and five syncs per four-scale pass.
 """
 from __future__ import annotations
 

@@ -96,27 +96,6 @@ def ranking_tolerance(z_norm: torch.Tensor, cb_maxnorm: torch.Tensor, dim: int, 
 
 
 @torch.no_grad()
-def rerank_unproven(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, best: torch.Tensor,
-                    second: torch.Tensor) -> torch.Tensor:
-    """The exact mode's re-rank for a kernel that reports each row's best and second-best computed
-    float32 value of ||c||^2 - 2 z.c: rows whose gap is not beyond ranking_tolerance (near ties, exact
-    duplicates, NaN / inf) are searched again by ``search`` in float64; the others are provably right.
-
-    The rule the GPU kernels apply on the device (vqfast/triton/kernels.py, csrc/cuda), written in
-    PyTorch: it finds its rows with nonzero, a host sync, so no GPU backend runs it.
-
-    z [N, D], codebook [K, D] as searched (normalised for cosine), indices/best/second [N] -> indices [N].
-    """
-    tol = ranking_tolerance(z.float().norm(dim=1), codebook.float().norm(dim=1).max(), z.shape[1], torch.float32)
-    unproven = ~(second.double() > best.double() + tol.double())  # in float64: adding tol rounds nothing away
-    out = indices.clone()
-    rows = unproven.nonzero().squeeze(1)
-    if rows.numel():
-        out[rows] = search(z[rows], codebook, "l2", "exact", compute_dtype=torch.float64)
-    return out
-
-
-@torch.no_grad()
 def _search_chunk(
     zc: torch.Tensor,
     cb: torch.Tensor,

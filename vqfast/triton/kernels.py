@@ -67,7 +67,7 @@ def _append_rows(rows, flagged, list_ptr, count_ptr):
 
 @triton.jit
 def _mark_unproven(rows, mask, best, second, z_norm, cmax_sq_ptr, coef, floor, list_ptr, count_ptr):
-    """reference.rerank_unproven's test on the device: a row is proven when second > best + tol in
+    """The exact mode's test on the device: a row is proven when second > best + tol in
     float64, tol = coef max||c|| (2 ||z|| + max||c||) + floor (reference.ranking_tolerance_terms);
     near ties, exact duplicates and NaN / inf rows are not, and go to the re-rank list."""
     cmax_sq = tl.load(cmax_sq_ptr).to(tl.float32, bitcast=True)
