@@ -41,6 +41,7 @@ from vqfast.checkpoint import load_safely, save_atomic
 from vqfast.errors import InputError
 from vqfast.data import IMAGE_SUFFIXES, format_skipped, list_images, load_crop, probe_image, to_uint8
 from vqfast.models import VQVAE, vqvae_config_from_state_dict
+from vqfast.shards import token_dtype
 from vqfast.tokenizer import (CHECKPOINT_FORMAT, amp_context, build_model, check_backend, decode_tokens,
                               encode_images, model_geometry)
 from vqfast.tokenset import AUGMENTS, DEFAULT_SHARD_SIZE, LABEL_MODES, batch_invariant
@@ -211,8 +212,7 @@ def encode(model: nn.Module, source, output, batch_size: int = 32, device="cpu",
     if not kept:
         raise InputError(f"input {source}: none of its {len(names)} image{'s' if len(names) != 1 else ''} could be "
                          f"decoded ({format_skipped(skipped, limit=3)})")
-    # int16 holds vocabularies up to 32768 (VAR's is 4096): a quarter of int64's size.
-    small = torch.int16 if geo["vocab_size"] <= 2 ** 15 else torch.int32
+    small = getattr(torch, token_dtype(geo["vocab_size"]).name)  # the token set's rule: int16 up to 32,768 codes
     payload = {"format": TOKENS_FORMAT, "names": kept, "patch_nums": list(geo["patch_nums"]),
                "vocab_size": geo["vocab_size"], "image_size": size,
                "tokens": [torch.cat(t).to(small) for t in per_scale]}
